@@ -1,0 +1,57 @@
+"""HTTP endpoints for datasets."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Response, UploadFile
+
+from app.api.deps import OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.schemas.common import ErrorBody
+from app.schemas.datasets import DatasetList, DatasetOut
+from app.services import datasets as service
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+ERRORS = {404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+
+
+@router.post("", status_code=201, response_model=DatasetOut, responses=ERRORS, summary="Upload a dataset")
+def upload_dataset(
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    response: Response,
+    file: Annotated[UploadFile, File(description="A .npz (x, y; optional x_val/y_val, x_test/y_test), a .zip of "
+                                                 "class folders of PNG/JPEG images, or a .csv with a label column.")],
+    name: Annotated[str | None, Form(max_length=200, description="Display name; defaults to the file name.")] = None,
+    label_column: Annotated[str, Form(max_length=200, description="CSV only: the column holding labels.")] = "label",
+) -> DatasetOut:
+    row = service.create_dataset(
+        session,
+        storage,
+        owner=owner,
+        source=file.file,
+        filename=file.filename or "upload",
+        name=name,
+        label_column=label_column,
+        max_bytes=settings.max_upload_bytes,
+    )
+    response.headers["Location"] = f"/v1/datasets/{row.id}"
+    return DatasetOut.model_validate(row)
+
+
+@router.get("", response_model=DatasetList, summary="List datasets you can use")
+def list_datasets(session: SessionDep, owner: OwnerDep) -> DatasetList:
+    return DatasetList(items=[DatasetOut.model_validate(d) for d in service.list_datasets(session, owner)])
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=ERRORS, summary="Get one dataset")
+def get_dataset(dataset_id: str, session: SessionDep, owner: OwnerDep) -> DatasetOut:
+    return DatasetOut.model_validate(service.get_dataset(session, owner, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, responses=ERRORS, summary="Delete a dataset no job uses")
+def delete_dataset(dataset_id: str, session: SessionDep, storage: StorageDep, owner: OwnerDep) -> Response:
+    service.delete_dataset(session, storage, owner, dataset_id)
+    return Response(status_code=204)

@@ -1,0 +1,62 @@
+"""Publishing training tasks by name, so the API never imports task code or torch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from app.config import TRAIN_QUEUE, Settings
+
+TRAIN_RUN_TASK = "normbench.train_run"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Broker configuration shared by the API (publisher) and the worker (consumer)."""
+    conf: dict[str, Any] = {
+        "broker_url": settings.resolved_broker_url,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_default_queue": TRAIN_QUEUE,
+        "broker_connection_retry_on_startup": True,
+        # Postgres is the source of truth; a late redelivery finds the run already claimed.
+        "broker_transport_options": {"visibility_timeout": 6 * 3600},
+    }
+    if conf["broker_url"].startswith("filesystem://"):
+        folder = settings.broker_dir
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    return conf
+
+
+_publishers: dict[str, Celery] = {}
+
+
+def _publisher(settings: Settings) -> Celery:
+    key = f"{settings.resolved_broker_url}|{settings.broker_dir}"
+    if key not in _publishers:
+        client = Celery("normbench-api")
+        client.conf.update(celery_config(settings))
+        _publishers[key] = client
+    return _publishers[key]
+
+
+def publish_train_run(settings: Settings, run_id: str) -> None:
+    _publisher(settings).send_task(TRAIN_RUN_TASK, args=[run_id], queue=TRAIN_QUEUE)
+
+
+def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:
+    try:
+        with _publisher(settings).connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+        return True
+    except Exception:
+        return False

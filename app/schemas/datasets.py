@@ -1,0 +1,29 @@
+"""Dataset resources as the API shows them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(description="Dataset id; built-in datasets use their name (e.g. `digits`).")
+    name: str = Field(description="Name given at upload (defaults to the file name).")
+    kind: Literal["image", "tabular"] = Field(description="`image` (uint8 C×H×W) or `tabular` (F features).")
+    shape: list[int] = Field(description="Per-sample shape: [C, H, W] for images, [F] for tabular data.")
+    num_classes: int = Field(description="Number of classes; labels are 0..num_classes-1.")
+    class_names: list[str] = Field(description="Class name for each label index.")
+    num_samples: int = Field(description="Samples in the training split as uploaded.")
+    split_sizes: dict[str, int] = Field(description="Samples per split uploaded: `train`, and `val`/`test` if given.")
+    sha256: str = Field(description="SHA-256 of the canonical stored `.npz`.")
+    size_bytes: int = Field(description="Size of the canonical stored `.npz` in bytes.")
+    builtin: bool = Field(description="True for datasets that ship with NormBench.")
+    created_at: datetime = Field(description="When the dataset was stored.")
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut] = Field(description="Datasets visible to the caller, newest first.")

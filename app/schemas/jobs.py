@@ -1,0 +1,145 @@
+"""The job spec (the contract a user submits) and job resources."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.catalogue import NORMS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    arch: Literal["auto", "mlp", "cnn", "resnet"] = Field(
+        "auto",
+        description="Network: `mlp` (flattened inputs; any dataset), `cnn` (small CNN for tiny images), "
+        "`resnet` (CIFAR-style ResNet). `auto` picks `mlp` for tabular data and `cnn` for images.",
+    )
+    depth: int = Field(20, ge=8, le=110, description="ResNet depth, 6n+2 (8, 14, 20, 32, 44, 56, 110).")
+    width: int = Field(16, ge=1, le=256, description="CNN/ResNet first-stage channel count; stages use ×1, ×2, ×4.")
+    hidden: list[int] = Field(
+        [256, 256], min_length=1, max_length=8, description="MLP hidden layer widths (each gets a norm layer)."
+    )
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden_bounds(cls, v: list[int]) -> list[int]:
+        if any(w < 1 or w > 4096 for w in v):
+            raise ValueError("each hidden width must be between 1 and 4096")
+        return v
+
+
+class VariantSpec(Strict):
+    norm: str = Field(description="Normalization layer: " + "; ".join(f"`{n.name}`: {n.title}" for n in NORMS.values()))
+    groups: int | None = Field(None, ge=1, le=1024, description="`gn` only: number of groups per layer.")
+    group_size: int | None = Field(None, ge=1, le=1024, description="`gn` only: channels per group.")
+
+    def params(self) -> dict[str, int | None]:
+        return {"groups": self.groups, "group_size": self.group_size}
+
+
+class BudgetSpec(Strict):
+    epochs: int = Field(10, ge=1, le=1000, description="Passes over the training split; every run sees the same samples.")
+
+
+class OptimizerSpec(Strict):
+    name: Literal["sgd"] = Field("sgd", description="Optimizer (SGD with momentum).")
+    lr: float = Field(0.1, gt=0, le=10, description="Learning rate at `reference_batch_size`.")
+    reference_batch_size: int = Field(32, ge=1, le=65536, description="Batch size at which `lr` applies.")
+    lr_scaling: Literal["linear", "sqrt", "none"] = Field(
+        "linear", description="How the rate scales with batch size B: lr·B/ref, lr·√(B/ref), or unchanged."
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="L2 weight decay (not applied to norm parameters).")
+    warmup_epochs: float = Field(1.0, ge=0, le=100, description="Linear warm-up length in epochs.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Rate after warm-up.")
+
+
+class AugmentSpec(Strict):
+    hflip: bool = Field(False, description="Random horizontal flips (images only).")
+    crop_padding: int = Field(0, ge=0, le=16, description="Random crops after zero padding by this many pixels (images only).")
+
+
+class JobSpec(Strict):
+    dataset_id: str = Field(description="Dataset to train on: an uploaded dataset's id or a built-in name (`digits`).")
+    name: str | None = Field(None, max_length=200, description="Optional label for the job.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The network every variant shares.")
+    variants: list[VariantSpec] = Field(
+        min_length=1, max_length=32, description="Normalization variants to compare; include `bn` as the baseline."
+    )
+    batch_sizes: list[int] = Field(min_length=1, max_length=16, description="Batch sizes to train each variant at.")
+    seeds: list[int] = Field([0], min_length=1, max_length=20, description="Seeds; each gives one run per cell.")
+    budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Training budget shared by every run.")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and learning-rate schedule.")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec, description="On-the-fly augmentation (images only).")
+    validation_fraction: float = Field(
+        0.1, gt=0, le=0.5, description="Share of the training split held out for validation when no `val` split was uploaded."
+    )
+    log_every_steps: int = Field(50, ge=1, le=100000, description="Record the running train loss every this many steps.")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_sizes(cls, v: list[int]) -> list[int]:
+        if any(b < 1 or b > 4096 for b in v):
+            raise ValueError("each batch size must be between 1 and 4096")
+        if len(set(v)) != len(v):
+            raise ValueError("batch sizes must be distinct")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if any(s < 0 or s >= 2**31 for s in v):
+            raise ValueError("seeds must be between 0 and 2^31-1")
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_variants(self) -> JobSpec:
+        keys = [(v.norm, v.groups, v.group_size) for v in self.variants]
+        if len(set(keys)) != len(keys):
+            raise ValueError("variants must be distinct")
+        return self
+
+
+class RunCounts(BaseModel):
+    queued: int = Field(0, description="Runs waiting for a worker.")
+    running: int = Field(0, description="Runs training now.")
+    succeeded: int = Field(0, description="Runs that finished their budget.")
+    failed: int = Field(0, description="Runs that stopped on an error (see the run's `error`).")
+    diverged: int = Field(0, description="Runs whose loss became NaN/inf.")
+    cancelled: int = Field(0, description="Runs cancelled before finishing.")
+
+
+class JobProgress(BaseModel):
+    runs_total: int = Field(description="variants × batch sizes × seeds.")
+    runs_finished: int = Field(description="Runs in a terminal state.")
+    fraction: float = Field(description="Training progress over all runs, 0..1 (by steps done).")
+    counts: RunCounts = Field(description="Runs per status.")
+
+
+class JobOut(BaseModel):
+    id: str = Field(description="Job id.")
+    name: str | None = Field(description="Label given at submit.")
+    dataset_id: str = Field(description="Dataset the job trains on.")
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="Derived from runs: `succeeded` once every run ended with a result (succeeded or diverged), "
+        "`failed` if any run failed, `cancelled` if the job was cancelled."
+    )
+    spec: JobSpec = Field(description="The validated spec as submitted, with defaults filled in.")
+    budget: dict[str, int] = Field(description="Resolved fixed budget: epochs, samples_per_epoch, train/val sizes.")
+    progress: JobProgress = Field(description="How far the job is.")
+    created_at: datetime = Field(description="Submission time.")
+    started_at: datetime | None = Field(description="When the first run started.")
+    finished_at: datetime | None = Field(description="When the last run ended, once all have.")
+    links: dict[str, str] = Field(description="URLs of this job's related resources.")
+
+
+class JobList(BaseModel):
+    items: list[JobOut] = Field(description="The caller's jobs, newest first.")

@@ -1,0 +1,42 @@
+"""Run resources and their metric points."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class RunOut(BaseModel):
+    id: str = Field(description="Run id.")
+    job_id: str = Field(description="Job the run belongs to.")
+    variant: str = Field(description="Variant label, e.g. `bn` or `gn(16)`.")
+    norm: str = Field(description="Normalization layer name.")
+    norm_params: dict[str, Any] = Field(description="Parameters of the norm (`groups`/`group_size` for `gn`).")
+    batch_size: int = Field(description="Training batch size.")
+    seed: int = Field(description="Seed for initial weights and data order.")
+    status: str = Field(description="queued, running, succeeded, failed, diverged or cancelled.")
+    attempt: int = Field(description="How many times a worker claimed this run.")
+    worker: str | None = Field(description="Worker that holds or last held the run.")
+    created_at: datetime = Field(description="When the run was created.")
+    started_at: datetime | None = Field(description="When training started.")
+    finished_at: datetime | None = Field(description="When the run reached a terminal state.")
+    steps_done: int = Field(description="Optimizer steps taken so far.")
+    samples_seen: int = Field(description="Training samples consumed so far.")
+    epochs_done: int = Field(description="Epochs completed.")
+    wall_time_s: float | None = Field(description="Training wall time in seconds.")
+    final_metrics: dict[str, Any] | None = Field(description="Final metrics once the run ended.")
+    environment: dict[str, Any] | None = Field(description="torch version, device, CUDA, threads.")
+    error: str | None = Field(description="Why the run failed, diverged or was cancelled.")
+
+
+class MetricPointOut(BaseModel):
+    step: int = Field(description="Optimizer step at which the value was recorded.")
+    epoch: float = Field(description="Epochs completed at that step (fractional between epochs).")
+    value: float = Field(description="The metric's value.")
+
+
+class RunMetrics(BaseModel):
+    run_id: str = Field(description="Run id.")
+    metrics: dict[str, list[MetricPointOut]] = Field(description="Every recorded point, per metric name.")

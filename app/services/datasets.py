@@ -1,0 +1,135 @@
+"""Dataset rules: upload → validate → canonical `.npz` in storage → row; list, get, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from app.errors import Conflict, InvalidDataset, NotFound, PayloadTooLarge
+from app.services.ingest import IngestError, ingest_file, save_canonical
+from app.storage import Storage
+from app.tables import Dataset, Job, new_id
+
+ACCEPTED_SUFFIXES = (".npz", ".zip", ".csv")
+CHUNK = 1 << 20
+
+
+def _copy_capped(source: BinaryIO, target: Path, max_bytes: int) -> int:
+    written = 0
+    with target.open("wb") as out:
+        while chunk := source.read(CHUNK):
+            written += len(chunk)
+            if written > max_bytes:
+                raise PayloadTooLarge(
+                    f"upload exceeds the {max_bytes // 2**20} MiB limit (NORMBENCH_MAX_UPLOAD_BYTES)"
+                )
+            out.write(chunk)
+    return written
+
+
+def create_dataset(
+    session: Session,
+    storage: Storage,
+    *,
+    owner: str,
+    source: BinaryIO,
+    filename: str,
+    name: str | None,
+    label_column: str,
+    max_bytes: int,
+) -> Dataset:
+    suffix = Path(filename).suffix.lower()
+    if suffix not in ACCEPTED_SUFFIXES:
+        raise InvalidDataset(
+            f"file '{filename}' has an unsupported type; upload a .npz (arrays x, y), a .zip of "
+            "class folders of PNG/JPEG images, or a .csv with a label column"
+        )
+    dataset_id = new_id()
+    uri: str | None = None
+    with tempfile.TemporaryDirectory(prefix="normbench-upload-") as tmp:
+        raw = Path(tmp) / f"upload{suffix}"
+        _copy_capped(source, raw, max_bytes)
+        try:
+            canonical = ingest_file(raw, filename, label_column=label_column)
+        except IngestError as e:
+            raise InvalidDataset(str(e)) from None
+        stored = Path(tmp) / "canonical.npz"
+        save_canonical(canonical, stored)
+        raw.unlink()
+        digest = _sha256(stored)
+        size = stored.stat().st_size
+        uri = storage.put_file(f"datasets/{dataset_id}.npz", stored)
+    try:
+        row = Dataset(
+            id=dataset_id,
+            owner=owner,
+            name=name or Path(filename).name,
+            kind=canonical.kind,
+            shape=list(canonical.shape),
+            num_classes=canonical.num_classes,
+            class_names=canonical.class_names,
+            num_samples=canonical.num_samples,
+            split_sizes=canonical.split_sizes,
+            sha256=digest,
+            size_bytes=size,
+            storage_uri=uri,
+            builtin=False,
+        )
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        storage.delete(uri)
+        raise
+    return row
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        shutil.copyfileobj(f, _HashWriter(h))
+    return h.hexdigest()
+
+
+class _HashWriter:
+    def __init__(self, h: hashlib._Hash) -> None:
+        self.h = h
+
+    def write(self, b: bytes) -> int:
+        self.h.update(b)
+        return len(b)
+
+
+def visible_to(owner: str):  # type: ignore[no-untyped-def]
+    return or_(Dataset.owner == owner, Dataset.owner.is_(None))
+
+
+def list_datasets(session: Session, owner: str) -> list[Dataset]:
+    stmt = select(Dataset).where(visible_to(owner)).order_by(Dataset.created_at.desc())
+    return list(session.scalars(stmt))
+
+
+def get_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
+    row = session.scalars(select(Dataset).where(Dataset.id == dataset_id, visible_to(owner))).first()
+    if row is None:
+        raise NotFound(f"dataset '{dataset_id}' not found; GET /v1/datasets lists the ones you can use")
+    return row
+
+
+def delete_dataset(session: Session, storage: Storage, owner: str, dataset_id: str) -> None:
+    row = get_dataset(session, owner, dataset_id)
+    if row.builtin:
+        raise Conflict(f"dataset '{dataset_id}' is built in and cannot be deleted")
+    in_use = session.scalar(select(Job.id).where(Job.dataset_id == dataset_id).limit(1))
+    if in_use is not None:
+        raise Conflict(f"dataset '{dataset_id}' is used by job '{in_use}'; delete its jobs first")
+    uri = row.storage_uri
+    session.delete(row)
+    session.commit()
+    storage.delete(uri)

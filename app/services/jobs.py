@@ -1,0 +1,185 @@
+"""Job rules: validate a spec against its dataset, expand it into runs, derive status, cancel."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app import catalogue
+from app.budget import holdout_size, resolve_budget, total_steps
+from app.config import Settings
+from app.errors import InvalidSpec, NotFound
+from app.queue import publish_train_run
+from app.schemas.jobs import JobSpec
+from app.services.datasets import get_dataset
+from app.tables import TERMINAL_STATES, Dataset, Job, Run, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def resolve_arch(spec: JobSpec, dataset: Dataset) -> str:
+    if spec.model.arch != "auto":
+        return spec.model.arch
+    return "mlp" if dataset.kind == "tabular" else "cnn"
+
+
+def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str, dict[str, int]]:
+    arch = resolve_arch(spec, dataset)
+    if dataset.kind not in catalogue.ARCHS[arch].input_kinds:
+        raise InvalidSpec(f"model.arch '{arch}' needs image data; dataset '{dataset.id}' is {dataset.kind}: use 'mlp'")
+    if dataset.kind == "tabular" and (spec.augment.hflip or spec.augment.crop_padding):
+        raise InvalidSpec("augment applies to images only; dataset is tabular: remove hflip/crop_padding")
+    try:
+        sites = catalogue.norm_sites(arch, depth=spec.model.depth, width=spec.model.width, hidden=spec.model.hidden)
+    except catalogue.CatalogueError as e:
+        raise InvalidSpec(f"model: {e}") from None
+    for i, variant in enumerate(spec.variants):
+        try:
+            catalogue.check_variant(variant.norm, variant.params(), sites)
+        except catalogue.CatalogueError as e:
+            raise InvalidSpec(f"variants[{i}]: {e}") from None
+    if spec.budget.epochs > settings.max_epochs:
+        raise InvalidSpec(f"budget.epochs {spec.budget.epochs} is over this server's ceiling of {settings.max_epochs}")
+    n_runs = len(spec.variants) * len(spec.batch_sizes) * len(spec.seeds)
+    if n_runs > settings.max_runs_per_job:
+        raise InvalidSpec(
+            f"the spec expands to {n_runs} runs (variants × batch_sizes × seeds); the limit is {settings.max_runs_per_job}"
+        )
+    train_total = dataset.split_sizes["train"]
+    val_size = dataset.split_sizes.get("val") or holdout_size(train_total, spec.validation_fraction)
+    train_size = train_total if dataset.split_sizes.get("val") else train_total - val_size
+    too_big = [b for b in spec.batch_sizes if b > train_size]
+    if too_big:
+        raise InvalidSpec(f"batch sizes {too_big} exceed the training split ({train_size} samples after validation hold-out)")
+    budget = resolve_budget(train_size, val_size, spec.budget.epochs, spec.batch_sizes)
+    if budget["total_samples"] * n_runs > settings.max_train_samples_per_job:
+        raise InvalidSpec(
+            f"the job would train on {budget['total_samples'] * n_runs} samples in all; the limit is "
+            f"{settings.max_train_samples_per_job}: lower epochs, seeds or batch sizes"
+        )
+    return arch, budget
+
+
+def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) -> Job:
+    dataset = get_dataset(session, owner, spec.dataset_id)
+    arch, budget = _validate(spec, dataset, settings)
+    stored_spec = spec.model_dump(mode="json")
+    stored_spec["model"]["arch"] = arch
+    job = Job(owner=owner, dataset_id=dataset.id, name=spec.name, spec=stored_spec, budget=budget)
+    session.add(job)
+    session.flush()
+    runs = [
+        Run(
+            job_id=job.id,
+            owner=owner,
+            variant=catalogue.variant_label(v.norm, v.params()),
+            variant_index=vi,
+            norm=v.norm,
+            norm_params={k: val for k, val in v.params().items() if val is not None},
+            batch_size=b,
+            seed=s,
+            status="queued",
+        )
+        for b in spec.batch_sizes
+        for s in spec.seeds
+        for vi, v in enumerate(spec.variants)
+    ]
+    session.add_all(runs)
+    session.commit()
+    # Commit first, then publish: Postgres is the referee, a lost message leaves a queued run.
+    for run in runs:
+        try:
+            publish_train_run(settings, run.id)
+        except Exception:  # broker down: the run stays queued and is republished later
+            log.exception("could not publish run %s", run.id)
+    return job
+
+
+def get_job(session: Session, owner: str, job_id: str) -> Job:
+    job = session.scalars(select(Job).where(Job.id == job_id, Job.owner == owner)).first()
+    if job is None:
+        raise NotFound(f"job '{job_id}' not found; GET /v1/jobs lists your jobs")
+    return job
+
+
+def list_jobs(session: Session, owner: str, limit: int = 100) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.owner == owner).order_by(Job.created_at.desc()).limit(limit)))
+
+
+@dataclass
+class JobState:
+    status: str
+    counts: dict[str, int]
+    runs_total: int
+    runs_finished: int
+    fraction: float
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+def job_state(session: Session, job: Job) -> JobState:
+    rows = session.execute(
+        select(
+            Run.status,
+            Run.batch_size,
+            func.count(),
+            func.sum(Run.steps_done),
+            func.min(Run.started_at),
+            func.max(Run.finished_at),
+        )
+        .where(Run.job_id == job.id)
+        .group_by(Run.status, Run.batch_size)
+    ).all()
+    counts: dict[str, int] = {}
+    done_steps = all_steps = 0
+    started: list[datetime] = []
+    finished: list[datetime] = []
+    for status, batch_size, n, steps, first_start, last_finish in rows:
+        counts[status] = counts.get(status, 0) + n
+        run_steps = total_steps(job.budget, batch_size)
+        all_steps += run_steps * n
+        done_steps += run_steps * n if status in TERMINAL_STATES else min(int(steps or 0), run_steps * n)
+        if first_start:
+            started.append(first_start)
+        if last_finish:
+            finished.append(last_finish)
+    total = sum(counts.values())
+    finished_runs = sum(n for s, n in counts.items() if s in TERMINAL_STATES)
+    return JobState(
+        status=_derive_status(counts, total, finished_runs, job.cancel_requested),
+        counts=counts,
+        runs_total=total,
+        runs_finished=finished_runs,
+        fraction=done_steps / all_steps if all_steps else 1.0,
+        started_at=min(started) if started else None,
+        finished_at=max(finished) if finished and finished_runs == total else None,
+    )
+
+
+def _derive_status(counts: dict[str, int], total: int, finished: int, cancel_requested: bool) -> str:
+    if finished < total:
+        if cancel_requested:
+            return "running" if counts.get("running") else "cancelled"
+        return "running" if counts.get("running") or finished else "queued"
+    if counts.get("cancelled"):
+        return "cancelled"
+    if counts.get("failed"):
+        return "failed"
+    return "succeeded"
+
+
+def cancel_job(session: Session, owner: str, job_id: str) -> Job:
+    """Queued runs end at once; running ones see the flag within seconds and stop."""
+    job = get_job(session, owner, job_id)
+    job.cancel_requested = True
+    session.execute(
+        update(Run)
+        .where(Run.job_id == job.id, Run.status == "queued")
+        .values(status="cancelled", finished_at=utcnow(), error="cancelled by user before it started")
+    )
+    session.commit()
+    return job

@@ -1,0 +1,186 @@
+"""Networks for the norm benchmark: MLP, small CNN and CIFAR-style ResNet.
+
+Each network takes a resolved `norm_layer(num_channels)` and creates its norm layers
+in the order `app.catalogue.norm_sites` lists them. Conv/linear parameter shapes and
+creation order do not depend on the norm, and norm layers draw no random numbers, so
+the same seed gives the same conv/linear weights for every norm variant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from app import catalogue
+from models.norms import NormLayer, get_norm_layer
+
+__all__ = ["MLP", "BasicBlock", "ResNet", "SmallCNN", "build_model"]
+
+
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    # No bias: every conv is followed by a norm (or, for `none`, kept bias-free so the
+    # conv parameters are identical across variants).
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+def _init_convs(module: nn.Module) -> None:
+    # He et al. (2015) init as in the CIFAR ResNets; linear layers keep PyTorch's default.
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+class MLP(nn.Module):
+    """Flatten -> [Linear -> norm -> ReLU] per hidden width -> Linear head."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: list[int], norm_layer: NormLayer) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        prev = in_features
+        for width in hidden:
+            # Bias kept even before a norm (where it is redundant) so parameter shapes,
+            # and hence seeded init, are the same for every norm.
+            layers += [nn.Linear(prev, width), norm_layer(width), nn.ReLU(inplace=True)]
+            prev = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(prev, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class SmallCNN(nn.Module):
+    """Three conv3x3 -> norm -> ReLU stages (stride 2 from stage 2) -> global avg pool -> Linear."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int, norm_layer: NormLayer) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, w in enumerate(catalogue.stage_widths(width)):
+            layers += [_conv3x3(prev, w, stride=1 if i == 0 else 2), norm_layer(w), nn.ReLU(inplace=True)]
+            prev = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(prev, num_classes)
+        _init_convs(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3 -> norm1 -> ReLU -> conv3x3 -> norm2, plus shortcut, then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_channels, out_channels, stride)
+        self.norm1 = norm_layer(out_channels)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(out_channels, out_channels)
+        self.norm2 = norm_layer(out_channels)
+        self.act2 = nn.ReLU(inplace=True)
+        # Projection shortcut (He et al. option B) when the shape changes, but without
+        # the usual norm after it: the catalogue's norm sites (stem + 2 per block) are the
+        # contract the API validates `gn` groupings against, and an extra site here would
+        # be an unvalidated layer. None (not nn.Identity) so it is never mistaken for a
+        # `none` norm layer.
+        self.shortcut: nn.Conv2d | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def zero_init_last(self) -> None:
+        # Starts each residual branch at zero so the block is initially the identity
+        # (Goyal et al. 2017; the GroupNorm paper's default). A norm without an affine
+        # weight (`none`) has nothing to zero.
+        weight = getattr(self.norm2, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            nn.init.zeros_(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        x = self.act1(self.norm1(self.conv1(x)))
+        x = self.norm2(self.conv2(x))
+        return self.act2(x + shortcut)
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet (He et al. 2016): depth 6n+2, three stages of n BasicBlocks."""
+
+    def __init__(
+        self,
+        depth: int,
+        width: int,
+        in_channels: int,
+        num_classes: int,
+        norm_layer: NormLayer,
+        zero_init_last: bool = True,
+    ) -> None:
+        super().__init__()
+        blocks_per_stage = catalogue.resnet_blocks_per_stage(depth)
+        self.stem = nn.Sequential(_conv3x3(in_channels, width), norm_layer(width), nn.ReLU(inplace=True))
+        stages: list[nn.Module] = []
+        prev = width
+        for i, w in enumerate(catalogue.stage_widths(width)):
+            blocks = []
+            for b in range(blocks_per_stage):
+                stride = 2 if i > 0 and b == 0 else 1
+                blocks.append(BasicBlock(prev, w, stride, norm_layer))
+                prev = w
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(prev, num_classes)
+        _init_convs(self)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, BasicBlock):
+                    m.zero_init_last()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+def build_model(
+    arch: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    norm: str,
+    norm_params: dict[str, int | None],
+    *,
+    depth: int = 20,
+    width: int = 16,
+    hidden: list[int] | None = None,
+    zero_init_last: bool = True,
+) -> nn.Module:
+    """Network `arch` with norm `norm` for inputs of `input_shape` ((C, H, W) or (F,)).
+
+    Raises CatalogueError (the catalogue's own messages where it has one) for choices
+    that cannot be built.
+    """
+    info = catalogue.ARCHS.get(arch)
+    if info is None:
+        raise catalogue.unknown_choice("architecture", arch, sorted(catalogue.ARCHS))
+    shape = tuple(input_shape)
+    if len(shape) not in (1, 3) or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise catalogue.CatalogueError(f"input shape must be (C, H, W) or (F,) of positive ints; got {shape}")
+    kind = "image" if len(shape) == 3 else "tabular"
+    if kind not in info.input_kinds:
+        raise catalogue.CatalogueError(
+            f"architecture '{arch}' needs {' or '.join(info.input_kinds)} inputs; got {kind} shape {shape}"
+        )
+    if num_classes < 1 or width < 1 or any(h < 1 for h in hidden or []):
+        raise catalogue.CatalogueError("num_classes, width and hidden widths must be positive")
+
+    sites = catalogue.norm_sites(arch, depth=depth, width=width, hidden=hidden)
+    catalogue.check_variant(norm, norm_params, sites)
+    norm_layer = get_norm_layer(norm, **norm_params)
+
+    if arch == "mlp":
+        # Widths from the sites, so the MLP's default hidden sizes are the catalogue's.
+        return MLP(math.prod(shape), num_classes, [s.channels for s in sites], norm_layer)
+    if arch == "cnn":
+        return SmallCNN(shape[0], num_classes, width, norm_layer)
+    return ResNet(depth, width, shape[0], num_classes, norm_layer, zero_init_last=zero_init_last)
