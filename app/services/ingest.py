@@ -43,9 +43,10 @@ ACCEPTED_FORMATS = (
     ".csv (numeric feature columns plus a label column)"
 )
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-# Decoders Pillow may use. MPO is the multi-picture JPEG many cameras write; its first frame is a
-# plain JPEG, and Pillow's JPEG opener returns it under that name.
-_IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
+# Decoders Pillow may try. Its JPEG opener reports multi-picture JPEGs (written by many cameras) as
+# "MPO"; their first frame is a plain JPEG, so that name is accepted too.
+_IMAGE_FORMATS = ("PNG", "JPEG")
+_ACCEPTED_IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
 _SPLITS = (("train", "x", "y"), ("val", "x_val", "y_val"), ("test", "x_test", "y_test"))
 _CSV_CHUNK_ROWS = 65_536
 _INT64_MAX = np.iinfo(np.int64).max
@@ -385,7 +386,7 @@ def _check_labels(y: np.ndarray, splits: dict[str, np.ndarray], class_names: lis
         k = len(class_names)
         if top >= k:
             raise IngestError(
-                f"y contains label {top} but class_names has only {k} names (labels 0..{k - 1}); "
+                f"y contains label {top} but class_names has only {k} name(s) (labels 0..{k - 1}); "
                 "add the missing names or fix the labels"
             )
     else:
@@ -433,7 +434,8 @@ def _tabular_to_float32(a: np.ndarray, key: str) -> np.ndarray:
                 f"{key} contains NaN or infinite values (first at row {r}, column {c}); fill in or drop "
                 "missing values before uploading"
             )
-    out = np.ascontiguousarray(a, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(a, dtype=np.float32)
     bad = ~np.isfinite(out)
     if bad.any():
         r, c = (int(i) for i in np.argwhere(bad)[0])
@@ -658,11 +660,15 @@ def _open_image(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, limits: I
         raise IngestError(
             f"image {name!r} has more than {limits.max_image_pixels} pixels; downscale it before uploading"
         ) from e
+    except Image.UnidentifiedImageError as e:
+        raise IngestError(
+            f"image {name!r} is not a PNG or JPEG file (or is corrupt); convert it to PNG/JPEG or remove it"
+        ) from e
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure on untrusted bytes is the upload's fault
         raise IngestError(f"image {name!r} is not a valid PNG/JPEG file ({e}); re-export or remove it") from e
-    if im.format not in _IMAGE_FORMATS:
+    if im.format not in _ACCEPTED_IMAGE_FORMATS:
         raise IngestError(f"image {name!r} is {im.format}, not PNG/JPEG; convert it to PNG or JPEG")
     w, h = im.size
     if w * h > limits.max_image_pixels:
@@ -776,7 +782,7 @@ def _parse_csv(
             line = reader.line_num
             if len(row) != ncols:
                 raise IngestError(
-                    f"row {line} has {len(row)} fields but the header has {ncols} columns; make every row "
+                    f"row {line} has {len(row)} field(s) but the header has {ncols} columns; make every row "
                     "match the header (quote values that contain commas)"
                 )
             label = row[li].strip()
@@ -827,7 +833,8 @@ def _csv_chunk(
             f"row {lines[r]}, column {feat_names[c]!r} holds {rows[r][c].strip()!r}; NaN and infinite values "
             "are not allowed, fill in or drop missing values"
         )
-    out = values.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = values.astype(np.float32)
     bad = ~np.isfinite(out)
     if bad.any():
         r, c = (int(i) for i in np.argwhere(bad)[0])
