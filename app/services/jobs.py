@@ -52,6 +52,10 @@ def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str,
     train_total = dataset.split_sizes["train"]
     val_size = dataset.split_sizes.get("val") or holdout_size(train_total, spec.validation_fraction)
     train_size = train_total if dataset.split_sizes.get("val") else train_total - val_size
+    if arch == "mlp" and 1 in spec.batch_sizes:
+        batchy = [v.norm for v in spec.variants if catalogue.NORMS[v.norm].batch_dependent]
+        if batchy:
+            raise InvalidSpec(f"batch size 1 gives {batchy[0]} a single value per feature in the MLP: use batch >= 2")
     too_big = [b for b in spec.batch_sizes if b > train_size]
     if too_big:
         raise InvalidSpec(f"batch sizes {too_big} exceed the training split ({train_size} samples after validation hold-out)")
@@ -65,7 +69,10 @@ def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str,
 
 
 def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) -> Job:
-    dataset = get_dataset(session, owner, spec.dataset_id)
+    try:
+        dataset = get_dataset(session, owner, spec.dataset_id)
+    except NotFound as e:
+        raise InvalidSpec(f"dataset_id: {e.detail}") from None
     arch, budget = _validate(spec, dataset, settings)
     stored_spec = spec.model_dump(mode="json")
     stored_spec["model"]["arch"] = arch

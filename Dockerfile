@@ -1,0 +1,65 @@
+# syntax=docker/dockerfile:1
+#
+# NormBench images. One Dockerfile, two targets:
+#   docker build --target api    -t normbench-api .     # FastAPI + migrations, no torch
+#   docker build --target worker -t normbench-worker .  # Celery training worker, with torch
+# docker-compose.yml builds both and runs `alembic upgrade head` from the api image.
+
+# ---------------------------------------------------------------------------------------
+# base: interpreter, non-root user, source tree. Nothing is installed here.
+# ---------------------------------------------------------------------------------------
+FROM python:3.11-slim AS base
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NORMBENCH_HOME=/data/home \
+    NORMBENCH_STORAGE_URL=file:///data/storage
+
+# Non-root runtime user. /data/storage and /data/home exist in the image and belong to it, so
+# a fresh named volume mounted there is initialised with that ownership and stays writable.
+RUN groupadd --system --gid 10001 normbench \
+ && useradd --system --uid 10001 --gid normbench --home-dir /srv --shell /usr/sbin/nologin normbench \
+ && mkdir -p /srv /data/storage /data/home \
+ && chown -R normbench:normbench /data
+
+WORKDIR /srv
+
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY workers ./workers
+COPY models ./models
+COPY migrations ./migrations
+COPY alembic.ini ./
+
+# ---------------------------------------------------------------------------------------
+# api: the HTTP service (and the one-shot `alembic upgrade head`). Must NOT contain torch.
+# ---------------------------------------------------------------------------------------
+FROM base AS api
+
+RUN pip install --no-cache-dir . \
+ && ! python -c "import torch" 2>/dev/null
+
+USER normbench
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=5 \
+    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---------------------------------------------------------------------------------------
+# worker: the Celery consumer of the `train` queue; trains with torch.
+# ---------------------------------------------------------------------------------------
+FROM base AS worker
+
+# torch is installed before the package so this large layer is cached across code changes.
+# PyPI's Linux x86_64 torch wheels bundle CUDA (they pull the nvidia-* runtime wheels), so the
+# default spec gives a GPU-capable worker; the host needs only the NVIDIA driver and the
+# NVIDIA Container Toolkit. Override at build time to pin a version, e.g.
+#   docker build --target worker --build-arg TORCH_SPEC="torch==2.7.1" .
+ARG TORCH_SPEC="torch>=2.6"
+RUN pip install --no-cache-dir "$TORCH_SPEC"
+RUN pip install --no-cache-dir ".[worker]"
+
+USER normbench
+CMD ["celery", "-A", "workers.celery_app", "worker", "-Q", "train", "--concurrency", "1", "--loglevel", "INFO"]

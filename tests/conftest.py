@@ -1,0 +1,142 @@
+"""Shared fixtures: the real Postgres and Redis, a migrated test database, real worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from alembic import command
+from alembic.config import Config
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_SERVER = os.environ.get("NORMBENCH_TEST_PG", "postgres@127.0.0.1:5432")
+PG_ADMIN_URL = f"postgresql://{PG_SERVER}/test"
+TEST_DB = "normbench_test"
+PG_URL = f"postgresql+psycopg://{PG_SERVER}/{TEST_DB}"
+REDIS_URL = os.environ.get("NORMBENCH_TEST_REDIS", "redis://127.0.0.1:6379/15")
+TABLES = ("metric_points", "runs", "jobs", "datasets")
+
+
+def alembic_config(database_url: str) -> Config:
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.attributes["database_url"] = database_url
+    return cfg
+
+
+def recreate_database(name: str) -> str:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"postgresql+psycopg://{PG_SERVER}/{name}"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    url = recreate_database(TEST_DB)
+    command.upgrade(alembic_config(url), "head")
+    return url
+
+
+@pytest.fixture(scope="session")
+def storage_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("storage")
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> redis.Redis:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    return client
+
+
+@pytest.fixture
+def settings(pg_url: str, storage_dir: Path, redis_client: redis.Redis, tmp_path: Path) -> Settings:
+    """Settings for the real stack, with every table emptied and the train queue drained."""
+    with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
+    redis_client.delete("train")
+    return Settings(
+        home=tmp_path / "home",
+        database_url=pg_url,
+        broker_url=REDIS_URL,
+        storage_url=storage_dir.as_uri(),
+        max_epochs=50,
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def stored_files(settings: Settings) -> list[Path]:
+    root = Path(settings.resolved_storage_url.removeprefix("file://"))
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+class WorkerProcess:
+    """A real `celery worker` process with its log in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "train",
+               "--pool", "solo", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+        self.log = log_path.open("wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log_path.read_text()}")
+            if b"ready." in self.log_path.read_bytes():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def worker_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NORMBENCH_")}
+    env.update({"NORMBENCH_TORCH_THREADS": "1", "PYTHONUNBUFFERED": "1"}, **overrides)
+    return env
+
+
+@pytest.fixture(scope="module")
+def worker(pg_url: str, storage_dir: Path, redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory):
+    log_dir = tmp_path_factory.mktemp("worker")
+    env = worker_env(
+        NORMBENCH_DATABASE_URL=pg_url,
+        NORMBENCH_BROKER_URL=REDIS_URL,
+        NORMBENCH_STORAGE_URL=storage_dir.as_uri(),
+        NORMBENCH_HOME=str(log_dir / "home"),
+    )
+    proc = WorkerProcess(env, log_dir / "worker.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()

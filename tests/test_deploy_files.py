@@ -1,0 +1,248 @@
+"""The Dockerfile and docker-compose.yml agree with the code they deploy.
+
+Pure file parsing plus one `docker-compose config -q`; no images are built and no engine is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from app.config import TRAIN_QUEUE, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict) -> dict:
+    return compose["services"]
+
+
+def _command(service: dict) -> list[str]:
+    cmd = service["command"]
+    return cmd.split() if isinstance(cmd, str) else [str(part) for part in cmd]
+
+
+def _option(cmd: list[str], *names: str) -> str:
+    for i, part in enumerate(cmd):
+        if part in names:
+            return cmd[i + 1]
+        for name in names:
+            if name.startswith("--") and part.startswith(name + "="):
+                return part.split("=", 1)[1]
+    raise AssertionError(f"none of {names} in {cmd}")
+
+
+def _environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def _volume_mounts(service: dict) -> dict[str, str]:
+    """Container path -> source (named volume or host path)."""
+    mounts = {}
+    for vol in service.get("volumes") or []:
+        if isinstance(vol, str):
+            source, target = vol.split(":")[:2]
+        else:
+            source, target = vol.get("source", ""), vol["target"]
+        mounts[target.rstrip("/")] = source
+    return mounts
+
+
+def _dockerfile_stages() -> dict[str, list[str]]:
+    """Stage name -> its instruction lines (continuations joined, comments dropped)."""
+    lines: list[str] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        pending += stripped
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        lines.append(pending)
+        pending = ""
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in lines:
+        match = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, flags=re.IGNORECASE)
+        if match:
+            current = stages.setdefault(match.group(1) or f"<unnamed {len(stages)}>", [])
+        if current is not None:
+            current.append(line)
+    return stages
+
+
+def _stage_chain(stages: dict[str, list[str]], name: str) -> list[str]:
+    """All instructions that build stage `name`, its parent stages' first."""
+    lines = stages[name]
+    parent = lines[0].split()[1]
+    return (_stage_chain(stages, parent) if parent in stages and parent != name else []) + lines
+
+
+def _installs_torch(lines: list[str]) -> bool:
+    """Whether any `pip install` in these instructions installs torch (directly, via an ARG, or the extra)."""
+    torch_args = {m.group(1) for line in lines if (m := re.match(r"ARG\s+(\w+)=\S*torch", line, flags=re.IGNORECASE))}
+    for line in lines:
+        if not line.upper().startswith("RUN "):
+            continue
+        for step in re.split(r"&&|;|\|\|", line[4:]):
+            if "pip install" not in step:
+                continue
+            if re.search(r"(?<![\w-])torch(?![\w-])", step) or "[worker]" in step:
+                return True
+            if any(re.search(rf"\${{?{arg}\b", step) for arg in torch_args):
+                return True
+    return False
+
+
+# --- compose vs code ---------------------------------------------------------------------
+
+
+def test_worker_consumes_the_train_queue(services: dict) -> None:
+    cmd = _command(services["worker"])
+    assert cmd[:1] == ["celery"] and "worker" in cmd
+    assert _option(cmd, "-Q", "--queues") == TRAIN_QUEUE
+
+
+def test_worker_celery_app_module_exists(services: dict) -> None:
+    # Located with find_spec and read as text: nothing from `workers` is imported here.
+    module = _option(_command(services["worker"]), "-A", "--app")
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin, f"celery -A {module}: module not found"
+    source = Path(spec.origin).read_text()
+    # `celery -A module` uses the module's `app`/`celery` attribute or any Celery instance in it.
+    assert re.search(r"^\w+\s*=\s*Celery\(", source, flags=re.MULTILINE), f"{module} defines no Celery app"
+
+
+def test_api_serves_app_main_on_the_published_port(services: dict) -> None:
+    api = services["api"]
+    cmd = _command(api)
+    assert cmd[0] == "uvicorn" and "app.main:app" in cmd
+    assert importlib.util.find_spec("app.main") is not None
+    port = _option(cmd, "--port")
+    container_ports = {str(p).split(":")[-1].split("/")[0] for p in api.get("ports", [])}
+    assert port in container_ports, f"uvicorn listens on {port}, compose publishes {container_ports}"
+    health = " ".join(map(str, api["healthcheck"]["test"]))
+    assert f":{port}/healthz" in health
+
+
+def test_every_normbench_env_var_is_a_setting(services: dict) -> None:
+    fields = set(Settings.model_fields)
+    used = {name for svc in services.values() for name in _environment(svc) if name.startswith("NORMBENCH_")}
+    assert used, "compose sets no NORMBENCH_* variables"
+    unknown = {name for name in used if name.removeprefix("NORMBENCH_").lower() not in fields}
+    assert not unknown, f"not fields of app.config.Settings: {sorted(unknown)}"
+
+
+def test_app_services_point_at_the_compose_postgres_and_redis(services: dict) -> None:
+    for name in ("migrate", "api", "worker"):
+        env = _environment(services[name])
+        assert urlparse(env["NORMBENCH_DATABASE_URL"]).hostname in services, name
+        assert urlparse(env["NORMBENCH_BROKER_URL"]).hostname in services, name
+
+
+def test_api_and_worker_share_the_storage_volume(compose: dict, services: dict) -> None:
+    sources = []
+    for name in ("api", "worker"):
+        url = urlparse(_environment(services[name])["NORMBENCH_STORAGE_URL"])
+        assert url.scheme == "file", f"{name}: storage must be a local directory"
+        mounts = _volume_mounts(services[name])
+        path = url.path.rstrip("/")
+        assert path in mounts, f"{name}: nothing mounted at {path} (mounts: {mounts})"
+        sources.append(mounts[path])
+    assert sources[0] == sources[1], f"api and worker mount different storage: {sources}"
+    assert sources[0] in (compose.get("volumes") or {}), f"{sources[0]} is not a named volume"
+
+
+def test_worker_reserves_an_nvidia_gpu(services: dict) -> None:
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(
+        d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) and d.get("count") in (1, "all")
+        for d in devices
+    ), devices
+
+
+def test_migrate_runs_alembic_and_gates_api_and_worker(services: dict) -> None:
+    assert _command(services["migrate"]) == ["alembic", "upgrade", "head"]
+    for name in ("api", "worker"):
+        deps = services[name]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully", name
+    for name in ("postgres", "redis"):
+        assert services[name]["healthcheck"]["test"], name
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_compose_build_targets_are_dockerfile_stages(services: dict) -> None:
+    stages = _dockerfile_stages()
+    assert services["api"]["build"]["target"] == "api"
+    assert services["worker"]["build"]["target"] == "worker"
+    for name, svc in services.items():
+        if isinstance(svc.get("build"), dict) and "target" in svc["build"]:
+            assert svc["build"]["target"] in stages, f"{name}: no Dockerfile stage {svc['build']['target']!r}"
+
+
+# --- Dockerfile ----------------------------------------------------------------------------
+
+
+def test_dockerfile_targets_and_torch_split() -> None:
+    stages = _dockerfile_stages()
+    assert {"api", "worker"} <= set(stages), sorted(stages)
+    assert not _installs_torch(_stage_chain(stages, "api")), "the api image must not install torch"
+    assert _installs_torch(_stage_chain(stages, "worker")), "the worker image must install torch"
+
+
+def test_dockerfile_copies_what_the_services_need() -> None:
+    stages = _dockerfile_stages()
+    for target in ("api", "worker"):
+        chain = _stage_chain(stages, target)
+        copied = " ".join(line for line in chain if line.upper().startswith("COPY "))
+        for path in ("pyproject.toml", "app", "workers", "models", "migrations", "alembic.ini"):
+            assert re.search(rf"(?<![\w./-]){re.escape(path)}(?![\w.-])", copied), f"{target}: {path} not copied"
+        users = [line.split()[1] for line in chain if line.upper().startswith("USER ")]
+        assert users and users[-1] not in ("root", "0"), f"{target} runs as root"
+    assert stages[next(iter(stages))][0].split()[1].startswith("python:3.11")
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".venv", ".git", ".normbench"):
+        assert any(line.rstrip("/") == entry for line in ignored), entry
+
+
+# --- docker-compose itself -----------------------------------------------------------------
+
+
+def test_docker_compose_config_validates() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose is not installed; run `make test` (it installs it) to validate docker-compose.yml")
+    result = subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
