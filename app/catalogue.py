@@ -31,8 +31,7 @@ NORMS: dict[str, NormInfo] = {
         NormInfo(
             "bn",
             "BatchNorm",
-            "Normalizes each channel over the batch (and spatial positions); running "
-            "averages are used at evaluation.",
+            "Normalizes each channel over the batch (and spatial positions); running averages are used at evaluation.",
             batch_dependent=True,
         ),
         NormInfo(
@@ -47,8 +46,7 @@ NORMS: dict[str, NormInfo] = {
         NormInfo(
             "ln",
             "LayerNorm",
-            "Normalizes all channels (and spatial positions) of each sample together: "
-            "GroupNorm with one group.",
+            "Normalizes all channels (and spatial positions) of each sample together: GroupNorm with one group.",
             batch_dependent=False,
         ),
         NormInfo(
@@ -138,9 +136,7 @@ def resolve_groups(num_channels: int, groups: int | None = None, group_size: int
         raise CatalogueError("gn takes either `groups` or `group_size`, not both")
     if group_size is not None:
         if group_size < 1 or num_channels % group_size:
-            raise CatalogueError(
-                f"gn group_size {group_size} does not divide a layer with {num_channels} channels"
-            )
+            raise CatalogueError(f"gn group_size {group_size} does not divide a layer with {num_channels} channels")
         return num_channels // group_size
     if groups is None:
         groups = min(DEFAULT_GN_GROUPS, num_channels)

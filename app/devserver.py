@@ -47,9 +47,34 @@ def migrate(database_url: str) -> None:
 
 
 def start_children(host: str, port: int) -> list[subprocess.Popen[bytes]]:
-    worker = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "train",
-              "--pool", "solo", "--loglevel", "WARNING", "--hostname", "normbench-local@%h"]
-    api = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port), "--log-level", "warning"]
+    worker = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "-Q",
+        "train",
+        "--pool",
+        "solo",
+        "--loglevel",
+        "WARNING",
+        "--hostname",
+        "normbench-local@%h",
+    ]
+    api = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     return [subprocess.Popen(worker, cwd=ROOT), subprocess.Popen(api, cwd=ROOT)]
 
 
@@ -76,7 +101,9 @@ def follow_job(client: httpx.Client, job_id: str) -> dict[str, object]:
     while True:
         job = client.get(f"/v1/jobs/{job_id}").json()
         p = job["progress"]
-        line = f"\r  {progress_bar(p['fraction'])}  runs {p['runs_finished']}/{p['runs_total']}  status {job['status']:<9}"
+        line = (
+            f"\r  {progress_bar(p['fraction'])}  runs {p['runs_finished']}/{p['runs_total']}  status {job['status']:<9}"
+        )
         print(line, end="", flush=True)
         if p["runs_finished"] == p["runs_total"]:
             print()
@@ -131,7 +158,9 @@ def main() -> None:
                 results = client.get(f"/v1/jobs/{job_id}/results").json()
                 print(f"finished in {time.monotonic() - started:.0f}s with status {job['status']}\n")
                 print(result_table(results))
-                print(f"\nresults: {base}/v1/jobs/{job_id}/results\ncurves:  {base}/v1/jobs/{job_id}/curves?metric=val_acc")
+                print(
+                    f"\nresults: {base}/v1/jobs/{job_id}/results\ncurves:  {base}/v1/jobs/{job_id}/curves?metric=val_acc"
+                )
             if args.exit_after_demo:
                 return
             print("serving; press Ctrl-C to stop")

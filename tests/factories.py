@@ -12,7 +12,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 
-def pattern_images(n_per_class: int = 40, classes: int = 3, size: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pattern_images(
+    n_per_class: int = 40, classes: int = 3, size: int = 8, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """uint8 N×H×W images: class k is a bright bar at row band k, plus noise."""
     rng = np.random.default_rng(seed)
     xs, ys = [], []

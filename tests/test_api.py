@@ -37,7 +37,13 @@ def test_upload_get_list_delete_npz(client: TestClient, settings: Settings) -> N
     assert resp.status_code == 201, resp.text
     ds = resp.json()
     assert resp.headers["location"] == f"/v1/datasets/{ds['id']}"
-    assert (ds["name"], ds["kind"], ds["shape"], ds["num_classes"], ds["num_samples"]) == ("bars", "image", [1, 8, 8], 3, 120)
+    assert (ds["name"], ds["kind"], ds["shape"], ds["num_classes"], ds["num_samples"]) == (
+        "bars",
+        "image",
+        [1, 8, 8],
+        3,
+        120,
+    )
     assert client.get(f"/v1/datasets/{ds['id']}").json()["sha256"] == ds["sha256"]
     assert ds["id"] in {d["id"] for d in client.get("/v1/datasets").json()["items"]}
     before = len(stored_files(settings))
@@ -139,8 +145,14 @@ def test_bad_specs_are_422_with_actionable_messages(client: TestClient, settings
 
 
 def test_unknown_ids_are_404(client: TestClient) -> None:
-    for path in ("/v1/jobs/missing", "/v1/jobs/missing/results", "/v1/jobs/missing/curves", "/v1/runs/missing",
-                 "/v1/runs/missing/metrics", "/v1/datasets/missing"):
+    for path in (
+        "/v1/jobs/missing",
+        "/v1/jobs/missing/results",
+        "/v1/jobs/missing/curves",
+        "/v1/runs/missing",
+        "/v1/runs/missing/metrics",
+        "/v1/datasets/missing",
+    ):
         resp = client.get(path)
         assert resp.status_code == 404, path
         assert resp.json()["error"] == "not_found"

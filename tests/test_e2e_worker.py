@@ -45,7 +45,10 @@ def test_npz_and_zip_datasets_train_to_results(client: TestClient, worker: Worke
     jobs = [client.post("/v1/jobs", json=job_spec(ds["id"])).json()["id"] for ds in (npz, zipped.json())]
     results = check_finished_job(client, jobs[0], epochs=2)
     assert {(c["variant"], c["batch_size"]) for c in results["cells"]} == {
-        ("bn", 2), ("gn(4)", 2), ("bn", 8), ("gn(4)", 8)
+        ("bn", 2),
+        ("gn(4)", 2),
+        ("bn", 8),
+        ("gn(4)", 8),
     }
     check_finished_job(client, jobs[1], epochs=2)
     run = client.get(f"/v1/runs/{results['runs'][0]['run_id']}").json()
@@ -55,8 +58,13 @@ def test_npz_and_zip_datasets_train_to_results(client: TestClient, worker: Worke
 
 
 def test_diverging_run_ends_diverged_with_the_step(client: TestClient, worker: WorkerProcess) -> None:
-    spec = job_spec("digits", model={"arch": "mlp"}, variants=[{"norm": "none"}], batch_sizes=[8],
-                    optimizer={"lr": 10.0, "momentum": 0.9, "warmup_epochs": 0, "lr_scaling": "none"})
+    spec = job_spec(
+        "digits",
+        model={"arch": "mlp"},
+        variants=[{"norm": "none"}],
+        batch_sizes=[8],
+        optimizer={"lr": 10.0, "momentum": 0.9, "warmup_epochs": 0, "lr_scaling": "none"},
+    )
     job_id = client.post("/v1/jobs", json=spec).json()["id"]
     job = wait_for_job(client, job_id)
     run = client.get(f"/v1/jobs/{job_id}/runs").json()[0]

@@ -62,9 +62,7 @@ def _norm_channels(model: nn.Module) -> list[int]:
 
 
 def _sites(arch: str, kwargs: dict) -> list[catalogue.NormSite]:
-    return catalogue.norm_sites(
-        arch, **{k: v for k, v in kwargs.items() if k in ("depth", "width", "hidden")}
-    )
+    return catalogue.norm_sites(arch, **{k: v for k, v in kwargs.items() if k in ("depth", "width", "hidden")})
 
 
 # --- registry -------------------------------------------------------------------------------------------
@@ -230,9 +228,7 @@ def test_batch_independence(name: str) -> None:
 
 @pytest.mark.parametrize(("arch", "shape", "kwargs"), NETS, ids=lambda v: str(v))
 @pytest.mark.parametrize(("norm", "params"), VARIANTS, ids=lambda v: str(v))
-def test_network_forward_backward(
-    arch: str, shape: tuple[int, ...], kwargs: dict, norm: str, params: dict
-) -> None:
+def test_network_forward_backward(arch: str, shape: tuple[int, ...], kwargs: dict, norm: str, params: dict) -> None:
     sites = _sites(arch, kwargs)
     try:
         catalogue.check_variant(norm, params, sites)

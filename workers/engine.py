@@ -129,6 +129,11 @@ def build_run_model(cfg: RunConfig, data: DeviceData, device: torch.device) -> n
     return model.to(device)
 
 
+def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive slices of the epoch's order: batch sizes differ only in how they cut one stream."""
+    return list(order.split(batch_size))
+
+
 def train(cfg: RunConfig, data: DeviceData, device: torch.device, reporter: RunReporter) -> Outcome:
     model = build_run_model(cfg, data, device)
     model.train()
@@ -149,8 +154,7 @@ def train(cfg: RunConfig, data: DeviceData, device: torch.device, reporter: RunR
         order = epoch_order(cfg.seed, epoch, cfg.budget["train_size"], per_epoch * cfg.batch_size).to(device)
         epoch_loss = torch.zeros((), device=device)
         points: list[Point] = []
-        for i in range(per_epoch):
-            idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        for i, idx in enumerate(batches(order, cfg.batch_size)):
             xb = data.x_train[idx]
             if is_image and (cfg.augment.get("hflip") or cfg.augment.get("crop_padding")):
                 xb = augment(xb, bool(cfg.augment.get("hflip")), int(cfg.augment.get("crop_padding", 0)), aug_gen)
@@ -183,8 +187,13 @@ def train(cfg: RunConfig, data: DeviceData, device: torch.device, reporter: RunR
                 window = []
                 if reporter.should_stop():
                     reporter.report(points, step=step, epoch=epoch, samples=step * cfg.batch_size)
-                    return Outcome("cancelled", steps=step, samples=step * cfg.batch_size,
-                                   wall_time_s=time.perf_counter() - start, error="cancelled by user")
+                    return Outcome(
+                        "cancelled",
+                        steps=step,
+                        samples=step * cfg.batch_size,
+                        wall_time_s=time.perf_counter() - start,
+                        error="cancelled by user",
+                    )
         val_acc, val_loss = evaluate(model, data)
         elapsed = time.perf_counter() - start
         finals = {
@@ -197,8 +206,13 @@ def train(cfg: RunConfig, data: DeviceData, device: torch.device, reporter: RunR
         points += [Point(step, float(epoch + 1), name, value) for name, value in finals.items()]
         reporter.report(points, step=step, epoch=epoch + 1, samples=step * cfg.batch_size)
         if not math.isfinite(val_loss):
-            return Outcome("diverged", steps=step, samples=step * cfg.batch_size, wall_time_s=elapsed,
-                           error=f"validation loss became non-finite after epoch {epoch + 1}")
+            return Outcome(
+                "diverged",
+                steps=step,
+                samples=step * cfg.batch_size,
+                wall_time_s=elapsed,
+                error=f"validation loss became non-finite after epoch {epoch + 1}",
+            )
 
     wall = time.perf_counter() - start
     finals["images_per_s"] = step * cfg.batch_size / wall

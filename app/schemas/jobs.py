@@ -44,7 +44,9 @@ class VariantSpec(Strict):
 
 
 class BudgetSpec(Strict):
-    epochs: int = Field(10, ge=1, le=1000, description="Passes over the training split; every run sees the same samples.")
+    epochs: int = Field(
+        10, ge=1, le=1000, description="Passes over the training split; every run sees the same samples."
+    )
 
 
 class OptimizerSpec(Strict):
@@ -62,7 +64,9 @@ class OptimizerSpec(Strict):
 
 class AugmentSpec(Strict):
     hflip: bool = Field(False, description="Random horizontal flips (images only).")
-    crop_padding: int = Field(0, ge=0, le=16, description="Random crops after zero padding by this many pixels (images only).")
+    crop_padding: int = Field(
+        0, ge=0, le=16, description="Random crops after zero padding by this many pixels (images only)."
+    )
 
 
 class JobSpec(Strict):
@@ -78,9 +82,14 @@ class JobSpec(Strict):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and learning-rate schedule.")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="On-the-fly augmentation (images only).")
     validation_fraction: float = Field(
-        0.1, gt=0, le=0.5, description="Share of the training split held out for validation when no `val` split was uploaded."
+        0.1,
+        gt=0,
+        le=0.5,
+        description="Share of the training split held out for validation when no `val` split was uploaded.",
     )
-    log_every_steps: int = Field(50, ge=1, le=100000, description="Record the running train loss every this many steps.")
+    log_every_steps: int = Field(
+        50, ge=1, le=100000, description="Record the running train loss every this many steps."
+    )
 
     @field_validator("batch_sizes")
     @classmethod

@@ -26,9 +26,7 @@ def _copy_capped(source: BinaryIO, target: Path, max_bytes: int) -> int:
         while chunk := source.read(CHUNK):
             written += len(chunk)
             if written > max_bytes:
-                raise PayloadTooLarge(
-                    f"upload exceeds the {max_bytes // 2**20} MiB limit (NORMBENCH_MAX_UPLOAD_BYTES)"
-                )
+                raise PayloadTooLarge(f"upload exceeds the {max_bytes // 2**20} MiB limit (NORMBENCH_MAX_UPLOAD_BYTES)")
             out.write(chunk)
     return written
 

@@ -139,10 +139,7 @@ def ingest_file(
     if ext not in (".npz", ".zip", ".csv"):
         hint = ""
         if ext == ".npy":
-            hint = (
-                " A .npy file holds a single array; save images and labels together with "
-                "np.savez(path, x=x, y=y)."
-            )
+            hint = " A .npy file holds a single array; save images and labels together with np.savez(path, x=x, y=y)."
         raise IngestError(
             f"unsupported file type {ext or '(no extension)'!r} for {filename!r}; "
             f"accepted formats: {ACCEPTED_FORMATS}.{hint}"
@@ -182,9 +179,7 @@ def _check_magic(ext: str, head: bytes, filename: str) -> None:
             "or .npz (NumPy arrays) extension"
         )
     if head.startswith(_NPY_MAGIC):
-        raise IngestError(
-            f"{filename!r} is a NumPy .npy file, not CSV text; save x and y with np.savez as .npz"
-        )
+        raise IngestError(f"{filename!r} is a NumPy .npy file, not CSV text; save x and y with np.savez as .npz")
 
 
 def _check_zip_budget(infos: Sequence[zipfile.ZipInfo], filename: str, limits: IngestLimits) -> None:
@@ -202,8 +197,7 @@ def _check_zip_budget(infos: Sequence[zipfile.ZipInfo], filename: str, limits: I
     for info in infos:
         if info.flag_bits & 0x1:
             raise IngestError(
-                f"entry {info.filename!r} in {filename!r} is encrypted; "
-                "re-create the archive without a password"
+                f"entry {info.filename!r} in {filename!r} is encrypted; re-create the archive without a password"
             )
 
 
@@ -215,15 +209,11 @@ def _read_npz(path: Path, filename: str, limits: IngestLimits) -> CanonicalDatas
         with zipfile.ZipFile(path) as zf:
             _check_zip_budget(zf.infolist(), filename, limits)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise IngestError(
-            f"{filename!r} is not a readable .npz archive ({e}); re-save it with np.savez"
-        ) from e
+        raise IngestError(f"{filename!r} is not a readable .npz archive ({e}); re-save it with np.savez") from e
     try:
         npz = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise IngestError(
-            f"{filename!r} is not a readable .npz archive ({e}); re-save it with np.savez"
-        ) from e
+        raise IngestError(f"{filename!r} is not a readable .npz archive ({e}); re-save it with np.savez") from e
     with npz:
         keys = set(npz.files)
         missing = [k for k in ("x", "y") if k not in keys]
@@ -259,13 +249,9 @@ def _npz_array(npz: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise IngestError(f"array {key!r} cannot be read ({e}); re-save the file with np.savez") from e
     if not isinstance(arr, np.ndarray):
-        raise IngestError(
-            f"member {key!r} is not a NumPy array; create the file with np.savez(path, x=x, y=y)"
-        )
+        raise IngestError(f"member {key!r} is not a NumPy array; create the file with np.savez(path, x=x, y=y)")
     if arr.dtype.hasobject or arr.dtype.names is not None:
-        raise IngestError(
-            f"array {key!r} has a structured/object dtype {arr.dtype}; store a plain numeric array"
-        )
+        raise IngestError(f"array {key!r} has a structured/object dtype {arr.dtype}; store a plain numeric array")
     return arr
 
 
@@ -351,17 +337,13 @@ def _labels_to_int64(y: np.ndarray, key: str, x_key: str, x_shape: Sequence[int]
         )
     if y.dtype.kind == "u":
         if y.size and int(y.max()) > _INT64_MAX:
-            raise IngestError(
-                f"{key} contains label {int(y.max())}, too large; labels must be 0..num_classes-1"
-            )
+            raise IngestError(f"{key} contains label {int(y.max())}, too large; labels must be 0..num_classes-1")
         return y.astype(np.int64)
     if y.dtype.kind == "i":
         out = y.astype(np.int64)
     elif y.dtype.kind == "f":
         if not np.isfinite(y).all():
-            raise IngestError(
-                f"{key} contains NaN or infinite values; every sample needs an integer class label"
-            )
+            raise IngestError(f"{key} contains NaN or infinite values; every sample needs an integer class label")
         if not np.array_equal(y, np.floor(y)) or (y.size and float(np.abs(y).max()) > 2**53):
             raise IngestError(
                 f"{key} has non-integer float labels (dtype {y.dtype}); labels must be class indices 0..K-1"
@@ -373,9 +355,7 @@ def _labels_to_int64(y: np.ndarray, key: str, x_key: str, x_shape: Sequence[int]
             "store the names as a `class_names` string array"
         )
     if out.size and int(out.min()) < 0:
-        raise IngestError(
-            f"{key} contains the negative label {int(out.min())}; labels must be 0..K-1, so remap them"
-        )
+        raise IngestError(f"{key} contains the negative label {int(out.min())}; labels must be 0..K-1, so remap them")
     return out
 
 
@@ -439,9 +419,7 @@ def _tabular_to_float32(a: np.ndarray, key: str) -> np.ndarray:
     bad = ~np.isfinite(out)
     if bad.any():
         r, c = (int(i) for i in np.argwhere(bad)[0])
-        raise IngestError(
-            f"{key} has a value too large for float32 at row {r}, column {c}; scale the features down"
-        )
+        raise IngestError(f"{key} has a value too large for float32 at row {r}, column {c}; scale the features down")
     return out
 
 
@@ -464,22 +442,17 @@ def _images_to_uint8(arrays: dict[str, np.ndarray], limits: IngestLimits) -> dic
         )
     if h * w > limits.max_image_pixels:
         raise IngestError(
-            f"images are {w}×{h} = {h * w} pixels, more than the limit of {limits.max_image_pixels}; "
-            "downscale them"
+            f"images are {w}×{h} = {h * w} pixels, more than the limit of {limits.max_image_pixels}; downscale them"
         )
     for key, a in arrays.items():
         if a.dtype.kind not in "uif":
-            raise IngestError(
-                f"{key} has dtype {a.dtype}; image pixels must be uint8, integers 0..255 or floats"
-            )
+            raise IngestError(f"{key} has dtype {a.dtype}; image pixels must be uint8, integers 0..255 or floats")
     floats = {k: a for k, a in arrays.items() if a.dtype.kind == "f"}
     scale = 1.0
     if floats:
         for key, a in floats.items():
             if not np.isfinite(a).all():
-                raise IngestError(
-                    f"{key} contains NaN or infinite pixel values; replace them before uploading"
-                )
+                raise IngestError(f"{key} contains NaN or infinite pixel values; replace them before uploading")
         lo = min(float(a.min()) for a in floats.values())
         hi = max(float(a.max()) for a in floats.values())
         if lo >= 0.0 and hi <= 1.0:
@@ -554,9 +527,7 @@ def _read_image_zip(path: Path, filename: str, limits: IngestLimits) -> Canonica
                     f"{', '.join(_IMAGE_EXTENSIONS)}); remove it from the archive"
                 )
             files.append((parts, info))
-        layout = (
-            "expected one folder per class, e.g. cats/1.png and dogs/1.png (optionally inside one top folder)"
-        )
+        layout = "expected one folder per class, e.g. cats/1.png and dogs/1.png (optionally inside one top folder)"
         if not files:
             raise IngestError(f"{filename!r} contains no PNG/JPEG images; {layout}")
         firsts = {parts[0] for parts, _ in files}
@@ -586,8 +557,7 @@ def _read_image_zip(path: Path, filename: str, limits: IngestLimits) -> Canonica
         ]
         if len(entries) > limits.max_samples:
             raise IngestError(
-                f"{filename!r} has {len(entries)} images, more than the limit of {limits.max_samples}; "
-                "upload a subset"
+                f"{filename!r} has {len(entries)} images, more than the limit of {limits.max_samples}; upload a subset"
             )
         x = _decode_images(zf, entries, limits)
     y = np.array([label for _, label, _ in entries], dtype=np.int64)
@@ -651,9 +621,7 @@ def _open_image(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, limits: I
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError) as e:
         raise IngestError(f"entry {name!r} cannot be read from the zip ({e}); re-create the archive") from e
     if len(data) != info.file_size:
-        raise IngestError(
-            f"entry {name!r} is corrupt (size does not match the zip directory); re-create the archive"
-        )
+        raise IngestError(f"entry {name!r} is corrupt (size does not match the zip directory); re-create the archive")
     try:
         im = Image.open(io.BytesIO(data), formats=list(_IMAGE_FORMATS))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -701,9 +669,7 @@ def _image_pixels(im: Image.Image, name: str) -> tuple[np.ndarray, bool]:
     except MemoryError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated/corrupt data from an untrusted upload
-        raise IngestError(
-            f"image {name!r} is broken and cannot be decoded ({e}); re-export or remove it"
-        ) from e
+        raise IngestError(f"image {name!r} is broken and cannot be decoded ({e}); re-export or remove it") from e
 
 
 # ----------------------------------------------------------------------------------------------- csv
@@ -729,9 +695,7 @@ def _read_csv(path: Path, filename: str, label_column: str, limits: IngestLimits
     return CanonicalDataset(kind="tabular", x=x, y=y, class_names=names)
 
 
-def _parse_csv(
-    f: IO[str], filename: str, label_column: str, limits: IngestLimits
-) -> tuple[np.ndarray, list[str]]:
+def _parse_csv(f: IO[str], filename: str, label_column: str, limits: IngestLimits) -> tuple[np.ndarray, list[str]]:
     reader = csv.reader(f)
     try:
         header: list[str] | None = None
@@ -752,9 +716,7 @@ def _parse_csv(
                 )
         dups = sorted({c for c in header if header.count(c) > 1})
         if dups:
-            raise IngestError(
-                f"the header repeats the column name(s) {_preview(dups)}; column names must be unique"
-            )
+            raise IngestError(f"the header repeats the column name(s) {_preview(dups)}; column names must be unique")
         if label_column not in header:
             hint = ""
             if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
@@ -787,9 +749,7 @@ def _parse_csv(
                 )
             label = row[li].strip()
             if not label:
-                raise IngestError(
-                    f"row {line} has an empty label (column {label_column!r}); give every row a label"
-                )
+                raise IngestError(f"row {line} has an empty label (column {label_column!r}); give every row a label")
             labels.append(label)
             rows.append([row[i] for i in feat_idx])
             lines.append(line)
@@ -797,9 +757,7 @@ def _parse_csv(
                 chunks.append(_csv_chunk(rows, lines, feat_names, label_column))
                 rows, lines = [], []
     except csv.Error as e:
-        raise IngestError(
-            f"{filename!r} is not valid CSV near line {reader.line_num} ({e}); fix the quoting"
-        ) from e
+        raise IngestError(f"{filename!r} is not valid CSV near line {reader.line_num} ({e}); fix the quoting") from e
     if rows:
         chunks.append(_csv_chunk(rows, lines, feat_names, label_column))
     if not labels:
@@ -807,9 +765,7 @@ def _parse_csv(
     return np.concatenate(chunks), labels
 
 
-def _csv_chunk(
-    rows: list[list[str]], lines: list[int], feat_names: list[str], label_column: str
-) -> np.ndarray:
+def _csv_chunk(rows: list[list[str]], lines: list[int], feat_names: list[str], label_column: str) -> np.ndarray:
     """Parse feature cells to float32; errors name the row (header = row 1) and the column."""
     try:
         values = np.array(rows, dtype=np.float64)
@@ -887,14 +843,10 @@ def _as_ints(labels: list[str]) -> list[int] | None:
 def _check_canonical(ds: CanonicalDataset) -> None:
     if ds.kind == "image":
         if ds.x.dtype != np.uint8 or ds.x.ndim != 4:
-            raise IngestError(
-                f"canonical image x must be uint8 N×C×H×W, got {ds.x.dtype} {_shape(ds.x.shape)}"
-            )
+            raise IngestError(f"canonical image x must be uint8 N×C×H×W, got {ds.x.dtype} {_shape(ds.x.shape)}")
     elif ds.kind == "tabular":
         if ds.x.dtype != np.float32 or ds.x.ndim != 2:
-            raise IngestError(
-                f"canonical tabular x must be float32 N×F, got {ds.x.dtype} {_shape(ds.x.shape)}"
-            )
+            raise IngestError(f"canonical tabular x must be float32 N×F, got {ds.x.dtype} {_shape(ds.x.shape)}")
     else:
         raise IngestError(f"canonical kind must be 'image' or 'tabular', got {ds.kind!r}")
     k = len(ds.class_names)
@@ -909,9 +861,7 @@ def _check_canonical(ds: CanonicalDataset) -> None:
                 f"canonical {xk} is {xs.dtype} {_shape(xs.shape)} but x is {ds.x.dtype} {_shape(ds.x.shape)}"
             )
         if ys.dtype != np.int64 or ys.ndim != 1 or len(ys) != len(xs):
-            raise IngestError(
-                f"canonical {yk} must be int64 of shape ({len(xs)},), got {ys.dtype} {_shape(ys.shape)}"
-            )
+            raise IngestError(f"canonical {yk} must be int64 of shape ({len(xs)},), got {ys.dtype} {_shape(ys.shape)}")
         if ys.size and (int(ys.min()) < 0 or int(ys.max()) >= k):
             raise IngestError(f"canonical {yk} has labels outside 0..{k - 1}")
 
@@ -951,9 +901,7 @@ def load_canonical(path: Path) -> CanonicalDataset:
             keys = set(npz.files)
             missing = [k for k in ("x", "y", "class_names", "kind") if k not in keys]
             if missing:
-                raise IngestError(
-                    f"{str(path)!r} is not a canonical dataset (missing {missing}); re-ingest it"
-                )
+                raise IngestError(f"{str(path)!r} is not a canonical dataset (missing {missing}); re-ingest it")
             data = {k: npz[k] for k in keys}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         if isinstance(e, IngestError):

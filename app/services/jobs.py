@@ -58,7 +58,9 @@ def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str,
             raise InvalidSpec(f"batch size 1 gives {batchy[0]} a single value per feature in the MLP: use batch >= 2")
     too_big = [b for b in spec.batch_sizes if b > train_size]
     if too_big:
-        raise InvalidSpec(f"batch sizes {too_big} exceed the training split ({train_size} samples after validation hold-out)")
+        raise InvalidSpec(
+            f"batch sizes {too_big} exceed the training split ({train_size} samples after validation hold-out)"
+        )
     budget = resolve_budget(train_size, val_size, spec.budget.epochs, spec.batch_sizes)
     if budget["total_samples"] * n_runs > settings.max_train_samples_per_job:
         raise InvalidSpec(

@@ -22,8 +22,13 @@ def upload_dataset(
     settings: SettingsDep,
     owner: OwnerDep,
     response: Response,
-    file: Annotated[UploadFile, File(description="A .npz (x, y; optional x_val/y_val, x_test/y_test), a .zip of "
-                                                 "class folders of PNG/JPEG images, or a .csv with a label column.")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="A .npz (x, y; optional x_val/y_val, x_test/y_test), a .zip of "
+            "class folders of PNG/JPEG images, or a .csv with a label column."
+        ),
+    ],
     name: Annotated[str | None, Form(max_length=200, description="Display name; defaults to the file name.")] = None,
     label_column: Annotated[str, Form(max_length=200, description="CSV only: the column holding labels.")] = "label",
 ) -> DatasetOut:

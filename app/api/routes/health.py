@@ -27,4 +27,6 @@ def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
         checks["database"] = f"unreachable: {type(e).__name__}"
     checks["broker"] = "ok" if broker_reachable(settings) else "unreachable"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503
+    )

@@ -39,12 +39,19 @@ def job_out(session: Session, job: Job) -> JobOut:
         created_at=job.created_at,
         started_at=state.started_at,
         finished_at=state.finished_at,
-        links={"self": base, "results": f"{base}/results", "curves": f"{base}/curves?metric=val_acc", "runs": f"{base}/runs"},
+        links={
+            "self": base,
+            "results": f"{base}/results",
+            "curves": f"{base}/curves?metric=val_acc",
+            "runs": f"{base}/runs",
+        },
     )
 
 
 @router.post("", status_code=202, response_model=JobOut, responses=ERRORS, summary="Submit a comparison job")
-def submit_job(spec: JobSpec, session: SessionDep, settings: SettingsDep, owner: OwnerDep, response: Response) -> JobOut:
+def submit_job(
+    spec: JobSpec, session: SessionDep, settings: SettingsDep, owner: OwnerDep, response: Response
+) -> JobOut:
     job = service.create_job(session, settings, owner, spec)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(session, job)
@@ -71,7 +78,9 @@ def list_runs(job_id: str, session: SessionDep, owner: OwnerDep) -> list[RunOut]
     return [RunOut.model_validate(r, from_attributes=True) for r in job_runs(session, job)]
 
 
-@router.get("/{job_id}/results", response_model=Results, responses=ERRORS, summary="Final metrics and per-cell summaries")
+@router.get(
+    "/{job_id}/results", response_model=Results, responses=ERRORS, summary="Final metrics and per-cell summaries"
+)
 def get_results(job_id: str, session: SessionDep, owner: OwnerDep) -> Results:
     job = service.get_job(session, owner, job_id)
     return build_results(session, job, service.job_state(session, job).status)
@@ -82,9 +91,18 @@ def get_curves(
     job_id: str,
     session: SessionDep,
     owner: OwnerDep,
-    metric: Annotated[str, Query(max_length=64, description="val_acc, val_loss, train_loss (per epoch), "
-                                                            "train_loss_step (every log_every_steps), lr")] = "val_acc",
-    max_points: Annotated[int | None, Query(ge=1, le=100000, description="Downsample each series to at most this "
-                                                                         "many points; omit for full resolution")] = 500,
+    metric: Annotated[
+        str,
+        Query(
+            max_length=64,
+            description="val_acc, val_loss, train_loss (per epoch), train_loss_step (every log_every_steps), lr",
+        ),
+    ] = "val_acc",
+    max_points: Annotated[
+        int | None,
+        Query(
+            ge=1, le=100000, description="Downsample each series to at most this many points; omit for full resolution"
+        ),
+    ] = 500,
 ) -> Curves:
     return build_curves(session, service.get_job(session, owner, job_id), metric, max_points)

@@ -1,0 +1,141 @@
+"""The training engine on CPU: equal footing across variants and batch sizes, determinism, outcomes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.budget import holdout_size, resolve_budget, total_steps
+from app.services.builtin import digits_dataset
+from app.services.ingest import save_canonical
+from workers.data import DeviceData, augment, epoch_order, load_device_data
+from workers.engine import Point, RunConfig, batches, build_run_model, lr_at, scaled_lr, train
+
+OPT = {
+    "lr": 0.1,
+    "reference_batch_size": 32,
+    "lr_scaling": "linear",
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "warmup_epochs": 1,
+    "schedule": "cosine",
+}
+
+
+class Recorder:
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.points: list[Point] = []
+        self.calls = 0
+        self.stop_after = stop_after
+
+    def report(self, points: list[Point], *, step: int, epoch: int, samples: int) -> None:
+        self.points += points
+
+    def should_stop(self) -> bool:
+        self.calls += 1
+        return self.stop_after is not None and self.calls > self.stop_after
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[DeviceData, dict[str, int]]:
+    ds = digits_dataset()
+    path = Path(tmp_path_factory.mktemp("digits")) / "digits.npz"
+    save_canonical(ds, path)
+    val = holdout_size(ds.num_samples, 0.2)
+    budget = resolve_budget(ds.num_samples - val, val, 1, [2, 8, 32])
+    return load_device_data(path, budget, torch.device("cpu")), budget
+
+
+def config(budget: dict[str, int], **kw: object) -> RunConfig:
+    base = RunConfig("mlp", "bn", {}, 8, 0, budget, {"hidden": [32, 32]}, OPT, {}, 10)
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_budget_is_the_same_samples_for_every_batch_size() -> None:
+    budget = resolve_budget(1437, 360, 10, [2, 4, 8, 16, 32])
+    assert budget["samples_per_epoch"] == 1408 and budget["total_samples"] == 14080
+    assert {total_steps(budget, b) * b for b in (2, 4, 8, 16, 32)} == {14080}
+
+
+def test_data_order_depends_on_seed_only_and_batch_size_only_cuts_it() -> None:
+    order = epoch_order(3, 0, 100, 96)
+    assert torch.equal(order, epoch_order(3, 0, 100, 96))
+    assert not torch.equal(order, epoch_order(4, 0, 100, 96))
+    assert not torch.equal(order, epoch_order(3, 1, 100, 96))
+    assert torch.equal(torch.cat(batches(order, 2)), torch.cat(batches(order, 32)))
+    assert [len(b) for b in batches(order, 32)] == [32, 32, 32]
+
+
+def test_same_seed_same_initial_weights_across_variants(digits: tuple[DeviceData, dict[str, int]]) -> None:
+    data, budget = digits
+    models = [
+        build_run_model(config(budget, norm=n, norm_params=p), data, torch.device("cpu"))
+        for n, p in (("bn", {}), ("gn", {"groups": 4}), ("ln", {}), ("none", {}))
+    ]
+    weights = [[p for name, p in m.named_parameters() if p.ndim > 1] for m in models]
+    for other in weights[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(weights[0], other, strict=True))
+    other_seed = build_run_model(config(budget, seed=1), data, torch.device("cpu"))
+    assert not torch.equal(next(other_seed.parameters()), weights[0][0])
+
+
+def test_same_seed_and_spec_give_identical_metrics(digits: tuple[DeviceData, dict[str, int]]) -> None:
+    data, budget = digits
+    runs = [Recorder(), Recorder()]
+    outcomes = [train(config(budget), data, torch.device("cpu"), r) for r in runs]
+    assert outcomes[0].status == "succeeded"
+    assert outcomes[0].final_metrics["val_acc"] == outcomes[1].final_metrics["val_acc"]
+    strip = [[(p.step, p.name, p.value) for p in r.points if p.name != "images_per_s"] for r in runs]
+    assert strip[0] == strip[1] and len(strip[0]) > 5
+
+
+def test_run_learns_and_reports_per_epoch_and_per_k_steps(digits: tuple[DeviceData, dict[str, int]]) -> None:
+    data, budget = digits
+    rec = Recorder()
+    outcome = train(config(budget, norm="gn", norm_params={"groups": 4}), data, torch.device("cpu"), rec)
+    assert outcome.final_metrics["val_acc"] > 0.8  # one epoch of digits
+    assert outcome.samples == budget["total_samples"] and outcome.steps == budget["total_samples"] // 8
+    names = {p.name for p in rec.points}
+    assert {"val_acc", "val_loss", "train_loss", "lr", "train_loss_step"} <= names
+    steps = [p.step for p in rec.points if p.name == "train_loss_step"]
+    assert steps == list(range(10, outcome.steps + 1, 10))
+
+
+def test_huge_learning_rate_diverges_with_the_step(digits: tuple[DeviceData, dict[str, int]]) -> None:
+    data, budget = digits
+    opt = {**OPT, "lr": 1e4, "warmup_epochs": 0, "lr_scaling": "none"}
+    outcome = train(config(budget, norm="none", optimizer=opt), data, torch.device("cpu"), Recorder())
+    assert outcome.status == "diverged"
+    assert "non-finite" in (outcome.error or "") and "step" in (outcome.error or "")
+
+
+def test_cancellation_stops_the_run(digits: tuple[DeviceData, dict[str, int]]) -> None:
+    data, budget = digits
+    outcome = train(config(budget, batch_size=2), data, torch.device("cpu"), Recorder(stop_after=3))
+    assert outcome.status == "cancelled" and outcome.steps == 40
+
+
+def test_learning_rate_scaling_and_schedule() -> None:
+    assert scaled_lr(OPT, 8) == pytest.approx(0.025)
+    assert scaled_lr({**OPT, "lr_scaling": "sqrt"}, 8) == pytest.approx(0.05)
+    assert scaled_lr({**OPT, "lr_scaling": "none"}, 8) == pytest.approx(0.1)
+    assert lr_at(0, 100, 10, 1.0, "cosine") == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0, "cosine") == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, "cosine") == pytest.approx(0.5)
+    assert lr_at(99, 100, 10, 1.0, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert lr_at(99, 100, 10, 1.0, "constant") == 1.0
+
+
+def test_augmentation_keeps_shape_and_pixels() -> None:
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    flipped = augment(x, hflip=True, crop_padding=0, g=g)
+    for a, b in zip(flipped, x, strict=True):
+        assert torch.equal(a, b) or torch.equal(a, b.flip(2))
+    cropped = augment(x, hflip=False, crop_padding=1, g=g)
+    assert cropped.shape == x.shape and cropped.dtype == torch.uint8
+    assert set(cropped.unique().tolist()) <= set(x.unique().tolist()) | {0}

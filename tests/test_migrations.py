@@ -1,0 +1,38 @@
+"""Alembic is the only way the schema changes: head matches the models on Postgres and SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect
+
+from app.tables import Base
+from tests.conftest import alembic_config, recreate_database
+
+
+def pending_diff(url: str) -> list:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+        return compare_metadata(ctx, Base.metadata)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'empty.db'}"
+    return recreate_database("normbench_migration_test")
+
+
+def test_upgrade_head_matches_models_and_downgrades(empty_database: str) -> None:
+    cfg = alembic_config(empty_database)
+    command.upgrade(cfg, "head")
+    tables = set(inspect(create_engine(empty_database)).get_table_names())
+    assert {"datasets", "jobs", "runs", "metric_points"} <= tables
+    assert pending_diff(empty_database) == []
+    command.downgrade(cfg, "base")
+    assert set(inspect(create_engine(empty_database)).get_table_names()) <= {"alembic_version"}
