@@ -23,6 +23,7 @@ services:
 
 test: $(BIN)/.installed services
 	$(BIN)/ruff check .
+	$(BIN)/mypy app models
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/.installed

@@ -883,7 +883,7 @@ def save_canonical(ds: CanonicalDataset, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         with tmp.open("xb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs mistype **kwds
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.api.deps import OwnerDep, SessionDep, SettingsDep, StorageDep
-from app.schemas.common import ErrorBody
+from app.schemas.common import ERROR_RESPONSES
 from app.schemas.datasets import DatasetList, DatasetOut
 from app.services import datasets as service
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-ERRORS = {404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+ERRORS = ERROR_RESPONSES
 
 
 @router.post("", status_code=201, response_model=DatasetOut, responses=ERRORS, summary="Upload a dataset")

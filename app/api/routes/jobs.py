@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Response
 from sqlalchemy.orm import Session
 
 from app.api.deps import OwnerDep, SessionDep, SettingsDep
-from app.schemas.common import ErrorBody
+from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobList, JobOut, JobProgress, JobSpec, RunCounts
 from app.schemas.results import Curves, Results
 from app.schemas.runs import RunOut
@@ -17,7 +17,7 @@ from app.services.results import build_curves, build_results, job_runs
 from app.tables import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+ERRORS = ERROR_RESPONSES
 
 
 def job_out(session: Session, job: Job) -> JobOut:

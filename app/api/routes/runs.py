@@ -9,12 +9,12 @@ from sqlalchemy import select
 
 from app.api.deps import OwnerDep, SessionDep
 from app.errors import NotFound
-from app.schemas.common import ErrorBody
+from app.schemas.common import ERROR_RESPONSES
 from app.schemas.runs import MetricPointOut, RunMetrics, RunOut
 from app.tables import MetricPoint, Run
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
-ERRORS = {404: {"model": ErrorBody}}
+ERRORS = ERROR_RESPONSES
 
 
 def _get_run(session: SessionDep, owner: str, run_id: str) -> Run:
