@@ -62,4 +62,4 @@ RUN pip install --no-cache-dir "$TORCH_SPEC"
 RUN pip install --no-cache-dir ".[worker]"
 
 USER normbench
-CMD ["celery", "-A", "workers.celery_app", "worker", "-Q", "train", "--concurrency", "1", "--loglevel", "INFO"]
+CMD ["celery", "-A", "workers.celery_app", "worker", "-Q", "train", "--pool", "solo", "--loglevel", "INFO"]

@@ -28,6 +28,17 @@ class Settings(BaseSettings):
     max_train_samples_per_job: int = Field(2 * 10**9, description="Ceiling on samples trained over all runs.")
     default_owner: str = Field("local", description="Owner of objects until API keys exist.")
     torch_threads: int = Field(0, description="Worker torch threads; 0 = torch's default.")
+    lease_seconds: float = Field(30.0, gt=0, description="A run's claim expires this long after its last heartbeat.")
+    heartbeat_seconds: float = Field(5.0, gt=0, description="How often a training worker renews its lease.")
+    max_attempts: int = Field(3, ge=1, description="Claims of a run before infrastructure failures fail it.")
+    reconcile_seconds: float = Field(10.0, gt=0, description="How often each worker runs the reconciler.")
+    republish_after_seconds: float = Field(
+        600.0, gt=0, description="Republish a queued run whose task may be lost (broker restart) after this long."
+    )
+    checkpoint_every_epochs: int = Field(1, ge=1, description="Checkpoint a run every this many epochs.")
+    fault_abort_job_name: str | None = Field(
+        None, description="Fault-injection hook for tests: the worker process dies abruptly while training this job."
+    )
 
     @property
     def resolved_database_url(self) -> str:

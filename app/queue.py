@@ -21,6 +21,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "task_default_queue": TRAIN_QUEUE,
         "broker_connection_retry_on_startup": True,
+        # Fail a publish fast when the broker is down; the reconciler publishes the run later.
+        "broker_connection_timeout": 3,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
         # Postgres is the source of truth; a late redelivery finds the run already claimed.
         "broker_transport_options": {"visibility_timeout": 6 * 3600},
     }

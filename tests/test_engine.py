@@ -13,7 +13,7 @@ from app.budget import holdout_size, resolve_budget, total_steps
 from app.services.builtin import digits_dataset
 from app.services.ingest import save_canonical
 from workers.data import DeviceData, augment, epoch_order, load_device_data
-from workers.engine import Point, RunConfig, batches, build_run_model, lr_at, scaled_lr, train
+from workers.engine import Point, Progress, RunConfig, batches, build_run_model, lr_at, scaled_lr, train
 
 OPT = {
     "lr": 0.1,
@@ -27,17 +27,22 @@ OPT = {
 
 
 class Recorder:
-    def __init__(self, stop_after: int | None = None) -> None:
+    """Keeps what the engine reports; answers `reason` to stop_reason after `stop_after` steps."""
+
+    def __init__(self, stop_after: int | None = None, reason: str = "cancelled") -> None:
         self.points: list[Point] = []
+        self.checkpoints: list[dict] = []
         self.calls = 0
-        self.stop_after = stop_after
+        self.stop_after, self.reason = stop_after, reason
 
-    def report(self, points: list[Point], *, step: int, epoch: int, samples: int) -> None:
+    def report(self, points: list[Point], progress: Progress, checkpoint: dict | None = None) -> None:
         self.points += points
+        if checkpoint is not None:
+            self.checkpoints.append(checkpoint)
 
-    def should_stop(self) -> bool:
+    def stop_reason(self) -> str | None:
         self.calls += 1
-        return self.stop_after is not None and self.calls > self.stop_after
+        return self.reason if self.stop_after is not None and self.calls > self.stop_after else None
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,8 @@ def test_same_seed_and_spec_give_identical_metrics(digits: tuple[DeviceData, dic
     outcomes = [train(config(budget), data, torch.device("cpu"), r) for r in runs]
     assert outcomes[0].status == "succeeded"
     assert outcomes[0].final_metrics["val_acc"] == outcomes[1].final_metrics["val_acc"]
-    strip = [[(p.step, p.name, p.value) for p in r.points if p.name != "images_per_s"] for r in runs]
+    timing = ("images_per_s", "step_time_ms")
+    strip = [[(p.step, p.name, p.value) for p in r.points if p.name not in timing] for r in runs]
     assert strip[0] == strip[1] and len(strip[0]) > 5
 
 
@@ -100,7 +106,7 @@ def test_run_learns_and_reports_per_epoch_and_per_k_steps(digits: tuple[DeviceDa
     assert outcome.final_metrics["val_acc"] > 0.8  # one epoch of digits
     assert outcome.samples == budget["total_samples"] and outcome.steps == budget["total_samples"] // 8
     names = {p.name for p in rec.points}
-    assert {"val_acc", "val_loss", "train_loss", "lr", "train_loss_step"} <= names
+    assert {"val_acc", "val_loss", "train_loss", "lr", "train_loss_step", "grad_norm", "step_time_ms"} <= names
     steps = [p.step for p in rec.points if p.name == "train_loss_step"]
     assert steps == list(range(10, outcome.steps + 1, 10))
 
@@ -115,8 +121,36 @@ def test_huge_learning_rate_diverges_with_the_step(digits: tuple[DeviceData, dic
 
 def test_cancellation_stops_the_run(digits: tuple[DeviceData, dict[str, int]]) -> None:
     data, budget = digits
-    outcome = train(config(budget, batch_size=2), data, torch.device("cpu"), Recorder(stop_after=3))
-    assert outcome.status == "cancelled" and outcome.steps == 40
+    outcome = train(config(budget, batch_size=2), data, torch.device("cpu"), Recorder(stop_after=40))
+    assert outcome.status == "cancelled" and outcome.steps == 41
+
+
+def final_points(rec: Recorder) -> dict[tuple[int, str], float]:
+    return {(p.step, p.name): p.value for p in rec.points if p.name not in ("images_per_s", "step_time_ms")}
+
+
+@pytest.mark.parametrize("stop_after", [57, 720])  # mid-epoch (shutdown) and an epoch-boundary checkpoint
+def test_resume_from_checkpoint_gives_the_uninterrupted_run(
+    digits: tuple[DeviceData, dict[str, int]], stop_after: int
+) -> None:
+    data, one_epoch = digits
+    budget = {**one_epoch, "epochs": 2, "total_samples": 2 * one_epoch["samples_per_epoch"]}
+    cfg = config(budget, batch_size=2, norm="bn")
+    full = Recorder()
+    reference = train(cfg, data, torch.device("cpu"), full)
+    first = Recorder(stop_after=stop_after, reason="shutdown")
+    interrupted = train(cfg, data, torch.device("cpu"), first)
+    if stop_after == 57:
+        assert interrupted.status == "interrupted" and interrupted.steps == 58
+    else:  # stop_after > one epoch: use the epoch checkpoint as if the worker had died after it
+        assert interrupted.status == "interrupted" and len(first.checkpoints) == 2
+    second = Recorder()
+    resumed = train(cfg, data, torch.device("cpu"), second, resume=first.checkpoints[-1])
+    assert resumed.status == "succeeded" and resumed.steps == reference.steps
+    assert resumed.final_metrics["val_acc"] == reference.final_metrics["val_acc"]
+    assert resumed.final_metrics["train_loss"] == pytest.approx(reference.final_metrics["train_loss"], rel=1e-6)
+    merged = {**final_points(first), **final_points(second)}
+    assert merged.keys() == final_points(full).keys()
 
 
 def test_learning_rate_scaling_and_schedule() -> None:

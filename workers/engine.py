@@ -20,13 +20,14 @@ from models import build_model
 from workers.data import DeviceData, augment, epoch_order
 
 EVAL_BATCH = 1024
+REPORT_EVERY_S = 2.0
 
 
 @dataclass(frozen=True)
 class RunConfig:
     arch: str
     norm: str
-    norm_params: dict[str, int]
+    norm_params: dict[str, Any]
     batch_size: int
     seed: int
     budget: dict[str, int]
@@ -44,17 +45,24 @@ class Point:
     value: float
 
 
-class RunReporter(Protocol):
-    def report(self, points: list[Point], *, step: int, epoch: int, samples: int) -> None:
-        """Persist points and progress; may raise to abort (e.g. a stale attempt)."""
+@dataclass
+class Progress:
+    step: int
+    epoch: int  # completed epochs
+    samples: int
 
-    def should_stop(self) -> bool:
-        """True once the run was cancelled."""
+
+class RunReporter(Protocol):
+    def report(self, points: list[Point], progress: Progress, checkpoint: dict[str, Any] | None = None) -> None:
+        """Persist points, progress and (optionally) a checkpoint; raises to abort when the claim was lost."""
+
+    def stop_reason(self) -> str | None:
+        """`cancelled` or `shutdown` once training must stop, else None; called every step, so cheap."""
 
 
 @dataclass
 class Outcome:
-    status: str  # succeeded | diverged | cancelled
+    status: str  # succeeded | diverged | cancelled | interrupted (checkpointed for another worker)
     final_metrics: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     samples: int = 0
@@ -134,86 +142,160 @@ def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(order.split(batch_size))
 
 
-def train(cfg: RunConfig, data: DeviceData, device: torch.device, reporter: RunReporter) -> Outcome:
-    model = build_run_model(cfg, data, device)
-    model.train()
-    base_lr = scaled_lr(cfg.optimizer, cfg.batch_size)
-    optimizer = make_optimizer(model, cfg.optimizer, base_lr)
-    per_epoch = steps_per_epoch(cfg.budget, cfg.batch_size)
-    epochs = cfg.budget["epochs"]
-    total = per_epoch * epochs
-    warmup = round(cfg.optimizer["warmup_epochs"] * per_epoch)
-    aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
-    is_image = data.kind == "image"
-    log_every = cfg.log_every_steps
-    step = 0
-    start = time.perf_counter()
-    window: list[torch.Tensor] = []
+class Trainer:
+    """Trains one run; resumable from any step through `checkpoint()` / `restore()`."""
 
-    for epoch in range(epochs):
-        order = epoch_order(cfg.seed, epoch, cfg.budget["train_size"], per_epoch * cfg.batch_size).to(device)
-        epoch_loss = torch.zeros((), device=device)
-        points: list[Point] = []
-        for i, idx in enumerate(batches(order, cfg.batch_size)):
-            xb = data.x_train[idx]
-            if is_image and (cfg.augment.get("hflip") or cfg.augment.get("crop_padding")):
-                xb = augment(xb, bool(cfg.augment.get("hflip")), int(cfg.augment.get("crop_padding", 0)), aug_gen)
-            lr = lr_at(step, total, warmup, base_lr, cfg.optimizer["schedule"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = F.cross_entropy(model(data.prepare(xb)), data.y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            detached = loss.detach()
-            epoch_loss += detached
-            window.append(detached)
-            if step % log_every == 0 or i == per_epoch - 1:
-                losses = torch.stack(window)
-                finite = torch.isfinite(losses)
-                if not bool(finite.all()):
-                    bad = step - len(window) + int((~finite).nonzero()[0, 0]) + 1
-                    reporter.report(points, step=step, epoch=epoch, samples=step * cfg.batch_size)
-                    return Outcome(
-                        "diverged",
-                        steps=step,
-                        samples=step * cfg.batch_size,
-                        wall_time_s=time.perf_counter() - start,
-                        error=f"training loss became non-finite at step {bad} (epoch {epoch + 1})",
-                    )
-                if step % log_every == 0:
-                    points.append(Point(step, step / per_epoch, "train_loss_step", float(losses.mean())))
-                window = []
-                if reporter.should_stop():
-                    reporter.report(points, step=step, epoch=epoch, samples=step * cfg.batch_size)
-                    return Outcome(
-                        "cancelled",
-                        steps=step,
-                        samples=step * cfg.batch_size,
-                        wall_time_s=time.perf_counter() - start,
-                        error="cancelled by user",
-                    )
-        val_acc, val_loss = evaluate(model, data)
-        elapsed = time.perf_counter() - start
+    def __init__(self, cfg: RunConfig, data: DeviceData, device: torch.device, reporter: RunReporter) -> None:
+        self.cfg, self.data, self.device, self.reporter = cfg, data, device, reporter
+        self.model = build_run_model(cfg, data, device)
+        self.model.train()
+        self.base_lr = scaled_lr(cfg.optimizer, cfg.batch_size)
+        self.optimizer = make_optimizer(self.model, cfg.optimizer, self.base_lr)
+        self.per_epoch = steps_per_epoch(cfg.budget, cfg.batch_size)
+        self.epochs = cfg.budget["epochs"]
+        self.total = self.per_epoch * self.epochs
+        self.warmup = round(cfg.optimizer["warmup_epochs"] * self.per_epoch)
+        self.aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
+        self.augmenting = data.kind == "image" and bool(cfg.augment.get("hflip") or cfg.augment.get("crop_padding"))
+        # Position: `batch` batches of epoch `epoch` are done; `step` counts all batches.
+        self.epoch = self.batch = self.step = 0
+        self.epoch_loss = torch.zeros((), device=device)
+        self.window: list[torch.Tensor] = []
+        self.started = self.window_start = self.last_report = time.perf_counter()
+        self.elapsed_before = 0.0  # wall time of earlier attempts
+        self.lr = self.base_lr
+        self.grad_norm = 0.0
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "epoch_loss": float(self.epoch_loss),
+            "window": [float(v) for v in self.window],
+            "aug_rng": self.aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "elapsed": self.elapsed(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        self.epoch_loss = torch.tensor(state["epoch_loss"], device=self.device)
+        self.window = [torch.tensor(v, device=self.device) for v in state["window"]]
+        self.aug_gen.set_state(state["aug_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.elapsed_before = float(state["elapsed"])
+
+    # -- the loop ----------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def progress(self) -> Progress:
+        return Progress(self.step, self.epoch, self.step * self.cfg.batch_size)
+
+    def outcome(self, status: str, error: str | None = None, finals: dict[str, float] | None = None) -> Outcome:
+        return Outcome(status, finals or {}, self.step, self.step * self.cfg.batch_size, self.elapsed(), error)
+
+    def run(self) -> Outcome:
+        self.started = self.window_start = self.last_report = time.perf_counter()
+        finals: dict[str, float] = {}
+        while self.epoch < self.epochs:
+            order = epoch_order(
+                self.cfg.seed, self.epoch, self.cfg.budget["train_size"], self.per_epoch * self.cfg.batch_size
+            )
+            points: list[Point] = []
+            for idx in batches(order.to(self.device), self.cfg.batch_size)[self.batch :]:
+                self.train_step(idx)
+                if self.step % self.cfg.log_every_steps == 0 or self.batch == self.per_epoch:
+                    diverged = self.check_window(points)
+                    if diverged:
+                        self.reporter.report(points, self.progress())
+                        return self.outcome("diverged", diverged)
+                    if time.perf_counter() - self.last_report > REPORT_EVERY_S and self.batch < self.per_epoch:
+                        self.reporter.report(points, self.progress())  # live progress inside long epochs
+                        points = []
+                        self.last_report = time.perf_counter()
+                stop = self.reporter.stop_reason()
+                if stop == "cancelled":
+                    self.reporter.report(points, self.progress())
+                    return self.outcome("cancelled", "cancelled by user")
+                if stop == "shutdown" and self.batch < self.per_epoch:
+                    self.reporter.report(points, self.progress(), self.checkpoint())
+                    return self.outcome("interrupted", "worker shut down; resumes from its checkpoint")
+            finals = self.end_epoch(points)
+            if not math.isfinite(finals["val_loss"]):
+                return self.outcome("diverged", f"validation loss became non-finite after epoch {self.epoch}")
+        return self.outcome("succeeded", finals=finals)
+
+    def train_step(self, idx: torch.Tensor) -> None:
+        cfg = self.cfg
+        xb = self.data.x_train[idx]
+        if self.augmenting:
+            xb = augment(xb, bool(cfg.augment.get("hflip")), int(cfg.augment.get("crop_padding", 0)), self.aug_gen)
+        self.lr = lr_at(self.step, self.total, self.warmup, self.base_lr, cfg.optimizer["schedule"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        loss = F.cross_entropy(self.model(self.data.prepare(xb)), self.data.y_train[idx])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if (self.step + 1) % cfg.log_every_steps == 0:
+            self.grad_norm = float(
+                torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            )
+        self.optimizer.step()
+        self.step += 1
+        self.batch += 1
+        detached = loss.detach()
+        self.epoch_loss += detached
+        self.window.append(detached)
+
+    def check_window(self, points: list[Point]) -> str | None:
+        """Every few steps: find a non-finite loss, and log the window's mean loss and timing."""
+        losses = torch.stack(self.window)
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            bad = self.step - len(self.window) + int((~finite).nonzero()[0, 0]) + 1
+            return f"training loss became non-finite at step {bad} (epoch {self.epoch + 1})"
+        if self.step % self.cfg.log_every_steps == 0:
+            now = time.perf_counter()
+            at = self.epoch + self.batch / self.per_epoch
+            step_ms = (now - self.window_start) * 1000 / len(self.window)
+            points += [
+                Point(self.step, at, "train_loss_step", float(losses.mean())),
+                Point(self.step, at, "grad_norm", self.grad_norm),
+                Point(self.step, at, "step_time_ms", step_ms),
+            ]
+            self.window_start = now
+        self.window = []
+        return None
+
+    def end_epoch(self, points: list[Point]) -> dict[str, float]:
+        val_acc, val_loss = evaluate(self.model, self.data)
+        self.epoch += 1
+        self.batch = 0
         finals = {
             "val_acc": val_acc,
             "val_loss": val_loss,
-            "train_loss": float(epoch_loss) / per_epoch,
-            "lr": lr,
-            "images_per_s": step * cfg.batch_size / elapsed,
+            "train_loss": float(self.epoch_loss) / self.per_epoch,
+            "lr": self.lr,
+            "images_per_s": self.step * self.cfg.batch_size / max(self.elapsed(), 1e-9),
         }
-        points += [Point(step, float(epoch + 1), name, value) for name, value in finals.items()]
-        reporter.report(points, step=step, epoch=epoch + 1, samples=step * cfg.batch_size)
-        if not math.isfinite(val_loss):
-            return Outcome(
-                "diverged",
-                steps=step,
-                samples=step * cfg.batch_size,
-                wall_time_s=elapsed,
-                error=f"validation loss became non-finite after epoch {epoch + 1}",
-            )
+        points += [Point(self.step, float(self.epoch), name, value) for name, value in finals.items()]
+        self.epoch_loss = torch.zeros((), device=self.device)
+        self.reporter.report(points, self.progress(), self.checkpoint() if self.epoch < self.epochs else None)
+        return finals
 
-    wall = time.perf_counter() - start
-    finals["images_per_s"] = step * cfg.batch_size / wall
-    return Outcome("succeeded", final_metrics=finals, steps=step, samples=step * cfg.batch_size, wall_time_s=wall)
+
+def train(
+    cfg: RunConfig, data: DeviceData, device: torch.device, reporter: RunReporter, resume: dict[str, Any] | None = None
+) -> Outcome:
+    trainer = Trainer(cfg, data, device, reporter)
+    if resume is not None:
+        trainer.restore(resume)
+    return trainer.run()

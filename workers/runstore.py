@@ -1,4 +1,4 @@
-"""The database side of one run: claim with a fencing token, write progress and points, finish.
+"""The database side of one run: claim with a fencing token, heartbeat, write progress, finish.
 
 Every write after the claim is conditional on (run id, attempt, status running), so a worker
 that lost its claim changes nothing.
@@ -6,65 +6,99 @@ that lost its claim changes nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.tables import Job, MetricPoint, Run, utcnow
-from workers.engine import Point
-
-LEASE = timedelta(seconds=120)
+from workers.engine import Point, Progress
 
 
 class StaleAttempt(RuntimeError):
     """This worker's claim on the run was superseded; it must stop writing."""
 
 
-def claim_run(session: Session, run_id: str, worker: str) -> int | None:
-    """Take a queued run (or one whose lease expired); return the new attempt, or None."""
+@dataclass(frozen=True)
+class Claim:
+    run_id: str
+    attempt: int
+    checkpoint_uri: str | None
+
+
+def claim_run(session: Session, run_id: str, worker: str, lease_seconds: float, max_attempts: int) -> Claim | None:
+    """Take a queued run, or a running one whose lease expired; bump its attempt (the fencing token)."""
     now = utcnow()
-    claimable = (Run.status == "queued") | ((Run.status == "running") & (Run.lease_expires_at < now))
+    expired = (Run.status == "running") & (Run.lease_expires_at < now) & (Run.attempt < max_attempts)
     row = session.execute(
         update(Run)
-        .where(Run.id == run_id, claimable)
+        .where(Run.id == run_id, (Run.status == "queued") | expired)
         .values(
             status="running",
             attempt=Run.attempt + 1,
             worker=worker,
-            lease_expires_at=now + LEASE,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
             started_at=now,
         )
-        .returning(Run.attempt)
+        .returning(Run.attempt, Run.checkpoint_uri)
     ).first()
     session.commit()
-    return None if row is None else int(row[0])
+    return None if row is None else Claim(run_id, int(row[0]), row[1])
 
 
-def _upsert(engine: Engine) -> Any:
-    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+def owned(run_id: str, attempt: int) -> Any:
+    return (Run.id == run_id) & (Run.attempt == attempt) & (Run.status == "running")
+
+
+def renew_lease(session: Session, run_id: str, attempt: int, lease_seconds: float) -> bool | None:
+    """Extend the lease; returns the job's cancel flag, or None when this attempt lost the run."""
+    row = session.execute(
+        update(Run)
+        .where(owned(run_id, attempt))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .returning(Run.job_id)
+    ).first()
+    if row is None:
+        session.commit()
+        return None
+    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == row[0]))
+    session.commit()
+    return bool(cancel)
+
+
+def _insert_for(session: Session) -> Any:
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
 def record_progress(
-    session: Session, run_id: str, attempt: int, points: list[Point], *, step: int, epoch: int, samples: int
+    session: Session,
+    run_id: str,
+    attempt: int,
+    points: list[Point],
+    progress: Progress,
+    *,
+    lease_seconds: float,
+    checkpoint_uri: str | None = None,
 ) -> None:
     """Renew the lease, store progress and upsert points in one transaction, or raise StaleAttempt."""
-    owned = session.execute(
-        update(Run)
-        .where(Run.id == run_id, Run.attempt == attempt, Run.status == "running")
-        .values(steps_done=step, epochs_done=epoch, samples_seen=samples, lease_expires_at=utcnow() + LEASE)
-        .returning(Run.id)
-    ).first()
-    if owned is None:
+    values: dict[str, Any] = {
+        "steps_done": progress.step,
+        "epochs_done": progress.epoch,
+        "samples_seen": progress.samples,
+        "lease_expires_at": utcnow() + timedelta(seconds=lease_seconds),
+    }
+    if checkpoint_uri is not None:
+        values["checkpoint_uri"] = checkpoint_uri
+    if session.execute(update(Run).where(owned(run_id, attempt)).values(**values).returning(Run.id)).first() is None:
         session.rollback()
         raise StaleAttempt(f"run {run_id} attempt {attempt} no longer holds the run")
     if points:
-        insert = _upsert(session.get_bind())  # type: ignore[arg-type]
-        stmt = insert(MetricPoint).values(
-            [{"run_id": run_id, "step": p.step, "epoch": p.epoch, "name": p.name, "value": p.value} for p in points]
-        )
+        insert = _insert_for(session)
+        rows = [{"run_id": run_id, "step": p.step, "epoch": p.epoch, "name": p.name, "value": p.value} for p in points]
+        stmt = insert(MetricPoint).values(rows)
         stmt = stmt.on_conflict_do_update(
             index_elements=["run_id", "name", "step"], set_={"value": stmt.excluded.value, "epoch": stmt.excluded.epoch}
         )
@@ -96,18 +130,23 @@ def finish_run(
     ):
         if value is not None:
             values[key] = value
+    row = session.execute(update(Run).where(owned(run_id, attempt)).values(**values).returning(Run.id)).first()
+    session.commit()
+    return row is not None
+
+
+def release_run(session: Session, run_id: str, attempt: int, reason: str) -> bool:
+    """Hand the run back to the queue (graceful shutdown, out of memory); it resumes from its checkpoint."""
     row = session.execute(
         update(Run)
-        .where(Run.id == run_id, Run.attempt == attempt, Run.status == "running")
-        .values(**values)
+        .where(owned(run_id, attempt))
+        .values(status="queued", lease_expires_at=None, published_at=utcnow(), error=reason)
         .returning(Run.id)
     ).first()
     session.commit()
     return row is not None
 
 
-def cancel_requested(session: Session, run_id: str) -> bool:
-    row = session.execute(
-        select(Job.cancel_requested, Run.status).join(Run, Run.job_id == Job.id).where(Run.id == run_id)
-    ).first()
-    return row is None or bool(row[0]) or row[1] == "cancelled"
+def mark_published(session: Session, run_ids: list[str]) -> None:
+    session.execute(update(Run).where(Run.id.in_(run_ids)).values(published_at=utcnow()))
+    session.commit()

@@ -99,12 +99,19 @@ def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) 
     ]
     session.add_all(runs)
     session.commit()
-    # Commit first, then publish: Postgres is the referee, a lost message leaves a queued run.
+    # Commit first, then publish: Postgres is the referee. A run left unpublished (broker down,
+    # process killed here) keeps published_at NULL and a worker's reconciler publishes it.
+    published = []
     for run in runs:
         try:
             publish_train_run(settings, run.id)
-        except Exception:  # broker down: the run stays queued and is republished later
-            log.exception("could not publish run %s", run.id)
+        except Exception:
+            log.exception("could not publish run %s; the reconciler will", run.id)
+            break
+        published.append(run.id)
+    if published:
+        session.execute(update(Run).where(Run.id.in_(published)).values(published_at=utcnow()))
+        session.commit()
     return job
 
 
