@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # CUDA build from PyPI on a GPU machine. Override with TORCH_SPEC='torch==x.y' if needed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test lint services clean
+.PHONY: run test lint audit services clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: $(BIN)/.installed services
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy app models
+
+# Known-vulnerability check of every installed distribution (the environment `make` built from
+# pyproject.toml) against the PyPI advisory database; needs network access to pypi.org. The security
+# floors for python-multipart, Pillow and torch live in pyproject.toml.
+audit: $(BIN)/.installed
+	$(BIN)/pip-audit --local --skip-editable --progress-spinner off
 
 clean:
 	rm -rf $(VENV) .normbench

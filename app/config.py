@@ -6,10 +6,13 @@ local storage under `NORMBENCH_HOME`, so one command starts a working service.
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TRAIN_QUEUE = "train"
@@ -21,12 +24,45 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".normbench"), description="Directory for embedded-mode state.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in `home`.")
     broker_url: str | None = Field(None, description="Celery broker URL; default filesystem broker in `home`.")
+    broker_key_prefix: str = Field("", description="Prefix for every Redis key, so deployments can share a Redis.")
     storage_url: str | None = Field(None, description="Dataset/checkpoint storage; default `home`/storage.")
     max_upload_bytes: int = Field(512 * 2**20, description="Largest accepted dataset upload.")
     max_epochs: int = Field(200, description="Ceiling on a job's epoch budget.")
     max_runs_per_job: int = Field(500, description="Ceiling on variants × batch sizes × seeds.")
     max_train_samples_per_job: int = Field(2 * 10**9, description="Ceiling on samples trained over all runs.")
-    default_owner: str = Field("local", description="Owner of objects until API keys exist.")
+    default_owner: str = Field(
+        "local", description="Owner of every object while API keys are off (loopback-only embedded mode)."
+    )
+    require_api_keys: bool = Field(
+        False,
+        description="Require `Authorization: Bearer nb_...` API keys. Off: everyone is `default_owner`, "
+        "allowed only while the API is bound to loopback.",
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for the /v1/admin/keys endpoints; unset disables them (use `normbench-admin`).",
+    )
+    bind_host: str | None = Field(
+        None,
+        description="Address the API listens on, for the loopback check when keys are off "
+        "(default: uvicorn's --host, else 127.0.0.1).",
+    )
+    max_request_bytes: int = Field(1 * 2**20, description="Largest request body other than a dataset upload.")
+    max_decompressed_bytes: int = Field(
+        2 * 2**30, description="Largest decompressed content of an upload (npz members, zip entries, CSV)."
+    )
+    max_zip_entries: int = Field(200_000, description="Most entries in an uploaded .zip/.npz archive.")
+    max_image_pixels: int = Field(4096 * 4096, description="Largest image (width × height) decoded from a .zip.")
+    max_csv_rows: int = Field(5_000_000, description="Most data rows in an uploaded CSV.")
+    max_zip_compression_ratio: float = Field(
+        200.0, description="Largest uncompressed/compressed ratio of a zip entry over 1 MiB (zip-bomb guard)."
+    )
+    max_dataset_bytes_per_owner: int = Field(
+        20 * 2**30, description="Quota: stored dataset bytes per owner (canonical .npz sizes)."
+    )
+    max_active_jobs_per_owner: int = Field(
+        10, description="Quota: jobs with queued or running runs per owner at one time."
+    )
     torch_threads: int = Field(0, description="Worker torch threads; 0 = torch's default.")
     lease_seconds: float = Field(30.0, gt=0, description="A run's claim expires this long after its last heartbeat.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often a training worker renews its lease.")
@@ -64,3 +100,47 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+class UnsafeBind(RuntimeError):
+    """The API would serve without API keys on a non-loopback address."""
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost, or "" (all interfaces)
+
+
+def configured_bind_host(settings: Settings, argv: list[str] | None = None) -> str:
+    """Where this process listens: NORMBENCH_BIND_HOST, else uvicorn's `--host` (its default 127.0.0.1)."""
+    if settings.bind_host:
+        return settings.bind_host
+    args = sys.argv if argv is None else argv
+    for i, arg in enumerate(args):
+        if arg == "--host" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("UVICORN_HOST", "127.0.0.1")
+
+
+def check_bind_safety(settings: Settings, host: str | None = None) -> None:
+    """Refuse to serve without API keys anywhere but loopback.
+
+    Called at API start-up (app.main) with `configured_bind_host`; a launcher that knows its bind
+    address (app.devserver) can call it with that address before starting anything.
+    """
+    host = configured_bind_host(settings) if host is None else host
+    if settings.require_api_keys or is_loopback(host):
+        return
+    raise UnsafeBind(
+        f"refusing to start: API keys are off (NORMBENCH_REQUIRE_API_KEYS=false) and the API would listen on "
+        f"{host!r}, which is not a loopback address, so anyone who can reach it would act as owner "
+        f"{settings.default_owner!r}. Either bind to 127.0.0.1, or set NORMBENCH_REQUIRE_API_KEYS=true and "
+        "create keys with `normbench-admin create-key --owner NAME`."
+    )

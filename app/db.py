@@ -16,7 +16,10 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # Fail fast when Postgres is unreachable: the API answers 503 instead of hanging.
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=5, connect_args={"connect_timeout": 3}
+    )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
 class DomainError(Exception):
     status_code = 400
     kind = "bad_request"
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -47,6 +49,17 @@ class Unavailable(DomainError):
     kind = "unavailable"
 
 
+class Unauthorized(DomainError):
+    status_code = 401
+    kind = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class QuotaExceeded(DomainError):
+    status_code = 429
+    kind = "quota_exceeded"
+
+
 def _body(kind: str, detail: str) -> dict[str, str]:
     return {"error": kind, "detail": detail}
 
@@ -62,13 +75,35 @@ def _format_validation(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse(_body(exc.kind, exc.detail), status_code=exc.status_code)
+        return JSONResponse(_body(exc.kind, exc.detail), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(_body("invalid_request", _format_validation(exc)), status_code=422)
 
+    @app.exception_handler(DataError)
+    async def _bad_value(_: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value taken from the request (a NUL character, a string over a column's
+        # length): the caller's input is at fault, and nothing was written (the session rolls back).
+        detail = (
+            "a value in the request cannot be stored or looked up (it contains a NUL character or is too long); "
+            "remove control characters and shorten it"
+        )
+        return JSONResponse(_body("invalid_request", detail), status_code=422)
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+        detail = "the database is unreachable; retry in a few seconds (GET /readyz shows when it is back)"
+        return JSONResponse(_body("unavailable", detail), status_code=503, headers={"Retry-After": "5"})
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if exc.status_code == 400:
+            # The framework could not parse the body (not UTF-8, malformed multipart, over the form limits):
+            # a request validation failure like any other, so the same 422 every body-taking route documents.
+            detail = f"{exc.detail}; send a UTF-8 JSON body, or for uploads a multipart form with one `file` field"
+            return JSONResponse(_body("invalid_request", detail), status_code=422)
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status_code, "http_error"
+        )
         return JSONResponse(_body(kind, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)

@@ -27,6 +27,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Postgres is the source of truth; a late redelivery finds the run already claimed.
         "broker_transport_options": {"visibility_timeout": 6 * 3600},
     }
+    if settings.broker_key_prefix and conf["broker_url"].startswith(("redis://", "rediss://")):
+        conf["broker_transport_options"]["global_keyprefix"] = settings.broker_key_prefix
     if conf["broker_url"].startswith("filesystem://"):
         folder = settings.broker_dir
         for sub in ("queue", "processed", "control"):
@@ -45,7 +47,7 @@ _publishers: dict[str, Celery] = {}
 
 
 def _publisher(settings: Settings) -> Celery:
-    key = f"{settings.resolved_broker_url}|{settings.broker_dir}"
+    key = f"{settings.resolved_broker_url}|{settings.broker_dir}|{settings.broker_key_prefix}"
     if key not in _publishers:
         client = Celery("normbench-api")
         client.conf.update(celery_config(settings))

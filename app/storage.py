@@ -55,7 +55,10 @@ class LocalStorage:
         self._path(uri).unlink(missing_ok=True)
 
     def exists(self, uri: str) -> bool:
-        return self._path(uri).exists()
+        try:
+            return self._path(uri).exists()
+        except ValueError:  # written under another storage root (the storage URL changed)
+            return False
 
 
 def open_storage(url: str) -> Storage:

@@ -4,25 +4,63 @@ Each network takes a resolved `norm_layer(num_channels)` and creates its norm la
 in the order `app.catalogue.norm_sites` lists them. Conv/linear parameter shapes and
 creation order do not depend on the norm, and norm layers draw no random numbers, so
 the same seed gives the same conv/linear weights for every norm variant.
+
+Two catalogue flags change the layers around the norms, never their parameters:
+`standardize_weights` (`gn_ws`) swaps each conv feeding a norm (and each MLP hidden
+linear) for its weight-standardized subclass, and `includes_activation` (`frn`,
+`evonorm_s0`) drops the ReLU right after each norm because the layer ends in its own
+nonlinearity. The ReLU after a residual addition stays: it follows the addition, not
+a norm, so a block's second norm applies its own activation to the residual branch.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from app import catalogue
 from models.norms import NormLayer, get_norm_layer
 
-__all__ = ["MLP", "BasicBlock", "ResNet", "SmallCNN", "build_model"]
+__all__ = ["MLP", "BasicBlock", "ResNet", "SmallCNN", "WSConv2d", "WSLinear", "build_model", "standardize_weight"]
+
+ActLayer = Callable[[], nn.Module]
+_relu: ActLayer = functools.partial(nn.ReLU, inplace=True)
+
+WS_EPS = 1e-5
 
 
-def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
+    """Weight Standardization (Qiao et al. 2019): each output channel's weights (dim 0)
+    shifted and scaled to zero mean and unit (biased) variance over all other dims."""
+    dims = tuple(range(1, weight.dim()))
+    var, mean = torch.var_mean(weight, dim=dims, correction=0, keepdim=True)
+    return (weight - mean) / torch.sqrt(var + eps)
+
+
+class WSConv2d(nn.Conv2d):
+    """Conv2d that convolves with its standardized weight; the stored parameter is unchanged,
+    so shapes, state_dict keys and seeded init are those of nn.Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, standardize_weight(self.weight), self.bias)
+
+
+class WSLinear(nn.Linear):
+    """Linear with a standardized weight (per output feature, over the input features)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, standardize_weight(self.weight), self.bias)
+
+
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1, conv: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
     # No bias: every conv is followed by a norm (or, for `none`, kept bias-free so the
     # conv parameters are identical across variants).
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+    return conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
 def _init_convs(module: nn.Module) -> None:
@@ -35,14 +73,23 @@ def _init_convs(module: nn.Module) -> None:
 class MLP(nn.Module):
     """Flatten -> [Linear -> norm -> ReLU] per hidden width -> Linear head."""
 
-    def __init__(self, in_features: int, num_classes: int, hidden: list[int], norm_layer: NormLayer) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: list[int],
+        norm_layer: NormLayer,
+        *,
+        linear: type[nn.Linear] = nn.Linear,
+        act_layer: ActLayer = _relu,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         prev = in_features
         for width in hidden:
             # Bias kept even before a norm (where it is redundant) so parameter shapes,
             # and hence seeded init, are the same for every norm.
-            layers += [nn.Linear(prev, width), norm_layer(width), nn.ReLU(inplace=True)]
+            layers += [linear(prev, width), norm_layer(width), act_layer()]
             prev = width
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(prev, num_classes)
@@ -54,12 +101,21 @@ class MLP(nn.Module):
 class SmallCNN(nn.Module):
     """Three conv3x3 -> norm -> ReLU stages (stride 2 from stage 2) -> global avg pool -> Linear."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int, norm_layer: NormLayer) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width: int,
+        norm_layer: NormLayer,
+        *,
+        conv: type[nn.Conv2d] = nn.Conv2d,
+        act_layer: ActLayer = _relu,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_channels
         for i, w in enumerate(catalogue.stage_widths(width)):
-            layers += [_conv3x3(prev, w, stride=1 if i == 0 else 2), norm_layer(w), nn.ReLU(inplace=True)]
+            layers += [_conv3x3(prev, w, 1 if i == 0 else 2, conv), norm_layer(w), act_layer()]
             prev = w
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -71,28 +127,44 @@ class SmallCNN(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """conv3x3 -> norm1 -> ReLU -> conv3x3 -> norm2, plus shortcut, then ReLU."""
+    """conv3x3 -> norm1 -> ReLU -> conv3x3 -> norm2, plus shortcut, then ReLU.
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer) -> None:
+    `act_layer` replaces the ReLU after norm1 (nn.Identity for norms with their own
+    activation); the ReLU after the addition is always kept.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        norm_layer: NormLayer,
+        *,
+        conv: type[nn.Conv2d] = nn.Conv2d,
+        act_layer: ActLayer = _relu,
+    ) -> None:
         super().__init__()
-        self.conv1 = _conv3x3(in_channels, out_channels, stride)
+        self.conv1 = _conv3x3(in_channels, out_channels, stride, conv)
         self.norm1 = norm_layer(out_channels)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(out_channels, out_channels)
+        self.act1 = act_layer()
+        self.conv2 = _conv3x3(out_channels, out_channels, 1, conv)
         self.norm2 = norm_layer(out_channels)
         self.act2 = nn.ReLU(inplace=True)
         # Projection shortcut (He et al. option B) when the shape changes, but without
         # the usual norm after it: the catalogue's norm sites (stem + 2 per block) are the
         # contract the API validates `gn` groupings against, and an extra site here would
         # be an unvalidated layer. None (not nn.Identity) so it is never mistaken for a
-        # `none` norm layer.
+        # `none` norm layer. A plain conv even for `gn_ws`: standardizing a conv with no
+        # norm after it would scale the shortcut by about sqrt(in_channels).
         self.shortcut: nn.Conv2d | None = None
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
     def zero_init_last(self) -> None:
         # Starts each residual branch at zero so the block is initially the identity
-        # (Goyal et al. 2017; the GroupNorm paper's default). A norm without an affine
+        # (Goyal et al. 2017; the GroupNorm paper's default). Every affine norm calls its
+        # scale `weight` (for frn and evonorm_s0 a zero scale makes the output β = 0 and
+        # max(0, τ = 0) = 0, so the branch starts at zero too). A norm without an affine
         # weight (`none`) has nothing to zero.
         weight = getattr(self.norm2, "weight", None)
         if isinstance(weight, nn.Parameter):
@@ -116,17 +188,20 @@ class ResNet(nn.Module):
         num_classes: int,
         norm_layer: NormLayer,
         zero_init_last: bool = True,
+        *,
+        conv: type[nn.Conv2d] = nn.Conv2d,
+        act_layer: ActLayer = _relu,
     ) -> None:
         super().__init__()
         blocks_per_stage = catalogue.resnet_blocks_per_stage(depth)
-        self.stem = nn.Sequential(_conv3x3(in_channels, width), norm_layer(width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(_conv3x3(in_channels, width, 1, conv), norm_layer(width), act_layer())
         stages: list[nn.Module] = []
         prev = width
         for i, w in enumerate(catalogue.stage_widths(width)):
             blocks = []
             for b in range(blocks_per_stage):
                 stride = 2 if i > 0 and b == 0 else 1
-                blocks.append(BasicBlock(prev, w, stride, norm_layer))
+                blocks.append(BasicBlock(prev, w, stride, norm_layer, conv=conv, act_layer=act_layer))
                 prev = w
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
@@ -148,7 +223,7 @@ def build_model(
     input_shape: tuple[int, ...],
     num_classes: int,
     norm: str,
-    norm_params: dict[str, int | None],
+    norm_params: catalogue.NormParams,
     *,
     depth: int = 20,
     width: int = 16,
@@ -157,6 +232,7 @@ def build_model(
 ) -> nn.Module:
     """Network `arch` with norm `norm` for inputs of `input_shape` ((C, H, W) or (F,)).
 
+    `zero_init_last` (ResNet only) zero-initializes each residual block's last norm scale.
     Raises CatalogueError (the catalogue's own messages where it has one) for choices
     that cannot be built.
     """
@@ -177,10 +253,17 @@ def build_model(
     sites = catalogue.norm_sites(arch, depth=depth, width=width, hidden=hidden)
     catalogue.check_variant(norm, norm_params, sites)
     norm_layer = get_norm_layer(norm, **norm_params)
+    norm_info = catalogue.NORMS[norm]
+    act_layer: ActLayer = nn.Identity if norm_info.includes_activation else _relu
+    conv = WSConv2d if norm_info.standardize_weights else nn.Conv2d
 
     if arch == "mlp":
         # Widths from the sites, so the MLP's default hidden sizes are the catalogue's.
-        return MLP(math.prod(shape), num_classes, [s.channels for s in sites], norm_layer)
+        linear = WSLinear if norm_info.standardize_weights else nn.Linear
+        widths = [s.channels for s in sites]
+        return MLP(math.prod(shape), num_classes, widths, norm_layer, linear=linear, act_layer=act_layer)
     if arch == "cnn":
-        return SmallCNN(shape[0], num_classes, width, norm_layer)
-    return ResNet(depth, width, shape[0], num_classes, norm_layer, zero_init_last=zero_init_last)
+        return SmallCNN(shape[0], num_classes, width, norm_layer, conv=conv, act_layer=act_layer)
+    return ResNet(
+        depth, width, shape[0], num_classes, norm_layer, zero_init_last=zero_init_last, conv=conv, act_layer=act_layer
+    )

@@ -23,9 +23,12 @@ from app.main import create_app
 ROOT = Path(__file__).resolve().parent.parent
 PG_SERVER = os.environ.get("NORMBENCH_TEST_PG", "postgres@127.0.0.1:5432")
 PG_ADMIN_URL = f"postgresql://{PG_SERVER}/test"
-TEST_DB = "normbench_test"
+# Per-session database and Redis key prefix, so test sessions running side by side never meet.
+SESSION = f"{os.getpid()}"
+TEST_DB = f"normbench_test_{SESSION}"
 PG_URL = f"postgresql+psycopg://{PG_SERVER}/{TEST_DB}"
 REDIS_URL = os.environ.get("NORMBENCH_TEST_REDIS", "redis://127.0.0.1:6379/15")
+KEY_PREFIX = f"nbtest{SESSION}:"
 TABLES = ("metric_points", "runs", "jobs", "datasets")
 
 
@@ -44,11 +47,18 @@ def recreate_database(name: str) -> str:
     return f"postgresql+psycopg://{PG_SERVER}/{name}"
 
 
+def drop_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
 @pytest.fixture(scope="session")
-def pg_url() -> str:
+def pg_url() -> Iterator[str]:
     url = recreate_database(TEST_DB)
     command.upgrade(alembic_config(url), "head")
-    return url
+    yield url
+    drop_database(TEST_DB)
 
 
 @pytest.fixture(scope="session")
@@ -57,10 +67,11 @@ def storage_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def redis_client() -> redis.Redis:
+def redis_client() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    return client
+    yield client
+    for key in client.scan_iter(f"{KEY_PREFIX}*"):
+        client.delete(key)
 
 
 @pytest.fixture
@@ -68,11 +79,12 @@ def settings(pg_url: str, storage_dir: Path, redis_client: redis.Redis, tmp_path
     """Settings for the real stack, with every table emptied and the train queue drained."""
     with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
-    redis_client.delete("train")
+    redis_client.delete(f"{KEY_PREFIX}train")
     return Settings(
         home=tmp_path / "home",
         database_url=pg_url,
         broker_url=REDIS_URL,
+        broker_key_prefix=KEY_PREFIX,
         storage_url=storage_dir.as_uri(),
         max_epochs=50,
     )
@@ -145,6 +157,7 @@ def worker(pg_url: str, storage_dir: Path, redis_client: redis.Redis, tmp_path_f
     env = worker_env(
         NORMBENCH_DATABASE_URL=pg_url,
         NORMBENCH_BROKER_URL=REDIS_URL,
+        NORMBENCH_BROKER_KEY_PREFIX=KEY_PREFIX,
         NORMBENCH_STORAGE_URL=storage_dir.as_uri(),
         NORMBENCH_HOME=str(log_dir / "home"),
     )

@@ -70,7 +70,9 @@ def job_spec(dataset_id: str, **overrides: Any) -> dict[str, Any]:
 def wait_for_job(client: TestClient, job_id: str, timeout: float = 180) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        resp = client.get(f"/v1/jobs/{job_id}")
+        assert resp.status_code == 200, resp.text
+        job = resp.json()
         if job["progress"]["runs_finished"] == job["progress"]["runs_total"]:
             return job  # type: ignore[no-any-return]
         time.sleep(0.3)

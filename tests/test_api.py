@@ -170,3 +170,15 @@ def test_openapi_describes_every_field(client: TestClient) -> None:
     ]
     assert missing == []
     assert client.get("/docs").status_code == 200
+
+
+def test_gn_group_sweep_expands_into_variants(client: TestClient) -> None:
+    spec = job_spec(
+        "digits", variants=[{"norm": "bn"}, {"norm": "gn", "groups": [1, 2, 8]}, {"norm": "gn", "group_size": [4]}]
+    )
+    resp = client.post("/v1/jobs", json=spec)
+    assert resp.status_code == 202, resp.text
+    runs = client.get(f"/v1/jobs/{resp.json()['id']}/runs").json()
+    assert [r["variant"] for r in runs if r["batch_size"] == 2] == ["bn", "gn(1)", "gn(2)", "gn(8)", "gn(size=4)"]
+    assert_422(client, job_spec("digits", variants=[{"norm": "gn", "groups": [2, 3]}]), "groups=3", "8 channels")
+    assert_422(client, job_spec("digits", variants=[{"norm": "gn", "groups": [2, 2]}]), "distinct", "gn(2)")

@@ -13,7 +13,7 @@ from app.budget import holdout_size, resolve_budget, total_steps
 from app.services.builtin import digits_dataset
 from app.services.ingest import save_canonical
 from workers.data import DeviceData, augment, epoch_order, load_device_data
-from workers.engine import Point, Progress, RunConfig, batches, build_run_model, lr_at, scaled_lr, train
+from workers.engine import Point, Progress, RunConfig, Trainer, batches, build_run_model, lr_at, scaled_lr, train
 
 OPT = {
     "lr": 0.1,
@@ -173,3 +173,36 @@ def test_augmentation_keeps_shape_and_pixels() -> None:
     cropped = augment(x, hflip=False, crop_padding=1, g=g)
     assert cropped.shape == x.shape and cropped.dtype == torch.uint8
     assert set(cropped.unique().tolist()) <= set(x.unique().tolist()) | {0}
+
+
+def test_diagnostics_bn_noise_and_train_eval_gap(digits: tuple[DeviceData, dict[str, int]]) -> None:
+    data, budget = digits
+    bn, gn = Recorder(), Recorder()
+    bn_out = train(config(budget, batch_size=2), data, torch.device("cpu"), bn)
+    gn_out = train(config(budget, batch_size=2, norm="gn", norm_params={"groups": 4}), data, torch.device("cpu"), gn)
+    bn_names = {p.name for p in bn.points}
+    assert {"bn_mean_noise", "bn_var_noise"} <= bn_names
+    assert not {"bn_mean_noise", "bn_var_noise"} & {p.name for p in gn.points}
+    # Two samples per batch: the batch statistics are far from the running ones.
+    noise = next(p.value for p in bn.points if p.name == "bn_var_noise")
+    assert noise > 0.3
+    for out in (bn_out, gn_out):
+        assert 0.0 <= out.final_metrics["val_acc_train_mode"] <= 1.0
+    # GN has no batch statistics: train and eval mode agree exactly.
+    assert gn_out.final_metrics["val_acc_train_mode"] == gn_out.final_metrics["val_acc"]
+
+
+def test_bn_precise_replaces_running_stats_with_population_stats(digits: tuple[DeviceData, dict[str, int]]) -> None:
+    data, budget = digits
+    cfg = config(budget, batch_size=2, norm="bn_precise", norm_params={"precise_samples": 512})
+    trainer = Trainer(cfg, data, torch.device("cpu"), Recorder())
+    outcome = trainer.run()
+    assert outcome.status == "succeeded"
+    bn = next(m for m in trainer.model.modules() if hasattr(m, "running_mean"))
+    ema = Trainer(replace(cfg, norm="bn", norm_params={}), data, torch.device("cpu"), Recorder())
+    ema.run()
+    ema_bn = next(m for m in ema.model.modules() if hasattr(m, "running_mean"))
+    # Same training (bn_precise trains exactly as bn); only the evaluation statistics differ.
+    first = next(p for n, p in trainer.model.named_parameters() if n.endswith("weight"))
+    assert torch.equal(first, next(p for n, p in ema.model.named_parameters() if n.endswith("weight")))
+    assert not torch.allclose(bn.running_var, ema_bn.running_var)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from app.tables import Base
-from tests.conftest import alembic_config, recreate_database
+from tests.conftest import SESSION, alembic_config, drop_database, recreate_database
 
 
 def pending_diff(url: str) -> list:
@@ -22,10 +23,13 @@ def pending_diff(url: str) -> list:
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
-def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'empty.db'}"
-    return recreate_database("normbench_migration_test")
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    name = f"normbench_migration_{SESSION}"
+    yield recreate_database(name)
+    drop_database(name)
 
 
 def test_upgrade_head_matches_models_and_downgrades(empty_database: str) -> None:

@@ -23,7 +23,7 @@ NETS = [
     ("resnet", (3, 32, 32), {"depth": 8, "width": 8}),
 ]
 
-VARIANTS: list[tuple[str, dict[str, int | None]]] = [
+VARIANTS: list[tuple[str, dict[str, int | float | None]]] = [
     ("bn", {}),
     ("gn", {}),
     ("gn", {"groups": 2}),
@@ -32,7 +32,16 @@ VARIANTS: list[tuple[str, dict[str, int | None]]] = [
     ("in", {}),
     ("none", {}),
     ("none", {"groups": None}),
+    ("bn_precise", {"precise_samples": 64}),
+    ("brn", {}),
+    ("brn", {"r_max": 2.0, "d_max": 1.0, "warmup_steps": 0, "ramp_steps": 0}),
+    ("gn_ws", {}),
+    ("gn_ws", {"group_size": 4}),
+    ("frn", {}),
+    ("evonorm_s0", {}),
+    ("evonorm_s0", {"groups": 2}),
 ]
+NORM_ORDER = "bn, gn, ln, in, none, bn_precise, brn, gn_ws, frn, evonorm_s0"
 
 
 def _randomize_affine(layer: nn.Module) -> None:
@@ -85,9 +94,9 @@ def test_norm_layer_init_and_rng(name: str) -> None:
 
 
 def test_unknown_norm_names_valid_choices() -> None:
-    with pytest.raises(CatalogueError, match="unknown norm 'batchnorm'; valid choices: bn, gn, in, ln, none"):
+    with pytest.raises(CatalogueError, match=f"unknown norm 'batchnorm'; valid choices: {NORM_ORDER}$"):
         get_norm_layer("batchnorm")
-    with pytest.raises(CatalogueError, match="valid choices: bn, gn, in, ln, none"):
+    with pytest.raises(CatalogueError, match=f"valid choices: {NORM_ORDER}$"):
         build_model("cnn", (3, 8, 8), 10, "layernorm", {})
 
 
@@ -233,7 +242,7 @@ def test_network_forward_backward(arch: str, shape: tuple[int, ...], kwargs: dic
     try:
         catalogue.check_variant(norm, params, sites)
     except CatalogueError:
-        assert norm == "in" and arch == "mlp"
+        assert catalogue.NORMS[norm].needs_spatial and arch == "mlp"
         with pytest.raises(CatalogueError, match="needs spatial positions"):
             build_model(arch, shape, 10, norm, params, **kwargs)
         return
@@ -259,8 +268,9 @@ def test_network_forward_backward(arch: str, shape: tuple[int, ...], kwargs: dic
     [
         (*net, norm)
         for net in [*NETS, ("resnet", (3, 32, 32), {"depth": 14})]
-        for norm in ["bn", "gn", "ln", "in", "none"]
-        if not (norm == "in" and net[0] == "mlp")  # in needs spatial positions; tested to raise elsewhere
+        for norm in catalogue.NORMS
+        # Norms that need spatial positions are tested to raise on the MLP elsewhere.
+        if not (catalogue.NORMS[norm].needs_spatial and net[0] == "mlp")
     ],
 )
 def test_norm_sites_order(arch: str, shape: tuple[int, ...], kwargs: dict, norm: str) -> None:

@@ -17,10 +17,13 @@ from torch import nn
 
 from app.budget import steps_per_epoch
 from models import build_model
+from models.precise_bn import precise_bn_samples, recompute_bn_stats
 from workers.data import DeviceData, augment, epoch_order
+from workers.diagnostics import BatchStatNoise
 
 EVAL_BATCH = 1024
 REPORT_EVERY_S = 2.0
+NOISE_SAMPLE_EVERY = 10  # steps between BN batch-statistics noise samples
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,37 @@ def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(order.split(batch_size))
 
 
+def refresh_precise_bn(model: nn.Module, data: DeviceData, cfg: RunConfig, epoch: int) -> None:
+    """`bn_precise`: replace the running averages by statistics over a fixed number of training
+    samples, in batches of the run's size (Wu & Johnson 2021); a no-op for every other norm."""
+    wanted = precise_bn_samples(model)
+    if wanted is None:
+        return
+    n = min(wanted, cfg.budget["train_size"])
+    n -= n % cfg.batch_size
+    if n < cfg.batch_size or cfg.batch_size < 2 and data.kind == "tabular":
+        return
+    order = epoch_order(cfg.seed + 1_000_003, epoch, cfg.budget["train_size"], n).to(data.x_train.device)
+    recompute_bn_stats(model, (data.prepare(data.x_train[idx]) for idx in order.split(cfg.batch_size)))
+
+
+@torch.no_grad()
+def train_mode_accuracy(model: nn.Module, data: DeviceData, batch_size: int) -> float:
+    """Validation accuracy with batch statistics (train-mode norms), in batches of the training size:
+    its gap to eval-mode accuracy is BatchNorm's train/test discrepancy. Running stats are untouched."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    batch_stats = any(getattr(m, "running_mean", None) is not None for m in model.modules())
+    correct = seen = 0
+    for x, y in zip(data.x_val.split(batch_size), data.y_val.split(batch_size), strict=True):
+        if batch_stats and len(x) < 2 <= batch_size:
+            continue  # a lone leftover sample has no batch statistics
+        correct += int((model(data.prepare(x)).argmax(1) == y).sum())
+        seen += len(x)
+    model.load_state_dict(saved)
+    return correct / max(seen, 1)
+
+
 class Trainer:
     """Trains one run; resumable from any step through `checkpoint()` / `restore()`."""
 
@@ -165,6 +199,7 @@ class Trainer:
         self.elapsed_before = 0.0  # wall time of earlier attempts
         self.lr = self.base_lr
         self.grad_norm = 0.0
+        self.noise = BatchStatNoise(self.model)
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> dict[str, Any]:
@@ -241,6 +276,7 @@ class Trainer:
         self.lr = lr_at(self.step, self.total, self.warmup, self.base_lr, cfg.optimizer["schedule"])
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
+        self.noise.active = bool(self.noise) and self.step % NOISE_SAMPLE_EVERY == 0
         loss = F.cross_entropy(self.model(self.data.prepare(xb)), self.data.y_train[idx])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -276,6 +312,7 @@ class Trainer:
         return None
 
     def end_epoch(self, points: list[Point]) -> dict[str, float]:
+        refresh_precise_bn(self.model, self.data, self.cfg, self.epoch)
         val_acc, val_loss = evaluate(self.model, self.data)
         self.epoch += 1
         self.batch = 0
@@ -285,7 +322,10 @@ class Trainer:
             "train_loss": float(self.epoch_loss) / self.per_epoch,
             "lr": self.lr,
             "images_per_s": self.step * self.cfg.batch_size / max(self.elapsed(), 1e-9),
+            **self.noise.pop(),
         }
+        if self.epoch == self.epochs:
+            finals["val_acc_train_mode"] = train_mode_accuracy(self.model, self.data, self.cfg.batch_size)
         points += [Point(self.step, float(self.epoch), name, value) for name, value in finals.items()]
         self.epoch_loss = torch.zeros((), device=self.device)
         self.reporter.report(points, self.progress(), self.checkpoint() if self.epoch < self.epochs else None)

@@ -30,14 +30,13 @@ def reconcile_once(session: Session, settings: Settings, publish: Publish) -> di
     counts = {"cancelled": 0, "failed": 0, "requeued": 0, "published": 0}
     cancelled_jobs = select(Job.id).where(Job.cancel_requested)
 
-    counts["cancelled"] = (
-        session.execute(
-            update(Run)
-            .where(Run.status == "queued", Run.job_id.in_(cancelled_jobs))
-            .values(status="cancelled", finished_at=now, error="cancelled by user before it started")
-        ).rowcount
-        or 0
-    )  # type: ignore[attr-defined]
+    cancelled = session.execute(
+        update(Run)
+        .where(Run.status == "queued", Run.job_id.in_(cancelled_jobs))
+        .values(status="cancelled", finished_at=now, error="cancelled by user before it started")
+        .returning(Run.id)
+    ).all()
+    counts["cancelled"] = len(cancelled)
 
     expired = (Run.status == "running") & (Run.lease_expires_at < now)
     failed = session.execute(

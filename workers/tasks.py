@@ -217,6 +217,7 @@ def _train_claimed(settings: Settings, claim: Claim, heartbeat: Heartbeat) -> st
 
 
 def _record_outcome(settings: Settings, claim: Claim, outcome: Outcome, env: dict[str, Any]) -> str:
+    log.info("run %s attempt %s trained to %s at step %s", claim.run_id, claim.attempt, outcome.status, outcome.steps)
     with session_scope(settings.resolved_database_url) as s:
         if outcome.status == "interrupted":
             if release_run(s, claim.run_id, claim.attempt, outcome.error or "interrupted"):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_factory
+from app.errors import NotFound, Unauthorized
+from app.services import keys, quotas
 from app.storage import Storage, open_storage
 
 
@@ -32,11 +36,52 @@ def get_storage(settings: SettingsDep) -> Storage:
     return open_storage(settings.resolved_storage_url)
 
 
-def get_owner(settings: SettingsDep) -> str:
-    # Single-owner until API keys exist; every query is already scoped by this value.
-    return settings.default_owner
-
-
 SessionDep = Annotated[Session, Depends(get_db)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
+
+# auto_error=False: a missing header is answered by `get_owner` with our JSON error body.
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key `nb_<prefix>_<secret>` from `normbench-admin create-key --owner NAME` "
+    "(or POST /v1/admin/keys). Required when the server runs with NORMBENCH_REQUIRE_API_KEYS=true.",
+)
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def get_owner(settings: SettingsDep, session: SessionDep, credentials: BearerDep) -> str:
+    """The account every query of this request is scoped by.
+
+    Keys off (the loopback-only embedded default): everyone is `settings.default_owner`.
+    Keys on: the owner of a valid, unrevoked API key; anything else is a 401.
+    """
+    if not settings.require_api_keys:
+        return settings.default_owner
+    return keys.authenticate(session, credentials.credentials if credentials else None)
+
+
 OwnerDep = Annotated[str, Depends(get_owner)]
+
+
+def require_admin(settings: SettingsDep, credentials: BearerDep) -> None:
+    """The admin endpoints exist only when NORMBENCH_ADMIN_TOKEN is set; the token is compared in constant time."""
+    expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    if not expected:
+        raise NotFound("the admin API is disabled (NORMBENCH_ADMIN_TOKEN is not set); use `normbench-admin` instead")
+    given = credentials.credentials if credentials else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("the admin endpoints need `Authorization: Bearer <NORMBENCH_ADMIN_TOKEN>`")
+
+
+AdminDep = Depends(require_admin)
+
+
+def enforce_job_quota(request: Request, settings: SettingsDep, session: SessionDep, owner: OwnerDep) -> None:
+    """Router-level dependency of the jobs router: on job submission, the owner's active-jobs quota.
+
+    It shares the request's session with the route, so the per-owner lock it takes is held until the
+    route commits the new job: two concurrent submissions cannot both squeeze under the quota.
+    """
+    route = request.scope.get("route")
+    if request.method == "POST" and getattr(route, "path", None) == "/v1/jobs":
+        quotas.check_active_jobs(session, settings, owner)

@@ -1,9 +1,26 @@
 """Gathers one router per resource."""
 
-from fastapi import APIRouter
+from typing import Any
 
-from app.api.routes import datasets, health, jobs, runs
+from fastapi import APIRouter, Depends
+
+from app.api.deps import enforce_job_quota
+from app.api.routes import datasets, health, jobs, keys, runs
+from app.schemas.common import ErrorBody
+
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing, malformed, unknown or revoked API key."}
+}
+OVER_QUOTA: dict[int | str, dict[str, Any]] = {
+    429: {"model": ErrorBody, "description": "Over a per-owner quota; the message names the limit."}
+}
 
 api_router = APIRouter()
-for module in (health, datasets, jobs, runs):
-    api_router.include_router(module.router)
+api_router.include_router(health.router)
+api_router.include_router(datasets.router, responses={**UNAUTHORIZED, **OVER_QUOTA})
+# The active-jobs quota is checked for job submission by a router-level dependency (see enforce_job_quota).
+api_router.include_router(
+    jobs.router, responses={**UNAUTHORIZED, **OVER_QUOTA}, dependencies=[Depends(enforce_job_quota)]
+)
+api_router.include_router(runs.router, responses=UNAUTHORIZED)
+api_router.include_router(keys.router, responses=UNAUTHORIZED)

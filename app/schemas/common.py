@@ -12,6 +12,4 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="What went wrong and what to do about it.")
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (404, 409, 413, 422)
-}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (404, 409, 413, 422)}

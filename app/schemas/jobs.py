@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.catalogue import NORMS
+from app.catalogue import PARAMS, ParamValue, norms_description, param_description, variant_label
 
 
 class Strict(BaseModel):
@@ -34,13 +34,64 @@ class ModelSpec(Strict):
         return v
 
 
-class VariantSpec(Strict):
-    norm: str = Field(description="Normalization layer: " + "; ".join(f"`{n.name}`: {n.title}" for n in NORMS.values()))
-    groups: int | None = Field(None, ge=1, le=1024, description="`gn` only: number of groups per layer.")
-    group_size: int | None = Field(None, ge=1, le=1024, description="`gn` only: channels per group.")
+GroupCount = Annotated[int, Field(ge=PARAMS["groups"].low, le=PARAMS["groups"].high)]
+GroupSize = Annotated[int, Field(ge=PARAMS["group_size"].low, le=PARAMS["group_size"].high)]
+T = TypeVar("T")
+Sweep = Annotated[list[T], Field(min_length=1, max_length=16)]
 
-    def params(self) -> dict[str, int | None]:
-        return {"groups": self.groups, "group_size": self.group_size}
+
+class VariantSpec(Strict):
+    """One normalization variant. Set only the parameters the chosen `norm` takes (each
+    parameter names its norms); a parameter left out takes its default."""
+
+    norm: str = Field(description=norms_description())
+    groups: GroupCount | Sweep[GroupCount] | None = Field(
+        None, description=param_description("groups") + " A list sweeps it: each value becomes its own variant."
+    )
+    group_size: GroupSize | Sweep[GroupSize] | None = Field(
+        None, description=param_description("group_size") + " A list sweeps it: each value becomes its own variant."
+    )
+    precise_samples: int | None = Field(
+        None,
+        ge=PARAMS["precise_samples"].low,
+        le=PARAMS["precise_samples"].high,
+        description=param_description("precise_samples"),
+    )
+    r_max: float | None = Field(
+        None, ge=PARAMS["r_max"].low, le=PARAMS["r_max"].high, description=param_description("r_max")
+    )
+    d_max: float | None = Field(
+        None, ge=PARAMS["d_max"].low, le=PARAMS["d_max"].high, description=param_description("d_max")
+    )
+    warmup_steps: int | None = Field(
+        None,
+        ge=PARAMS["warmup_steps"].low,
+        le=PARAMS["warmup_steps"].high,
+        description=param_description("warmup_steps"),
+    )
+    ramp_steps: int | None = Field(
+        None, ge=PARAMS["ramp_steps"].low, le=PARAMS["ramp_steps"].high, description=param_description("ramp_steps")
+    )
+
+    def params(self) -> dict[str, ParamValue | None]:
+        """Every catalogue norm parameter, None where unset (call on an expanded variant)."""
+        values = {name: getattr(self, name) for name in PARAMS}
+        if any(isinstance(v, list) for v in values.values()):
+            raise ValueError("expand() a swept variant before reading its parameters")
+        return values
+
+    def expand(self) -> list[VariantSpec]:
+        """One variant per value of a swept `groups` or `group_size` list."""
+        for name in ("groups", "group_size"):
+            values = getattr(self, name)
+            if isinstance(values, list):
+                return [v for value in values for v in self.model_copy(update={name: value}).expand()]
+        return [self]
+
+    def key(self) -> str:
+        """The variant's label (`catalogue.variant_label`): results group runs by it, so two
+        variants of one job must not share it."""
+        return variant_label(self.norm, self.params())
 
 
 class BudgetSpec(Strict):
@@ -111,10 +162,17 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _distinct_variants(self) -> JobSpec:
-        keys = [(v.norm, v.groups, v.group_size) for v in self.variants]
+        keys = [v.key() for v in self.expanded_variants()]
         if len(set(keys)) != len(keys):
-            raise ValueError("variants must be distinct")
+            dupes = sorted({k for k in keys if keys.count(k) > 1})
+            raise ValueError(f"variants must be distinct; repeated: {', '.join(dupes)}")
+        if len(keys) > 32:
+            raise ValueError(f"variants expand to {len(keys)} (sweeps included); the limit is 32")
         return self
+
+    def expanded_variants(self) -> list[VariantSpec]:
+        """Variants with every `groups`/`group_size` sweep expanded, in spec order."""
+        return [v for variant in self.variants for v in variant.expand()]
 
 
 class RunCounts(BaseModel):

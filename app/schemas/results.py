@@ -1,4 +1,9 @@
-"""Results of a job: per-run finals, per-cell summaries, and curves."""
+"""Results of a job: per-run finals, per-cell summaries, comparisons, verdicts, and curves.
+
+Accuracies in `runs`, `cells` and the curves are fractions 0..1, as training reports them;
+differences in `comparisons` and `sensitivity` are in accuracy **points** (percentage points,
+0..100 scale), as people talk about them ("6.1 points better").
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,12 @@ class RunResult(BaseModel):
     val_acc: float | None = Field(description="Final validation accuracy, 0..1.")
     val_loss: float | None = Field(description="Final validation cross-entropy.")
     train_loss: float | None = Field(description="Mean training loss over the last epoch.")
+    best_val_acc: float | None = Field(
+        None, description="Highest per-epoch validation accuracy recorded so far, 0..1 (null before the first epoch)."
+    )
+    best_val_loss: float | None = Field(
+        None, description="Lowest finite per-epoch validation loss recorded so far (null before the first epoch)."
+    )
     steps: int = Field(description="Optimizer steps taken.")
     samples_seen: int = Field(description="Training samples consumed.")
     wall_time_s: float | None = Field(description="Training wall time in seconds.")
@@ -28,6 +39,13 @@ class RunResult(BaseModel):
 class Stat(BaseModel):
     mean: float | None = Field(description="Mean over the cell's finished seeds.")
     std: float | None = Field(description="Sample standard deviation over seeds (null with fewer than 2).")
+    n: int = Field(0, description="Values the statistic is computed from (succeeded seeds with a finite value).")
+    ci95_low: float | None = Field(
+        None,
+        description="Lower end of the two-sided 95% Student-t interval of the mean, mean − t(0.975, n−1)·std/√n; "
+        "null with fewer than 2 values; equal to the mean when every seed gave the same value.",
+    )
+    ci95_high: float | None = Field(None, description="Upper end of the 95% t-interval of the mean (see `ci95_low`).")
 
 
 class CellSummary(BaseModel):
@@ -35,10 +53,94 @@ class CellSummary(BaseModel):
     batch_size: int = Field(description="Batch size.")
     n: int = Field(description="Seeds with a final result (succeeded runs).")
     n_total: int = Field(description="Seeds requested.")
-    diverged: int = Field(description="Seeds whose training diverged.")
-    val_acc: Stat = Field(description="Final validation accuracy over seeds.")
+    diverged: int = Field(
+        description="Seeds whose training diverged (NaN/inf loss). A failure of the variant: counted here and named "
+        "in the verdicts, but left out of every mean, interval and test (they have no final accuracy)."
+    )
+    pending: int = Field(0, description="Seeds still queued or running; the cell's numbers will change.")
+    failed: int = Field(
+        0, description="Seeds that failed on an error or were cancelled: no result, not held against the variant."
+    )
+    val_acc: Stat = Field(description="Final validation accuracy over seeds, 0..1.")
     val_loss: Stat = Field(description="Final validation loss over seeds.")
     train_loss: Stat = Field(description="Final-epoch training loss over seeds.")
+    best_val_acc: Stat = Field(
+        default_factory=lambda: Stat(mean=None, std=None),
+        description="Best-epoch validation accuracy over seeds (each seed's highest per-epoch `val_acc`), 0..1. "
+        "Picked on the validation split, so optimistic compared with the final value.",
+    )
+    best_val_loss: Stat = Field(
+        default_factory=lambda: Stat(mean=None, std=None),
+        description="Best-epoch validation loss over seeds (each seed's lowest per-epoch `val_loss`).",
+    )
+
+
+class ComparisonOut(BaseModel):
+    variant: str = Field(description="Variant compared with the baseline.")
+    baseline: str = Field(description="Baseline variant label.")
+    batch_size: int = Field(description="Batch size of both cells.")
+    n_pairs: int = Field(
+        description="Seeds that finished (succeeded) in both cells; the test pairs these by seed. "
+        "Diverged, failed and unfinished runs are left out."
+    )
+    seeds: list[int] = Field(description="The paired seeds.")
+    variant_val_acc: float | None = Field(description="Mean final accuracy of the variant over the paired seeds, 0..1.")
+    baseline_val_acc: float | None = Field(
+        description="Mean final accuracy of the baseline over the paired seeds, 0..1."
+    )
+    diff_points: float | None = Field(
+        description="Mean paired difference variant − baseline in accuracy points (0..100 scale); "
+        "positive means the variant is better. Null with no pair."
+    )
+    std_points: float | None = Field(
+        description="Sample standard deviation of the per-seed differences, in points (null with fewer than 2 pairs)."
+    )
+    ci95_low_points: float | None = Field(
+        description="Lower end of the 95% t-interval of the mean difference, in points; null with fewer than 2 "
+        "pairs; equal to `diff_points` when every seed gave the same difference."
+    )
+    ci95_high_points: float | None = Field(description="Upper end of the 95% t-interval of the mean difference.")
+    t: float | None = Field(description="Paired t statistic (as `scipy.stats.ttest_rel`), null when untestable.")
+    p_value: float | None = Field(
+        description="Two-sided paired t-test p-value, unadjusted. Null with fewer than 2 pairs or when every pair "
+        "gave the same difference (zero spread: the test is undefined, see `note`)."
+    )
+    p_holm: float | None = Field(
+        description="p-value after the Holm correction over every comparison of this job that has a p-value."
+    )
+    significant: bool = Field(
+        description="True only when `p_holm` < 0.05 and the 95% interval excludes 0: the only case where the "
+        "verdict claims a difference."
+    )
+    outcome: str = Field(
+        description="`better` / `worse` (significant, by sign), `indistinguishable`, `identical` (same accuracy in "
+        "every seed), `constant` (same non-zero difference in every seed: no test possible, no claim), "
+        "`too_few` (1 pair), `no_data` (no pair)."
+    )
+    variant_diverged: int = Field(description="Seeds of the variant that diverged at this batch size.")
+    baseline_diverged: int = Field(description="Seeds of the baseline that diverged at this batch size.")
+    note: str | None = Field(description="Why there is no p-value or interval, when there is none.")
+
+
+class SensitivityOut(BaseModel):
+    variant: str = Field(description="Variant label.")
+    best_batch_size: int = Field(
+        description="The variant's batch size with the highest mean final accuracy (ties: the larger batch), among "
+        "batch sizes with at least 2 finished seeds when there are any."
+    )
+    batch_size: int = Field(description="A smaller batch size the drop is measured to.")
+    n_pairs: int = Field(description="Seeds that succeeded at both batch sizes; the drop is paired by seed.")
+    drop_points: float | None = Field(
+        description="Mean paired accuracy drop best − smaller, in points (positive = worse at the smaller batch)."
+    )
+    ci95_low_points: float | None = Field(
+        description="Lower end of the 95% paired t-interval of the drop, in points (null with fewer than 2 pairs)."
+    )
+    ci95_high_points: float | None = Field(description="Upper end of the 95% paired t-interval of the drop.")
+    p_value: float | None = Field(description="Two-sided paired t-test p-value of the drop, unadjusted.")
+    p_holm: float | None = Field(description="Holm-adjusted over every batch-size drop of this job.")
+    significant: bool = Field(description="`p_holm` < 0.05 and the interval excludes 0.")
+    note: str | None = Field(description="Why there is no p-value or interval, when there is none.")
 
 
 class Results(BaseModel):
@@ -51,6 +153,23 @@ class Results(BaseModel):
     notes: list[str] = Field(description="Caveats a reader should know (partial results, unequal budgets...).")
     runs: list[RunResult] = Field(description="One entry per run.")
     cells: list[CellSummary] = Field(description="Per (variant, batch size) mean and std over seeds.")
+    baseline: str | None = Field(
+        None,
+        description="Variant every other is compared with: `?baseline=` if given, else `bn`, else the first variant.",
+    )
+    comparisons: list[ComparisonOut] = Field(
+        default_factory=list,
+        description="Every non-baseline variant vs the baseline at each batch size, paired by seed, Holm-corrected.",
+    )
+    sensitivity: list[SensitivityOut] = Field(
+        default_factory=list,
+        description="Per variant, the accuracy drop from its best batch size to each smaller one, paired by seed.",
+    )
+    verdicts: list[str] = Field(
+        default_factory=list,
+        description="Plain sentences generated from `cells`, `comparisons` and `sensitivity`. A difference is claimed "
+        "only when the Holm-adjusted p < 0.05 and the 95% interval excludes 0.",
+    )
 
 
 class CurveSeries(BaseModel):
@@ -59,10 +178,50 @@ class CurveSeries(BaseModel):
     batch_size: int = Field(description="Batch size.")
     seed: int = Field(description="Seed.")
     total_points: int = Field(description="Points recorded before downsampling.")
+    window_points: int = Field(0, description="Points in the requested `offset`/`limit` window, before downsampling.")
+    next_offset: int | None = Field(
+        None, description="`offset` for the next page of this series; null when the window reached its end."
+    )
+    nonfinite_points: int = Field(
+        0, description="NaN/inf values in the window (a diverging run); left out of `points`, which JSON cannot carry."
+    )
     points: list[MetricPointOut] = Field(description="The (possibly downsampled) series in step order.")
 
 
 class Curves(BaseModel):
     job_id: str = Field(description="Job id.")
     metric: str = Field(description="Metric name: val_acc, val_loss, train_loss, train_loss_step, lr, ...")
+    max_points: int | None = Field(
+        None, description="Per-series point cap that was applied (min/max per bucket); null for full resolution."
+    )
+    offset: int = Field(0, description="Points skipped at the start of every series (in step order).")
+    limit: int | None = Field(None, description="Window length per series before downsampling; null for no limit.")
     series: list[CurveSeries] = Field(description="One series per run that has points.")
+
+
+class AggregatePointOut(BaseModel):
+    step: int = Field(description="Optimizer step (seeds of one cell share their steps).")
+    epoch: float = Field(description="Epochs completed at that step.")
+    n: int = Field(description="Seeds with a finite value at this step.")
+    mean: float = Field(description="Mean over those seeds.")
+    std: float | None = Field(description="Sample standard deviation over seeds (null with one seed).")
+    lower: float | None = Field(description="mean − std: lower edge of the ±1 std band (null with one seed).")
+    upper: float | None = Field(description="mean + std: upper edge of the ±1 std band (null with one seed).")
+    min: float = Field(description="Lowest value over seeds.")
+    max: float = Field(description="Highest value over seeds.")
+
+
+class CellCurve(BaseModel):
+    variant: str = Field(description="Variant label.")
+    batch_size: int = Field(description="Batch size.")
+    seeds: list[int] = Field(description="Seeds whose runs contributed points.")
+    statuses: dict[str, int] = Field(description="Contributing runs per status (diverged runs end early).")
+    total_points: int = Field(description="Steps in the aggregate before downsampling.")
+    points: list[AggregatePointOut] = Field(description="Per step, in step order (possibly downsampled).")
+
+
+class CurveAggregate(BaseModel):
+    job_id: str = Field(description="Job id.")
+    metric: str = Field(description="Metric name.")
+    max_points: int | None = Field(description="Per-cell point cap applied (on the mean); null for full resolution.")
+    cells: list[CellCurve] = Field(description="One entry per (variant, batch size) with points.")

@@ -11,8 +11,10 @@ from typing import BinaryIO
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, InvalidDataset, NotFound, PayloadTooLarge
-from app.services.ingest import IngestError, ingest_file, save_canonical
+from app.config import Settings
+from app.errors import Conflict, InvalidDataset, NotFound, PayloadTooLarge, QuotaExceeded
+from app.services import quotas
+from app.services.ingest import IngestError, IngestLimits, ingest_file, save_canonical
 from app.storage import Storage
 from app.tables import Dataset, Job, new_id
 
@@ -26,48 +28,76 @@ def _copy_capped(source: BinaryIO, target: Path, max_bytes: int) -> int:
         while chunk := source.read(CHUNK):
             written += len(chunk)
             if written > max_bytes:
-                raise PayloadTooLarge(f"upload exceeds the {max_bytes // 2**20} MiB limit (NORMBENCH_MAX_UPLOAD_BYTES)")
+                raise PayloadTooLarge(
+                    f"the uploaded file is over the limit of {_limit_text(max_bytes)} (NORMBENCH_MAX_UPLOAD_BYTES); "
+                    "upload a smaller file or a subset of the data"
+                )
             out.write(chunk)
     return written
+
+
+def ingest_limits(settings: Settings) -> IngestLimits:
+    return IngestLimits(
+        max_uncompressed_bytes=settings.max_decompressed_bytes,
+        max_compression_ratio=settings.max_zip_compression_ratio,
+        max_zip_entries=settings.max_zip_entries,
+        max_image_pixels=settings.max_image_pixels,
+        max_csv_rows=settings.max_csv_rows,
+    )
+
+
+def _limit_text(n: int) -> str:
+    return f"{n // 2**20} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def create_dataset(
     session: Session,
     storage: Storage,
+    settings: Settings,
     *,
     owner: str,
     source: BinaryIO,
     filename: str,
     name: str | None,
     label_column: str,
-    max_bytes: int,
 ) -> Dataset:
+    """Validate and store one upload. Nothing is left behind on any failure: the temporary folder goes
+    with the `with` block, and the stored blob is deleted if the row cannot be committed."""
     suffix = Path(filename).suffix.lower()
     if suffix not in ACCEPTED_SUFFIXES:
         raise InvalidDataset(
-            f"file '{filename}' has an unsupported type; upload a .npz (arrays x, y), a .zip of "
+            f"file {filename[:200]!r} has an unsupported type; upload a .npz (arrays x, y), a .zip of "
             "class folders of PNG/JPEG images, or a .csv with a label column"
         )
+    used = quotas.dataset_bytes_used(session, owner)
+    if used >= settings.max_dataset_bytes_per_owner:  # cheap early answer; the exact check is below
+        raise QuotaExceeded(
+            f"your datasets already use {quotas.human_bytes(used)}, your quota is "
+            f"{quotas.human_bytes(settings.max_dataset_bytes_per_owner)} (NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); "
+            "delete datasets you no longer need (DELETE /v1/datasets/{id})"
+        )
+    session.rollback()  # end the read transaction; the quota check below takes the lock in a fresh one
     dataset_id = new_id()
     uri: str | None = None
-    with tempfile.TemporaryDirectory(prefix="normbench-upload-") as tmp:
-        raw = Path(tmp) / f"upload{suffix}"
-        _copy_capped(source, raw, max_bytes)
-        try:
-            canonical = ingest_file(raw, filename, label_column=label_column)
-        except IngestError as e:
-            raise InvalidDataset(str(e)) from None
-        stored = Path(tmp) / "canonical.npz"
-        save_canonical(canonical, stored)
-        raw.unlink()
-        digest = _sha256(stored)
-        size = stored.stat().st_size
-        uri = storage.put_file(f"datasets/{dataset_id}.npz", stored)
     try:
+        with tempfile.TemporaryDirectory(prefix="normbench-upload-") as tmp:
+            raw = Path(tmp) / f"upload{suffix}"
+            _copy_capped(source, raw, settings.max_upload_bytes)
+            try:
+                canonical = ingest_file(raw, filename, label_column=label_column, limits=ingest_limits(settings))
+            except IngestError as e:
+                raise InvalidDataset(str(e)) from None
+            stored = Path(tmp) / "canonical.npz"
+            save_canonical(canonical, stored)
+            raw.unlink()
+            digest = _sha256(stored)
+            size = stored.stat().st_size
+            quotas.check_dataset_bytes(session, settings, owner, size)  # holds the owner's lock until commit
+            uri = storage.put_file(f"datasets/{dataset_id}.npz", stored)
         row = Dataset(
             id=dataset_id,
             owner=owner,
-            name=name or Path(filename).name,
+            name=name or Path(filename).name[:200],
             kind=canonical.kind,
             shape=list(canonical.shape),
             num_classes=canonical.num_classes,
@@ -83,7 +113,8 @@ def create_dataset(
         session.commit()
     except BaseException:
         session.rollback()
-        storage.delete(uri)
+        if uri is not None:
+            storage.delete(uri)
         raise
     return row
 

@@ -23,10 +23,11 @@ import os
 import re
 import secrets
 import stat
+import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Literal
@@ -48,7 +49,9 @@ _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _IMAGE_FORMATS = ("PNG", "JPEG")
 _ACCEPTED_IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
 _SPLITS = (("train", "x", "y"), ("val", "x_val", "y_val"), ("test", "x_test", "y_test"))
-_CSV_CHUNK_ROWS = 65_536
+_CSV_CHUNK_CELLS = 1_000_000  # feature cells parsed as Python strings before converting a chunk to float32
+_ARCHIVE_EXTENSIONS = (".zip", ".npz", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".7z", ".rar", ".zst", ".jar")
+_NPY_DTYPE_KINDS = "biufUS"  # bool, ints, floats, fixed-width strings; never objects, structs or void
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -63,6 +66,11 @@ class IngestLimits:
     max_uncompressed_bytes: int = 8 * 2**30
     max_image_pixels: int = 4096 * 4096
     max_csv_rows: int = 5_000_000
+    max_csv_columns: int = 10_000
+    max_csv_line_chars: int = 1 << 20
+    # Uncompressed/compressed size of a zip entry larger than 1 MiB; PNG/JPEG are compressed already,
+    # so a legitimate image archive stays near 1, a zip bomb reaches hundreds to millions.
+    max_compression_ratio: float = 200.0
 
 
 @dataclass
@@ -108,8 +116,8 @@ def _shape(shape: Sequence[int]) -> str:
 
 def _human_bytes(n: int) -> str:
     value = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
             return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
@@ -194,10 +202,64 @@ def _check_zip_budget(infos: Sequence[zipfile.ZipInfo], filename: str, limits: I
             f"{filename!r} unpacks to {_human_bytes(total)}, more than the limit of "
             f"{_human_bytes(limits.max_uncompressed_bytes)}; upload a smaller dataset"
         )
+    seen: set[str] = set()
     for info in infos:
         if info.flag_bits & 0x1:
             raise IngestError(
                 f"entry {info.filename!r} in {filename!r} is encrypted; re-create the archive without a password"
+            )
+        if info.filename in seen:
+            raise IngestError(
+                f"entry {info.filename!r} appears twice in {filename!r}; re-create the archive so every name is unique"
+            )
+        seen.add(info.filename)
+
+
+def _check_zip_layout(path: Path, zf: zipfile.ZipFile, filename: str) -> None:
+    """Every entry's bytes lie in their own span before the central directory.
+
+    Overlapping entries (several directory records pointing into the same compressed stream) are how
+    non-recursive zip bombs reach a huge expansion from a small file; the local headers are read
+    directly, nothing is decompressed.
+    """
+    spans: list[tuple[int, int, str]] = []
+    with path.open("rb") as f:
+        for info in zf.infolist():
+            f.seek(info.header_offset)
+            head = f.read(30)
+            if len(head) < 30 or not head.startswith(ZIP_MAGIC):
+                raise IngestError(
+                    f"entry {info.filename!r} in {filename!r} has no local header where the directory says; "
+                    "the archive is corrupt or crafted, re-create it"
+                )
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            start = info.header_offset
+            spans.append((start, start + 30 + name_len + extra_len + info.compress_size, info.filename))
+    spans.sort()
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise IngestError(
+                f"entries {name!r} and {other!r} in {filename!r} overlap (share compressed bytes), a zip-bomb "
+                "construction; re-create the archive with a normal zip tool"
+            )
+    central_directory = getattr(zf, "start_dir", None)
+    if spans and central_directory is not None and spans[-1][1] > central_directory:
+        raise IngestError(
+            f"entry {spans[-1][2]!r} in {filename!r} runs into the zip directory; the archive is corrupt or "
+            "crafted, re-create it"
+        )
+
+
+def _check_zip_ratio(infos: Sequence[zipfile.ZipInfo], filename: str, limits: IngestLimits) -> None:
+    for info in infos:
+        if info.file_size <= 2**20:
+            continue
+        ratio = info.file_size / max(info.compress_size, 1)
+        if ratio > limits.max_compression_ratio:
+            raise IngestError(
+                f"entry {info.filename!r} in {filename!r} expands {ratio:.0f}× ({_human_bytes(info.compress_size)} "
+                f"to {_human_bytes(info.file_size)}), more than the limit of {limits.max_compression_ratio:.0f}× "
+                "(a zip bomb?); PNG/JPEG images barely compress, so store them as they are"
             )
 
 
@@ -208,7 +270,10 @@ def _read_npz(path: Path, filename: str, limits: IngestLimits) -> CanonicalDatas
     try:
         with zipfile.ZipFile(path) as zf:
             _check_zip_budget(zf.infolist(), filename, limits)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+            _check_zip_layout(path, zf, filename)
+            for info in zf.infolist():
+                _check_npy_member(zf, info, filename, limits)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
         raise IngestError(f"{filename!r} is not a readable .npz archive ({e}); re-save it with np.savez") from e
     try:
         npz = np.load(path, allow_pickle=False)
@@ -233,6 +298,63 @@ def _read_npz(path: Path, filename: str, limits: IngestLimits) -> CanonicalDatas
         arrays = {k: _npz_array(npz, k) for _, xk, yk in _SPLITS for k in (xk, yk) if k in keys}
         names = _npz_class_names(_npz_array(npz, "class_names")) if "class_names" in keys else None
     return _from_arrays(arrays, names, limits)
+
+
+def _check_npy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, filename: str, limits: IngestLimits) -> None:
+    """Read one member's .npy header (a few hundred bytes) and refuse it before NumPy allocates anything.
+
+    NumPy allocates the whole array the header declares before it reads the data, so a forged header
+    claiming terabytes must be caught here: the declared size must fit in the member's (capped)
+    uncompressed size, and its dtype must be plain numbers or strings.
+    """
+    if info.is_dir():
+        return
+    if not info.filename.endswith(".npy"):
+        raise IngestError(
+            f"{filename!r} contains {info.filename!r}, which is not a NumPy array (.npy member); a .npz must hold "
+            "only arrays, save it with np.savez(path, x=x, y=y)"
+        )
+    key = info.filename[: -len(".npy")]
+    with zf.open(info) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+        except (ValueError, SyntaxError, TypeError, struct.error) as e:
+            raise IngestError(
+                f"array {key!r} has an unreadable .npy header ({e}); re-save the file with np.savez"
+            ) from e
+        header_len = f.tell()
+    if dtype.hasobject or dtype.kind == "O":
+        raise IngestError(
+            f"array {key!r} has dtype object (Python objects), which is refused for safety; store plain "
+            "numeric arrays (labels: np.asarray(y, dtype=np.int64); names: np.asarray(names, dtype=str)) "
+            "and save again"
+        )
+    if dtype.names is not None or dtype.subdtype is not None or dtype.kind not in _NPY_DTYPE_KINDS:
+        raise IngestError(f"array {key!r} has dtype {dtype}; store a plain numeric array (ints or floats)")
+    if any(int(d) < 0 for d in shape):
+        raise IngestError(f"array {key!r} declares the negative shape {shape}; re-save the file with np.savez")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    declared = count * dtype.itemsize
+    available = info.file_size - header_len
+    if declared > available:
+        raise IngestError(
+            f"array {key!r} declares shape {_shape(shape)} of {dtype} = {_human_bytes(declared)}, but its member "
+            f"holds only {_human_bytes(max(available, 0))}; the file is truncated or its header is forged, "
+            "re-save it with np.savez"
+        )
+    if declared > limits.max_uncompressed_bytes:
+        raise IngestError(
+            f"array {key!r} is {_human_bytes(declared)} uncompressed, more than the limit of "
+            f"{_human_bytes(limits.max_uncompressed_bytes)}; upload a smaller dataset"
+        )
 
 
 def _npz_array(npz: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
@@ -514,6 +636,8 @@ def _read_image_zip(path: Path, filename: str, limits: IngestLimits) -> Canonica
     with zf:
         infos = zf.infolist()
         _check_zip_budget(infos, filename, limits)
+        _check_zip_layout(path, zf, filename)
+        _check_zip_ratio(infos, filename, limits)
         files: list[tuple[list[str], zipfile.ZipInfo]] = []
         for info in infos:
             parts = _entry_parts(info, filename)
@@ -521,6 +645,11 @@ def _read_image_zip(path: Path, filename: str, limits: IngestLimits) -> Canonica
                 continue
             if any(p == "__MACOSX" or p.startswith(".") for p in parts):
                 continue
+            if parts[-1].lower().endswith(_ARCHIVE_EXTENSIONS):
+                raise IngestError(
+                    f"entry {info.filename!r} in {filename!r} is an archive inside the archive; nested archives "
+                    "are refused, unpack it and put its images in the class folders"
+                )
             if not parts[-1].lower().endswith(_IMAGE_EXTENSIONS):
                 raise IngestError(
                     f"entry {info.filename!r} is not a PNG/JPEG image (allowed extensions: "
@@ -695,8 +824,21 @@ def _read_csv(path: Path, filename: str, label_column: str, limits: IngestLimits
     return CanonicalDataset(kind="tabular", x=x, y=y, class_names=names)
 
 
+def _bounded_lines(f: IO[str], filename: str, limit: int) -> Iterator[str]:
+    """Lines of `f`, refusing any longer than `limit` characters before it is read whole."""
+    number = 0
+    while line := f.readline(limit + 1):
+        number += 1
+        if len(line) > limit and not line.endswith("\n"):
+            raise IngestError(
+                f"line {number} of {filename!r} is longer than {limit} characters, the limit; "
+                "a CSV row should hold one sample's features (check the line endings)"
+            )
+        yield line
+
+
 def _parse_csv(f: IO[str], filename: str, label_column: str, limits: IngestLimits) -> tuple[np.ndarray, list[str]]:
-    reader = csv.reader(f)
+    reader = csv.reader(_bounded_lines(f, filename, limits.max_csv_line_chars))
     try:
         header: list[str] | None = None
         for row in reader:
@@ -714,6 +856,11 @@ def _parse_csv(f: IO[str], filename: str, label_column: str, limits: IngestLimit
                     f"column {i + 1} of the header has no name; name every column (a pandas index "
                     "column can be dropped by saving with index=False)"
                 )
+        if len(header) > limits.max_csv_columns:
+            raise IngestError(
+                f"{filename!r} has {len(header)} columns, more than the limit of {limits.max_csv_columns}; "
+                "upload fewer features"
+            )
         dups = sorted({c for c in header if header.count(c) > 1})
         if dups:
             raise IngestError(f"the header repeats the column name(s) {_preview(dups)}; column names must be unique")
@@ -735,12 +882,19 @@ def _parse_csv(f: IO[str], filename: str, label_column: str, limits: IngestLimit
         rows: list[list[str]] = []
         lines: list[int] = []
         ncols = len(header)
+        chunk_rows = max(1, _CSV_CHUNK_CELLS // ncols)
+        max_rows = min(limits.max_csv_rows, limits.max_samples)
+        by_bytes = limits.max_uncompressed_bytes // (4 * len(feat_idx))  # rows of float32 features
         for row in reader:
             if not any(cell.strip() for cell in row):
                 continue  # blank line
-            if len(labels) >= min(limits.max_csv_rows, limits.max_samples):
-                limit = min(limits.max_csv_rows, limits.max_samples)
-                raise IngestError(f"{filename!r} has more than {limit} data rows, the limit; upload a subset")
+            if len(labels) >= max_rows:
+                raise IngestError(f"{filename!r} has more than {max_rows} data rows, the limit; upload a subset")
+            if len(labels) >= by_bytes:
+                raise IngestError(
+                    f"{filename!r} has more than {by_bytes} rows of {len(feat_idx)} features, more than the limit "
+                    f"of {_human_bytes(limits.max_uncompressed_bytes)} as float32; upload a subset"
+                )
             line = reader.line_num
             if len(row) != ncols:
                 raise IngestError(
@@ -753,7 +907,7 @@ def _parse_csv(f: IO[str], filename: str, label_column: str, limits: IngestLimit
             labels.append(label)
             rows.append([row[i] for i in feat_idx])
             lines.append(line)
-            if len(rows) >= _CSV_CHUNK_ROWS:
+            if len(rows) >= chunk_rows:
                 chunks.append(_csv_chunk(rows, lines, feat_names, label_column))
                 rows, lines = [], []
     except csv.Error as e:

@@ -38,13 +38,14 @@ def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str,
     except catalogue.CatalogueError as e:
         raise InvalidSpec(f"model: {e}") from None
     for i, variant in enumerate(spec.variants):
-        try:
-            catalogue.check_variant(variant.norm, variant.params(), sites)
-        except catalogue.CatalogueError as e:
-            raise InvalidSpec(f"variants[{i}]: {e}") from None
+        for single in variant.expand():
+            try:
+                catalogue.check_variant(single.norm, single.params(), sites)
+            except catalogue.CatalogueError as e:
+                raise InvalidSpec(f"variants[{i}]: {e}") from None
     if spec.budget.epochs > settings.max_epochs:
         raise InvalidSpec(f"budget.epochs {spec.budget.epochs} is over this server's ceiling of {settings.max_epochs}")
-    n_runs = len(spec.variants) * len(spec.batch_sizes) * len(spec.seeds)
+    n_runs = len(spec.expanded_variants()) * len(spec.batch_sizes) * len(spec.seeds)
     if n_runs > settings.max_runs_per_job:
         raise InvalidSpec(
             f"the spec expands to {n_runs} runs (variants × batch_sizes × seeds); the limit is {settings.max_runs_per_job}"
@@ -53,7 +54,7 @@ def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str,
     val_size = dataset.split_sizes.get("val") or holdout_size(train_total, spec.validation_fraction)
     train_size = train_total if dataset.split_sizes.get("val") else train_total - val_size
     if arch == "mlp" and 1 in spec.batch_sizes:
-        batchy = [v.norm for v in spec.variants if catalogue.NORMS[v.norm].batch_dependent]
+        batchy = [v.norm for v in spec.expanded_variants() if catalogue.NORMS[v.norm].batch_dependent]
         if batchy:
             raise InvalidSpec(f"batch size 1 gives {batchy[0]} a single value per feature in the MLP: use batch >= 2")
     too_big = [b for b in spec.batch_sizes if b > train_size]
@@ -95,7 +96,7 @@ def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) 
         )
         for b in spec.batch_sizes
         for s in spec.seeds
-        for vi, v in enumerate(spec.variants)
+        for vi, v in enumerate(spec.expanded_variants())
     ]
     session.add_all(runs)
     session.commit()

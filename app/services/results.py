@@ -1,16 +1,35 @@
-"""Results of a job computed from what is in the database: per-run finals, per-cell summaries, curves."""
+"""Results of a job computed from what is in the database: per-run finals, per-cell summaries,
+paired comparisons against a baseline, batch-size sensitivity and verdicts.
+
+Everything is recomputed from the rows on each request, so a running job gives a consistent
+partial answer (`complete: false` plus a note); the statistical rules live in
+`app.services.statistics`.
+"""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.schemas.results import CellSummary, Curves, CurveSeries, Results, RunResult, Stat
-from app.schemas.runs import MetricPointOut
+from app.errors import DomainError
+from app.schemas.results import CellSummary, ComparisonOut, Results, RunResult, SensitivityOut, Stat
+from app.services import statistics as st
+from app.services.curves import build_curves, downsample
 from app.tables import TERMINAL_STATES, Job, MetricPoint, Run
+
+__all__ = ["DEFAULT_BASELINE", "InvalidParameter", "build_curves", "build_results", "downsample", "job_runs"]
+
+DEFAULT_BASELINE = "bn"
+PENDING_STATES = frozenset({"queued", "running"})
+
+
+class InvalidParameter(DomainError):
+    status_code = 422
+    kind = "invalid_request"
 
 
 def job_runs(session: Session, job: Job) -> list[Run]:
@@ -18,7 +37,33 @@ def job_runs(session: Session, job: Job) -> list[Run]:
     return list(session.scalars(stmt))
 
 
-def _run_result(run: Run) -> RunResult:
+def best_epoch_values(session: Session, job: Job) -> dict[str, dict[str, float]]:
+    """Per run: the highest per-epoch `val_acc` and the lowest finite per-epoch `val_loss`."""
+    inf = float("inf")
+    stmt = (
+        select(MetricPoint.run_id, MetricPoint.name, func.max(MetricPoint.value), func.min(MetricPoint.value))
+        .join(Run, Run.id == MetricPoint.run_id)
+        .where(
+            Run.job_id == job.id,
+            MetricPoint.name.in_(("val_acc", "val_loss")),
+            MetricPoint.value < inf,  # excludes +inf and, in Postgres, NaN (which sorts above +inf)
+            MetricPoint.value > -inf,
+        )
+        .group_by(MetricPoint.run_id, MetricPoint.name)
+    )
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for run_id, name, hi, lo in session.execute(stmt):
+        value = hi if name == "val_acc" else lo
+        if value is not None and math.isfinite(value):
+            out[run_id][f"best_{name}"] = value
+    return out
+
+
+def _finite(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def _run_result(run: Run, best: dict[str, float]) -> RunResult:
     final = run.final_metrics or {}
     env = run.environment or {}
     return RunResult(
@@ -30,6 +75,8 @@ def _run_result(run: Run) -> RunResult:
         val_acc=final.get("val_acc"),
         val_loss=final.get("val_loss"),
         train_loss=final.get("train_loss"),
+        best_val_acc=best.get("best_val_acc"),
+        best_val_loss=best.get("best_val_loss"),
         steps=run.steps_done,
         samples_seen=run.samples_seen,
         wall_time_s=run.wall_time_s,
@@ -40,47 +87,118 @@ def _run_result(run: Run) -> RunResult:
     )
 
 
-def _stat(values: list[float]) -> Stat:
-    if not values:
-        return Stat(mean=None, std=None)
-    return Stat(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else None)
+def _stat(values: list[float | None]) -> Stat:
+    s = st.summarize([v for v in values if v is not None])
+    return Stat(mean=s.mean, std=s.std, n=s.n, ci95_low=s.ci_low, ci95_high=s.ci_high)
 
 
-def build_results(session: Session, job: Job, status: str) -> Results:
+def pick_baseline(variants: list[str], requested: str | None) -> tuple[str | None, str | None]:
+    """The baseline label and a note when it is not the one asked for or the default."""
+    if requested is not None:
+        if requested not in variants:
+            raise InvalidParameter(
+                f"baseline '{requested}' is not a variant of this job; use one of: {', '.join(variants)}"
+            )
+        return requested, None
+    if DEFAULT_BASELINE in variants:
+        return DEFAULT_BASELINE, None
+    if not variants:
+        return None, None
+    return variants[0], (
+        f"no '{DEFAULT_BASELINE}' variant in this job: comparisons use the first variant, '{variants[0]}', "
+        "as the baseline (choose another with ?baseline=)"
+    )
+
+
+def _points(accs: dict[int, float]) -> dict[int, float]:
+    return {seed: 100.0 * a for seed, a in accs.items()}
+
+
+def build_results(session: Session, job: Job, status: str, baseline: str | None = None) -> Results:
     runs = job_runs(session, job)
-    results = [_run_result(r) for r in runs]
+    best = best_epoch_values(session, job)
+    results = [_run_result(r, best.get(r.id, {})) for r in runs]
     variants = list(dict.fromkeys(r.variant for r in sorted(runs, key=lambda r: r.variant_index)))
     batch_sizes = list(job.spec["batch_sizes"])
-    cells: dict[tuple[str, int], list[RunResult]] = defaultdict(list)
+    base, base_note = pick_baseline(variants, baseline)
+
+    by_cell: dict[tuple[str, int], list[RunResult]] = defaultdict(list)
     for r in results:
-        cells[(r.variant, r.batch_size)].append(r)
-    summaries = []
+        by_cell[(r.variant, r.batch_size)].append(r)
+    # final accuracy by cell and seed, succeeded runs only (diverged runs have none: see statistics)
+    acc: dict[tuple[str, int], dict[int, float]] = {}
+    summaries: list[CellSummary] = []
+    counts: list[st.CellCount] = []
     for b in batch_sizes:
         for v in variants:
-            members = cells.get((v, b), [])
+            members = by_cell.get((v, b), [])
             ok = [r for r in members if r.status == "succeeded"]
+            acc[(v, b)] = {r.seed: a for r in ok if (a := _finite(r.val_acc)) is not None}
+            diverged = sum(r.status == "diverged" for r in members)
             summaries.append(
                 CellSummary(
                     variant=v,
                     batch_size=b,
                     n=len(ok),
                     n_total=len(members),
-                    diverged=sum(r.status == "diverged" for r in members),
-                    val_acc=_stat([r.val_acc for r in ok if r.val_acc is not None]),
-                    val_loss=_stat([r.val_loss for r in ok if r.val_loss is not None]),
-                    train_loss=_stat([r.train_loss for r in ok if r.train_loss is not None]),
+                    diverged=diverged,
+                    pending=sum(r.status in PENDING_STATES for r in members),
+                    failed=sum(r.status in ("failed", "cancelled") for r in members),
+                    val_acc=_stat([_finite(r.val_acc) for r in ok]),
+                    val_loss=_stat([_finite(r.val_loss) for r in ok]),
+                    train_loss=_stat([_finite(r.train_loss) for r in ok]),
+                    best_val_acc=_stat([r.best_val_acc for r in ok]),
+                    best_val_loss=_stat([r.best_val_loss for r in ok]),
                 )
             )
+            counts.append(st.CellCount(v, b, len(members), len(ok), diverged))
+    diverged_in = {(c.variant, c.batch_size): c.diverged for c in counts}
+
+    # variant vs baseline, paired by seed, Holm over the whole job
+    comparisons: list[st.Comparison] = []
+    if base is not None:
+        pairs = [
+            (v, b, st.paired_test(_points(acc[(v, b)]), _points(acc[(base, b)])))
+            for b in batch_sizes
+            for v in variants
+            if v != base
+        ]
+        holm_cmp = st.holm([t.p for _, _, t in pairs])
+        comparisons = [st.Comparison(v, base, b, t, p) for (v, b, t), p in zip(pairs, holm_cmp, strict=True)]
+
+    # batch-size sensitivity per variant, paired by seed, Holm over the whole job
+    drops: list[tuple[str, int, st.Drop]] = []
+    for v in variants:
+        by_batch = {b: _points(acc[(v, b)]) for b in batch_sizes if acc[(v, b)]}
+        best_b, variant_drops = st.batch_drops(by_batch)
+        if best_b is not None:
+            drops.extend((v, best_b, d) for d in variant_drops)
+    holm_drop = st.holm([d.test.p for _, _, d in drops])
+    sensitivity = [
+        st.Sensitivity(v, best_b, d.batch_size, d.test, p) for (v, best_b, d), p in zip(drops, holm_drop, strict=True)
+    ]
+
     complete = all(r.status in TERMINAL_STATES for r in runs)
+    finished = sum(r.status in TERMINAL_STATES for r in runs)
     consumed = {r.samples_seen for r in runs if r.status == "succeeded"}
     notes = []
     if not complete:
-        notes.append("partial: some runs are still queued or running; numbers will change")
+        notes.append(
+            f"partial: {len(runs) - finished} of {len(runs)} runs are still queued or running; numbers will change"
+        )
     if len(consumed) > 1:
         notes.append(f"unequal budgets: succeeded runs consumed {sorted(consumed)} samples")
     diverged = sum(r.status == "diverged" for r in runs)
     if diverged:
-        notes.append(f"{diverged} run(s) diverged (NaN/inf loss); they count as failures of their variant")
+        notes.append(
+            f"{diverged} run(s) diverged (NaN/inf loss); they count as failures of their variant and are left out "
+            "of means, intervals and tests"
+        )
+    if base_note:
+        notes.append(base_note)
+    if base is not None and len(variants) == 1:
+        notes.append("only one variant: there is nothing to compare it with")
+
     return Results(
         job_id=job.id,
         status=status,
@@ -91,41 +209,59 @@ def build_results(session: Session, job: Job, status: str) -> Results:
         notes=notes,
         runs=results,
         cells=summaries,
+        baseline=base,
+        comparisons=[_comparison_out(c, acc, diverged_in) for c in comparisons],
+        sensitivity=[_sensitivity_out(s) for s in sensitivity],
+        verdicts=st.verdicts(
+            batch_sizes, counts, comparisons, sensitivity, variants, runs_finished=finished, runs_total=len(runs)
+        ),
     )
 
 
-def downsample(points: list[MetricPointOut], max_points: int) -> list[MetricPointOut]:
-    """Evenly spaced points that always keep the first and the last."""
-    if len(points) <= max_points:
-        return points
-    if max_points == 1:
-        return [points[-1]]
-    last = len(points) - 1
-    idx = sorted({round(i * last / (max_points - 1)) for i in range(max_points)})
-    return [points[i] for i in idx]
+def _mean_over(accs: dict[int, float], seeds: tuple[int, ...]) -> float | None:
+    return statistics.fmean(accs[s] for s in seeds) if seeds else None
 
 
-def build_curves(session: Session, job: Job, metric: str, max_points: int | None) -> Curves:
-    runs = job_runs(session, job)
-    by_run: dict[str, list[MetricPointOut]] = defaultdict(list)
-    stmt = (
-        select(MetricPoint.run_id, MetricPoint.step, MetricPoint.epoch, MetricPoint.value)
-        .join(Run, Run.id == MetricPoint.run_id)
-        .where(Run.job_id == job.id, MetricPoint.name == metric)
-        .order_by(MetricPoint.run_id, MetricPoint.step)
+def _comparison_out(
+    c: st.Comparison, acc: dict[tuple[str, int], dict[int, float]], diverged: dict[tuple[str, int], int]
+) -> ComparisonOut:
+    t = c.test
+    claim = c.claim
+    return ComparisonOut(
+        variant=c.variant,
+        baseline=c.baseline,
+        batch_size=c.batch_size,
+        n_pairs=t.n,
+        seeds=list(t.seeds),
+        variant_val_acc=_mean_over(acc[(c.variant, c.batch_size)], t.seeds),
+        baseline_val_acc=_mean_over(acc[(c.baseline, c.batch_size)], t.seeds),
+        diff_points=t.mean_diff,
+        std_points=t.std_diff,
+        ci95_low_points=t.ci_low,
+        ci95_high_points=t.ci_high,
+        t=t.t,
+        p_value=t.p,
+        p_holm=c.p_holm,
+        significant=claim in ("better", "worse"),
+        outcome=claim,
+        variant_diverged=diverged[(c.variant, c.batch_size)],
+        baseline_diverged=diverged[(c.baseline, c.batch_size)],
+        note=t.note,
     )
-    for run_id, step, epoch, value in session.execute(stmt):
-        by_run[run_id].append(MetricPointOut(step=step, epoch=epoch, value=value))
-    series = [
-        CurveSeries(
-            run_id=r.id,
-            variant=r.variant,
-            batch_size=r.batch_size,
-            seed=r.seed,
-            total_points=len(by_run[r.id]),
-            points=downsample(by_run[r.id], max_points) if max_points else by_run[r.id],
-        )
-        for r in runs
-        if by_run.get(r.id)
-    ]
-    return Curves(job_id=job.id, metric=metric, series=series)
+
+
+def _sensitivity_out(s: st.Sensitivity) -> SensitivityOut:
+    t = s.test
+    return SensitivityOut(
+        variant=s.variant,
+        best_batch_size=s.best_batch_size,
+        batch_size=s.batch_size,
+        n_pairs=t.n,
+        drop_points=t.mean_diff,
+        ci95_low_points=t.ci_low,
+        ci95_high_points=t.ci_high,
+        p_value=t.p,
+        p_holm=s.p_holm,
+        significant=s.claim in ("better", "worse"),
+        note=t.note,
+    )

@@ -1,9 +1,21 @@
 """All tables, imported together so metadata is complete for the API, workers and Alembic."""
 
+from app.tables.api_key import ApiKey
 from app.tables.base import Base, new_id, utcnow
 from app.tables.dataset import Dataset
 from app.tables.job import Job
 from app.tables.metric_point import MetricPoint
 from app.tables.run import RUN_STATES, TERMINAL_STATES, Run
 
-__all__ = ["Base", "Dataset", "Job", "MetricPoint", "Run", "RUN_STATES", "TERMINAL_STATES", "new_id", "utcnow"]
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Dataset",
+    "Job",
+    "MetricPoint",
+    "Run",
+    "RUN_STATES",
+    "TERMINAL_STATES",
+    "new_id",
+    "utcnow",
+]

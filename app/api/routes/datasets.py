@@ -15,7 +15,15 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 ERRORS = ERROR_RESPONSES
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=ERRORS, summary="Upload a dataset")
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    responses=ERRORS,
+    summary="Upload a dataset",
+    # One file and two short text fields; anything else in the form is refused while parsing.
+    form_limits={"max_files": 1, "max_fields": 2, "max_part_size": 4096},
+)
 def upload_dataset(
     session: SessionDep,
     storage: StorageDep,
@@ -35,12 +43,12 @@ def upload_dataset(
     row = service.create_dataset(
         session,
         storage,
+        settings,
         owner=owner,
         source=file.file,
         filename=file.filename or "upload",
         name=name,
         label_column=label_column,
-        max_bytes=settings.max_upload_bytes,
     )
     response.headers["Location"] = f"/v1/datasets/{row.id}"
     return DatasetOut.model_validate(row)

@@ -5,15 +5,18 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.api.deps import OwnerDep, SessionDep, SettingsDep
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobList, JobOut, JobProgress, JobSpec, RunCounts
-from app.schemas.results import Curves, Results
+from app.schemas.results import CurveAggregate, Curves, Results
 from app.schemas.runs import RunOut
 from app.services import jobs as service
-from app.services.results import build_curves, build_results, job_runs
+from app.services.curves import build_curve_aggregate, build_curves
+from app.services.export import CSV_MEDIA_TYPE, CSV_RESPONSE, content_disposition, stream_metrics_csv
+from app.services.results import build_results, job_runs
 from app.tables import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -43,6 +46,8 @@ def job_out(session: Session, job: Job) -> JobOut:
             "self": base,
             "results": f"{base}/results",
             "curves": f"{base}/curves?metric=val_acc",
+            "curves_aggregate": f"{base}/curves/aggregate?metric=val_acc",
+            "export": f"{base}/export.csv",
             "runs": f"{base}/runs",
         },
     )
@@ -78,12 +83,38 @@ def list_runs(job_id: str, session: SessionDep, owner: OwnerDep) -> list[RunOut]
     return [RunOut.model_validate(r, from_attributes=True) for r in job_runs(session, job)]
 
 
-@router.get(
-    "/{job_id}/results", response_model=Results, responses=ERRORS, summary="Final metrics and per-cell summaries"
+METRIC_QUERY = Query(
+    max_length=64,
+    description="val_acc, val_loss, train_loss (per epoch), train_loss_step (every log_every_steps), lr",
 )
-def get_results(job_id: str, session: SessionDep, owner: OwnerDep) -> Results:
+MAX_POINTS_DESCRIPTION = (
+    "Downsample each series to at most this many points, keeping its shape: the first and last point and the "
+    "minimum and maximum of every bucket in between, so peaks, dips and the extremes survive. "
+    "0 (or `full=true`) returns full resolution."
+)
+
+
+@router.get(
+    "/{job_id}/results",
+    response_model=Results,
+    responses=ERRORS,
+    summary="Final metrics, per-cell summaries, comparisons against a baseline and verdicts",
+)
+def get_results(
+    job_id: str,
+    session: SessionDep,
+    owner: OwnerDep,
+    baseline: Annotated[
+        str | None,
+        Query(
+            max_length=100,
+            description="Variant label to compare every other variant with, e.g. `bn` or `gn(32)`. Default: `bn`, "
+            "or the first variant when the job has no `bn`. An unknown label is a 422 listing the valid ones.",
+        ),
+    ] = None,
+) -> Results:
     job = service.get_job(session, owner, job_id)
-    return build_results(session, job, service.job_state(session, job).status)
+    return build_results(session, job, service.job_state(session, job).status, baseline=baseline)
 
 
 @router.get("/{job_id}/curves", response_model=Curves, responses=ERRORS, summary="One metric series per run")
@@ -91,18 +122,70 @@ def get_curves(
     job_id: str,
     session: SessionDep,
     owner: OwnerDep,
-    metric: Annotated[
-        str,
+    metric: Annotated[str, METRIC_QUERY] = "val_acc",
+    max_points: Annotated[int | None, Query(ge=0, le=100000, description=MAX_POINTS_DESCRIPTION)] = 500,
+    full: Annotated[
+        bool, Query(description="Full resolution: ignore `max_points` and return every point of the window.")
+    ] = False,
+    offset: Annotated[
+        int,
         Query(
-            max_length=64,
-            description="val_acc, val_loss, train_loss (per epoch), train_loss_step (every log_every_steps), lr",
+            ge=0,
+            description="Paging for long series: skip this many points at the start of each series (step order). "
+            "Each series reports `next_offset` for the next page.",
         ),
-    ] = "val_acc",
+    ] = 0,
+    limit: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=1_000_000,
+            description="Paging for long series: take at most this many points of each series after `offset`, "
+            "before downsampling (use with `full=true` to read a series page by page at full resolution).",
+        ),
+    ] = None,
+    run_id: Annotated[str | None, Query(max_length=64, description="Only this run's series.")] = None,
+) -> Curves:
+    job = service.get_job(session, owner, job_id)
+    return build_curves(session, job, metric, None if full else max_points, offset=offset, limit=limit, run_id=run_id)
+
+
+@router.get(
+    "/{job_id}/curves/aggregate",
+    response_model=CurveAggregate,
+    responses=ERRORS,
+    summary="One metric per (variant, batch size) across seeds: mean, ±1 std band, min and max",
+)
+def get_curve_aggregate(
+    job_id: str,
+    session: SessionDep,
+    owner: OwnerDep,
+    metric: Annotated[str, METRIC_QUERY] = "val_acc",
     max_points: Annotated[
         int | None,
         Query(
-            ge=1, le=100000, description="Downsample each series to at most this many points; omit for full resolution"
+            ge=0,
+            le=100000,
+            description="Downsample each cell's curve to at most this many steps (chosen on the mean with the same "
+            "shape-keeping rule as /curves); 0 or `full=true` for every step.",
         ),
     ] = 500,
-) -> Curves:
-    return build_curves(session, service.get_job(session, owner, job_id), metric, max_points)
+    full: Annotated[bool, Query(description="Every step: ignore `max_points`.")] = False,
+) -> CurveAggregate:
+    job = service.get_job(session, owner, job_id)
+    return build_curve_aggregate(session, job, metric, None if full else max_points)
+
+
+@router.get(
+    "/{job_id}/export.csv",
+    response_class=StreamingResponse,
+    responses=CSV_RESPONSE,
+    summary="Every metric point of the job as streamed long-format CSV",
+)
+def export_job_csv(job_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep) -> StreamingResponse:
+    job = service.get_job(session, owner, job_id)
+    return StreamingResponse(
+        stream_metrics_csv(settings.resolved_database_url, job_id=job.id),
+        media_type=CSV_MEDIA_TYPE,
+        headers={"Content-Disposition": content_disposition(f"normbench-job-{job.id}.csv")},
+    )

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections import defaultdict
 
 from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
-from app.api.deps import OwnerDep, SessionDep
+from app.api.deps import OwnerDep, SessionDep, SettingsDep
 from app.errors import NotFound
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.runs import MetricPointOut, RunMetrics, RunOut
+from app.services.export import CSV_MEDIA_TYPE, CSV_RESPONSE, content_disposition, stream_metrics_csv
 from app.tables import MetricPoint, Run
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -37,3 +39,18 @@ def get_run_metrics(run_id: str, session: SessionDep, owner: OwnerDep) -> RunMet
     for p in session.scalars(stmt):
         metrics[p.name].append(MetricPointOut(step=p.step, epoch=p.epoch, value=p.value))
     return RunMetrics(run_id=run.id, metrics=dict(metrics))
+
+
+@router.get(
+    "/{run_id}/export.csv",
+    response_class=StreamingResponse,
+    responses=CSV_RESPONSE,
+    summary="Every metric point of a run as streamed long-format CSV",
+)
+def export_run_csv(run_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep) -> StreamingResponse:
+    run = _get_run(session, owner, run_id)
+    return StreamingResponse(
+        stream_metrics_csv(settings.resolved_database_url, run_id=run.id),
+        media_type=CSV_MEDIA_TYPE,
+        headers={"Content-Disposition": content_disposition(f"normbench-run-{run.id}.csv")},
+    )

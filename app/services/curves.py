@@ -1,0 +1,140 @@
+"""Metric curves of a job: per-run series (shape-keeping downsampling, paging) and per-cell aggregates."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.schemas.results import AggregatePointOut, CellCurve, CurveAggregate, Curves, CurveSeries
+from app.schemas.runs import MetricPointOut
+from app.services import statistics as st
+from app.tables import Job, MetricPoint, Run
+
+
+def _runs(session: Session, job: Job, run_id: str | None = None) -> list[Run]:
+    stmt = select(Run).where(Run.job_id == job.id)
+    if run_id is not None:
+        stmt = stmt.where(Run.id == run_id)
+    return list(session.scalars(stmt.order_by(Run.batch_size, Run.variant_index, Run.seed)))
+
+
+def downsample(points: list[MetricPointOut], max_points: int) -> list[MetricPointOut]:
+    """At most `max_points` points keeping first, last and every bucket's min and max (see statistics)."""
+    return [points[i] for i in st.downsample_indices([p.value for p in points], max_points)]
+
+
+def build_curves(
+    session: Session,
+    job: Job,
+    metric: str,
+    max_points: int | None,
+    offset: int = 0,
+    limit: int | None = None,
+    run_id: str | None = None,
+) -> Curves:
+    """One series per run with points; `offset`/`limit` pick a window of each series (in step order)
+    before downsampling, so a very long series can be read page by page at full resolution."""
+    runs = _runs(session, job, run_id)
+    scope = (
+        select(MetricPoint.run_id)
+        .join(Run, Run.id == MetricPoint.run_id)
+        .where(Run.job_id == job.id, MetricPoint.name == metric)
+    )
+    if run_id is not None:
+        scope = scope.where(MetricPoint.run_id == run_id)
+    totals: dict[str, int] = {
+        rid: n for rid, n in session.execute(scope.add_columns(func.count()).group_by(MetricPoint.run_id))
+    }
+    if offset or limit is not None:
+        rank = func.row_number().over(partition_by=MetricPoint.run_id, order_by=MetricPoint.step).label("rank")
+        inner = scope.add_columns(MetricPoint.step, MetricPoint.epoch, MetricPoint.value, rank).subquery()
+        stmt = select(inner.c.run_id, inner.c.step, inner.c.epoch, inner.c.value).where(inner.c.rank > offset)
+        if limit is not None:
+            stmt = stmt.where(inner.c.rank <= offset + limit)
+        stmt = stmt.order_by(inner.c.run_id, inner.c.step)
+    else:
+        stmt = scope.add_columns(MetricPoint.step, MetricPoint.epoch, MetricPoint.value).order_by(
+            MetricPoint.run_id, MetricPoint.step
+        )
+    window: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for rid, step, epoch, value in session.execute(stmt):
+        window[rid].append((step, epoch, value))
+    series = []
+    for r in runs:
+        total = totals.get(r.id, 0)
+        if not total:
+            continue
+        rows = window.get(r.id, [])
+        finite = [MetricPointOut(step=s, epoch=e, value=v) for s, e, v in rows if math.isfinite(v)]
+        end = offset + len(rows)
+        series.append(
+            CurveSeries(
+                run_id=r.id,
+                variant=r.variant,
+                batch_size=r.batch_size,
+                seed=r.seed,
+                total_points=total,
+                window_points=len(rows),
+                next_offset=end if end < total else None,
+                nonfinite_points=len(rows) - len(finite),
+                points=downsample(finite, max_points) if max_points else finite,
+            )
+        )
+    return Curves(
+        job_id=job.id, metric=metric, max_points=max_points or None, offset=offset, limit=limit, series=series
+    )
+
+
+def build_curve_aggregate(session: Session, job: Job, metric: str, max_points: int | None) -> CurveAggregate:
+    """Per (variant, batch size): per step, mean, ±1 std band, min and max across the cell's seeds.
+
+    Every run with points contributes (a running run up to where it is, a diverged run up to where it
+    stopped); `n` on each point says how many seeds are behind it, and non-finite values are left out.
+    """
+    runs = _runs(session, job)
+    stmt = (
+        select(MetricPoint.run_id, MetricPoint.step, MetricPoint.epoch, MetricPoint.value)
+        .join(Run, Run.id == MetricPoint.run_id)
+        .where(Run.job_id == job.id, MetricPoint.name == metric)
+        .order_by(MetricPoint.run_id, MetricPoint.step)
+    )
+    by_run: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for rid, step, epoch, value in session.execute(stmt):
+        by_run[rid].append((step, epoch, value))
+    cells: dict[tuple[int, int], list[Run]] = defaultdict(list)
+    for r in runs:
+        if by_run.get(r.id):
+            cells[(r.batch_size, r.variant_index)].append(r)
+    out = []
+    for key in sorted(cells):
+        members = cells[key]
+        agg = st.aggregate([by_run[r.id] for r in members])
+        keep = st.downsample_indices([p.mean for p in agg], max_points or 0)
+        out.append(
+            CellCurve(
+                variant=members[0].variant,
+                batch_size=members[0].batch_size,
+                seeds=sorted(r.seed for r in members),
+                statuses=dict(Counter(r.status for r in members)),
+                total_points=len(agg),
+                points=[_agg_out(agg[i]) for i in keep],
+            )
+        )
+    return CurveAggregate(job_id=job.id, metric=metric, max_points=max_points or None, cells=out)
+
+
+def _agg_out(p: st.AggregatePoint) -> AggregatePointOut:
+    return AggregatePointOut(
+        step=p.step,
+        epoch=p.epoch,
+        n=p.n,
+        mean=p.mean,
+        std=p.std,
+        lower=None if p.std is None else p.mean - p.std,
+        upper=None if p.std is None else p.mean + p.std,
+        min=p.min,
+        max=p.max,
+    )

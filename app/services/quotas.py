@@ -1,0 +1,70 @@
+"""Per-owner quotas: stored dataset bytes and jobs in flight (429 with the limit and what to do).
+
+The per-job ceilings (runs per job, samples trained per job, epochs) are checked with the spec in
+`app.services.jobs` and answer 422, since they are about the spec, not about the account.
+
+Each check first takes a per-owner transaction-scoped lock on Postgres (`pg_advisory_xact_lock`), so
+the count and the insert that follows it in the same transaction cannot interleave with another
+request of the same owner; the lock is released by the commit (or rollback) of that transaction.
+SQLite serialises writers on its own.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import QuotaExceeded
+from app.tables import Dataset, Run
+
+ACTIVE_RUN_STATES = ("queued", "running")
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def lock_owner(session: Session, owner: str, what: str) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"normbench:{what}:{owner}"})
+
+
+def dataset_bytes_used(session: Session, owner: str) -> int:
+    used = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.owner == owner))
+    return int(used or 0)
+
+
+def check_dataset_bytes(session: Session, settings: Settings, owner: str, new_bytes: int) -> None:
+    """Call inside the transaction that inserts the dataset row."""
+    limit = settings.max_dataset_bytes_per_owner
+    lock_owner(session, owner, "datasets")
+    used = dataset_bytes_used(session, owner)
+    if used + new_bytes > limit:
+        raise QuotaExceeded(
+            f"storing this dataset ({human_bytes(new_bytes)}) would bring your datasets to {human_bytes(used + new_bytes)}, "
+            f"over your quota of {human_bytes(limit)} (NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); "
+            "delete datasets you no longer need (DELETE /v1/datasets/{id})"
+        )
+
+
+def active_jobs(session: Session, owner: str) -> int:
+    stmt = select(func.count(func.distinct(Run.job_id))).where(Run.owner == owner, Run.status.in_(ACTIVE_RUN_STATES))
+    return int(session.scalar(stmt) or 0)
+
+
+def check_active_jobs(session: Session, settings: Settings, owner: str) -> None:
+    """Call in the session (transaction) that will insert the job."""
+    limit = settings.max_active_jobs_per_owner
+    lock_owner(session, owner, "jobs")
+    n = active_jobs(session, owner)
+    if n >= limit:
+        raise QuotaExceeded(
+            f"you have {n} jobs with queued or running runs; the limit is {limit} at a time "
+            "(NORMBENCH_MAX_ACTIVE_JOBS_PER_OWNER): wait for one to finish or cancel one (POST /v1/jobs/{id}/cancel)"
+        )
