@@ -153,14 +153,15 @@ def test_frozen_worker_writes_nothing_after_another_took_over(
 
 
 def test_a_run_published_twice_trains_once(client: TestClient, settings: Settings, workers: Workers) -> None:
-    w = workers.start("only")
-    spec = slow_spec(budget={"epochs": 1})
-    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    pair = [workers.start("one"), workers.start("two")]
+    job_id = client.post("/v1/jobs", json=slow_spec(budget={"epochs": 2})).json()["id"]
     run_id = only_run(client, job_id)["id"]
-    publish_train_run(settings, run_id)
+    publish_train_run(settings, run_id)  # the original and two duplicates: both workers get one
     publish_train_run(settings, run_id)
     wait_for_job(client, job_id, timeout=60)
-    wait_until(lambda: w.log_path.read_bytes().count(b"is not claimable") >= 2, 30, "duplicates to be skipped")
+    logs = lambda: b"".join(w.log_path.read_bytes() for w in pair)  # noqa: E731
+    wait_until(lambda: logs().count(b"is not claimable") >= 2, 30, "both duplicates to be skipped")
+    assert logs().count(b"trained to succeeded") == 1
     run = only_run(client, job_id)
     assert run["status"] == "succeeded" and run["attempt"] == 1
 

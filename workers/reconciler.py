@@ -36,9 +36,16 @@ def reconcile_once(session: Session, settings: Settings, publish: Publish) -> di
         .values(status="cancelled", finished_at=now, error="cancelled by user before it started")
         .returning(Run.id)
     ).all()
-    counts["cancelled"] = len(cancelled)
 
     expired = (Run.status == "running") & (Run.lease_expires_at < now)
+    # A lost worker's run in a cancelled job ends cancelled, never back in the queue.
+    cancelled = [*cancelled, *session.execute(
+        update(Run)
+        .where(expired, Run.job_id.in_(cancelled_jobs))
+        .values(status="cancelled", finished_at=now, lease_expires_at=None, error="cancelled by user")
+        .returning(Run.id)
+    ).all()]
+    counts["cancelled"] = len(cancelled)
     failed = session.execute(
         update(Run)
         .where(expired, Run.attempt >= settings.max_attempts)
