@@ -42,6 +42,8 @@ RUN pip install --no-cache-dir . \
  && ! python -c "import torch" 2>/dev/null
 
 USER normbench
+# Listening on all interfaces: API keys on (create them with `normbench-admin create-key`).
+ENV NORMBENCH_REQUIRE_API_KEYS=true
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=5 \
     CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"
@@ -56,8 +58,8 @@ FROM base AS worker
 # PyPI's Linux x86_64 torch wheels bundle CUDA (they pull the nvidia-* runtime wheels), so the
 # default spec gives a GPU-capable worker; the host needs only the NVIDIA driver and the
 # NVIDIA Container Toolkit. Override at build time to pin a version, e.g.
-#   docker build --target worker --build-arg TORCH_SPEC="torch==2.7.1" .
-ARG TORCH_SPEC="torch>=2.6"
+#   docker build --target worker --build-arg TORCH_SPEC="torch==2.13.0" .
+ARG TORCH_SPEC="torch>=2.11"
 RUN pip install --no-cache-dir "$TORCH_SPEC"
 RUN pip install --no-cache-dir ".[worker]"
 

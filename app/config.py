@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Republish a queued run whose task may be lost (broker restart) after this long."
     )
     checkpoint_every_epochs: int = Field(1, ge=1, description="Checkpoint a run every this many epochs.")
+    pack_size: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Runs a worker trains together in one process (same job and batch size; each keeps its own "
+        "lease, metrics, checkpoints and outcome). 0 = automatic: 32 on a CUDA device, 1 (one run at a time) on CPU.",
+    )
     fault_abort_job_name: str | None = Field(
         None, description="Fault-injection hook for tests: the worker process dies abruptly while training this job."
     )

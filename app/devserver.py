@@ -18,7 +18,7 @@ import httpx
 from alembic import command
 from alembic.config import Config
 
-from app.config import get_settings
+from app.config import UnsafeBind, check_bind_safety, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,6 +138,10 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = get_settings()
+    try:
+        check_bind_safety(settings, args.host)
+    except UnsafeBind as e:
+        raise SystemExit(str(e)) from None
     settings.home.mkdir(parents=True, exist_ok=True)
     print(f"NormBench (embedded): database {settings.resolved_database_url}, storage {settings.resolved_storage_url}")
     migrate(settings.resolved_database_url)

@@ -27,16 +27,34 @@ from app.services.statistics import summarize  # noqa: E402
 
 VARIANTS = [("bn", {}), ("bn_precise", {}), ("gn", {"groups": 16}), ("ln", {})]
 BATCHES = [2, 4, 8, 16, 32]
-OPT = {"lr": 0.1, "reference_batch_size": 32, "lr_scaling": "linear", "momentum": 0.9, "weight_decay": 5e-4,
-       "warmup_epochs": 1, "schedule": "cosine"}
+OPT = {
+    "lr": 0.1,
+    "reference_batch_size": 32,
+    "lr_scaling": "linear",
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "warmup_epochs": 1,
+    "schedule": "cosine",
+}
 
 
 def make_dataset(path: Path) -> None:
     from sklearn.datasets import make_classification
 
-    x, y = make_classification(n_samples=6000, n_features=64, n_informative=24, n_redundant=8, n_classes=10,
-                               n_clusters_per_class=2, class_sep=1.5, flip_y=0.02, random_state=0)
-    save_canonical(CanonicalDataset("tabular", x.astype(np.float32), y.astype(np.int64), [str(i) for i in range(10)]), path)
+    x, y = make_classification(
+        n_samples=6000,
+        n_features=64,
+        n_informative=24,
+        n_redundant=8,
+        n_classes=10,
+        n_clusters_per_class=2,
+        class_sep=1.5,
+        flip_y=0.02,
+        random_state=0,
+    )
+    save_canonical(
+        CanonicalDataset("tabular", x.astype(np.float32), y.astype(np.int64), [str(i) for i in range(10)]), path
+    )
 
 
 def one_run(args: tuple[str, str, dict, int, int, dict]) -> dict:
@@ -58,8 +76,15 @@ def one_run(args: tuple[str, str, dict, int, int, dict]) -> dict:
     data = load_device_data(Path(path), budget, torch.device("cpu"))
     cfg = RunConfig("mlp", norm, params, batch, seed, budget, {"hidden": [256, 256]}, OPT, {}, 100)
     out = train(cfg, data, torch.device("cpu"), Quiet())
-    return {"norm": norm, "batch": batch, "seed": seed, "status": out.status, "val_acc": out.final_metrics.get("val_acc"),
-            "samples": out.samples, "wall_s": out.wall_time_s}
+    return {
+        "norm": norm,
+        "batch": batch,
+        "seed": seed,
+        "status": out.status,
+        "val_acc": out.final_metrics.get("val_acc"),
+        "samples": out.samples,
+        "wall_s": out.wall_time_s,
+    }
 
 
 def main() -> None:
@@ -74,13 +99,17 @@ def main() -> None:
     n = 6000
     val = holdout_size(n, 0.2)
     budget = resolve_budget(n - val, val, args.epochs, BATCHES)
-    work = [(str(path), norm, params, b, s, budget) for b in BATCHES for norm, params in VARIANTS for s in range(args.seeds)]
+    work = [
+        (str(path), norm, params, b, s, budget) for b in BATCHES for norm, params in VARIANTS for s in range(args.seeds)
+    ]
     started = time.monotonic()
     with ProcessPoolExecutor(args.procs) as pool:
         rows = list(pool.map(one_run, work))
     wall = time.monotonic() - started
-    print(f"make_classification (6000×64, 10 classes), MLP 64-256-256-10, {args.epochs} epochs, {args.seeds} seeds, "
-          f"{budget['total_samples']} samples per run; {wall:.0f}s")
+    print(
+        f"make_classification (6000×64, 10 classes), MLP 64-256-256-10, {args.epochs} epochs, {args.seeds} seeds, "
+        f"{budget['total_samples']} samples per run; {wall:.0f}s"
+    )
     header = f"{'norm':<12}" + "".join(f"{'batch ' + str(b):>20}" for b in BATCHES)
     print("final validation accuracy, mean ± 95% CI half-width (diverged runs noted)")
     print(header)
@@ -100,8 +129,11 @@ def main() -> None:
         print(line)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"epochs": args.epochs, "seeds": args.seeds, "wall_s": wall, "cells": table,
-                                        "runs": rows}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {"epochs": args.epochs, "seeds": args.seeds, "wall_s": wall, "cells": table, "runs": rows}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

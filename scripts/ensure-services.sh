@@ -37,3 +37,12 @@ if ! command -v docker-compose >/dev/null; then
     exit 1
   fi
 fi
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium (the report test renders the report page in headless Chromium)"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "chromium is missing: install Debian's chromium package (the report test renders the page headless)" >&2
+    exit 1
+  fi
+fi

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import session_factory
 from app.errors import NotFound, Unauthorized
-from app.services import keys, quotas
+from app.services import keys
 from app.storage import Storage, open_storage
 
 
@@ -74,14 +74,3 @@ def require_admin(settings: SettingsDep, credentials: BearerDep) -> None:
 
 
 AdminDep = Depends(require_admin)
-
-
-def enforce_job_quota(request: Request, settings: SettingsDep, session: SessionDep, owner: OwnerDep) -> None:
-    """Router-level dependency of the jobs router: on job submission, the owner's active-jobs quota.
-
-    It shares the request's session with the route, so the per-owner lock it takes is held until the
-    route commits the new job: two concurrent submissions cannot both squeeze under the quota.
-    """
-    route = request.scope.get("route")
-    if request.method == "POST" and getattr(route, "path", None) == "/v1/jobs":
-        quotas.check_active_jobs(session, settings, owner)

@@ -2,10 +2,9 @@
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from app.api.deps import enforce_job_quota
-from app.api.routes import datasets, health, jobs, keys, runs
+from app.api.routes import datasets, events, health, jobs, keys, reports, runs
 from app.schemas.common import ErrorBody
 
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
@@ -18,9 +17,8 @@ OVER_QUOTA: dict[int | str, dict[str, Any]] = {
 api_router = APIRouter()
 api_router.include_router(health.router)
 api_router.include_router(datasets.router, responses={**UNAUTHORIZED, **OVER_QUOTA})
-# The active-jobs quota is checked for job submission by a router-level dependency (see enforce_job_quota).
-api_router.include_router(
-    jobs.router, responses={**UNAUTHORIZED, **OVER_QUOTA}, dependencies=[Depends(enforce_job_quota)]
-)
+api_router.include_router(jobs.router, responses={**UNAUTHORIZED, **OVER_QUOTA})
+api_router.include_router(events.router, responses=UNAUTHORIZED)
+api_router.include_router(reports.router, responses=UNAUTHORIZED)
 api_router.include_router(runs.router, responses=UNAUTHORIZED)
 api_router.include_router(keys.router, responses=UNAUTHORIZED)

@@ -44,7 +44,7 @@ class VariantSpec(Strict):
     """One normalization variant. Set only the parameters the chosen `norm` takes (each
     parameter names its norms); a parameter left out takes its default."""
 
-    norm: str = Field(description=norms_description())
+    norm: str = Field(max_length=32, description=norms_description())
     groups: GroupCount | Sweep[GroupCount] | None = Field(
         None, description=param_description("groups") + " A list sweeps it: each value becomes its own variant."
     )
@@ -121,7 +121,9 @@ class AugmentSpec(Strict):
 
 
 class JobSpec(Strict):
-    dataset_id: str = Field(description="Dataset to train on: an uploaded dataset's id or a built-in name (`digits`).")
+    dataset_id: str = Field(
+        max_length=64, description="Dataset to train on: an uploaded dataset's id or a built-in name (`digits`)."
+    )
     name: str | None = Field(None, max_length=200, description="Optional label for the job.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="The network every variant shares.")
     variants: list[VariantSpec] = Field(
@@ -140,6 +142,11 @@ class JobSpec(Strict):
     )
     log_every_steps: int = Field(
         50, ge=1, le=100000, description="Record the running train loss every this many steps."
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Training arithmetic: `fp32`, or `bf16` (bfloat16 autocast of the training forward pass; "
+        "faster on GPUs with bf16 units, slightly noisier). Evaluation runs in fp32. Recorded in each run's environment.",
     )
 
     @field_validator("batch_sizes")

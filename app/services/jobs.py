@@ -15,6 +15,7 @@ from app.config import Settings
 from app.errors import InvalidSpec, NotFound
 from app.queue import publish_train_run
 from app.schemas.jobs import JobSpec
+from app.services import quotas
 from app.services.datasets import get_dataset
 from app.tables import TERMINAL_STATES, Dataset, Job, Run, utcnow
 
@@ -72,6 +73,8 @@ def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str,
 
 
 def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) -> Job:
+    # In the transaction that inserts the job: the per-owner lock holds until commit.
+    quotas.check_active_jobs(session, settings, owner)
     try:
         dataset = get_dataset(session, owner, spec.dataset_id)
     except NotFound as e:

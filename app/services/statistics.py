@@ -349,7 +349,10 @@ class Sensitivity:
 def format_p(p: float) -> str:
     if p < 0.001:
         return "p<0.001"
-    return f"p={p:.3f}" if p < 0.01 else f"p={p:.2f}"
+    text = f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+    if p < 0.05 <= float(text):  # never print a significant p as "0.05"
+        text = f"{p:.4f}"
+    return f"p={text}"
 
 
 def _seeds(n: int) -> str:

@@ -1,0 +1,302 @@
+"""Live progress of a job as Server-Sent Events, derived by polling the database.
+
+Postgres is the only source: every `POLL_SECONDS` one short session reads the job's runs (and the
+per-epoch metric points of runs that moved) and the tracker emits what changed since its last look:
+
+    run_started   a run was claimed by a worker (again, with a higher `attempt`, after a retry)
+    epoch_done    a run recorded an epoch's val_acc / val_loss / train_loss
+    run_finished  a run reached a terminal state
+    job_finished  every run is terminal; the stream then ends
+
+A fresh stream starts from the job's history (for each run in order: run_started, its epochs,
+run_finished), so a client that connects late, or reconnects, sees the whole picture; event ids
+count the events of one connection. The tracker is plain synchronous code, so tests and the
+route share it; `event_stream` wraps it for the ASGI server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+
+import anyio
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db import session_factory
+from app.services.jobs import job_state
+from app.tables import TERMINAL_STATES, Job, MetricPoint, Run
+
+POLL_SECONDS = 0.5
+HEARTBEAT_SECONDS = 15.0
+RETRY_MS = 2000  # the reconnection delay an EventSource client is told to use
+EPOCH_METRICS = ("val_acc", "val_loss", "train_loss")
+
+
+class RunStarted(BaseModel):
+    """A worker claimed a run (sent again with a higher `attempt` when the run is retried)."""
+
+    run_id: str = Field(description="Run id.")
+    variant: str = Field(description="Variant label, e.g. `bn` or `gn(32)`.")
+    batch_size: int = Field(description="Training batch size.")
+    seed: int = Field(description="Seed.")
+    attempt: int = Field(description="Claim number: 1 on the first start, higher when a worker retried the run.")
+    epochs_total: int = Field(description="Epochs in the job's budget.")
+
+
+class EpochDone(BaseModel):
+    """A run recorded an epoch's metrics; sent once per (run, epoch): epochs a retried attempt redoes from its
+    checkpoint are not sent again."""
+
+    run_id: str = Field(description="Run id.")
+    variant: str = Field(description="Variant label.")
+    batch_size: int = Field(description="Training batch size.")
+    seed: int = Field(description="Seed.")
+    epoch: int = Field(description="Epochs completed, 1..`epochs_total`.")
+    epochs_total: int = Field(description="Epochs in the job's budget.")
+    val_acc: float | None = Field(description="Validation accuracy after this epoch, 0..1.")
+    val_loss: float | None = Field(description="Validation cross-entropy after this epoch (null if not finite).")
+    train_loss: float | None = Field(description="Mean training loss over this epoch (null if not finite).")
+
+
+class RunFinished(BaseModel):
+    """A run reached a terminal state. Follows its `run_started` and `epoch_done` events; the only event of a
+    run cancelled before it started."""
+
+    run_id: str = Field(description="Run id.")
+    variant: str = Field(description="Variant label.")
+    batch_size: int = Field(description="Training batch size.")
+    seed: int = Field(description="Seed.")
+    status: str = Field(description="Terminal status: `succeeded`, `failed`, `diverged` or `cancelled`.")
+    attempt: int = Field(description="Claim number of the attempt that ended it (0: cancelled before it started).")
+    val_acc: float | None = Field(description="Final validation accuracy, 0..1 (null without a result).")
+    val_loss: float | None = Field(description="Final validation cross-entropy (null without a finite result).")
+    train_loss: float | None = Field(description="Final-epoch training loss (null without a finite result).")
+    steps: int = Field(description="Optimizer steps taken.")
+    wall_time_s: float | None = Field(description="Training wall time in seconds.")
+    error: str | None = Field(description="Why a failed, diverged or cancelled run stopped.")
+
+
+class JobFinished(BaseModel):
+    """Every run of the job is terminal. The last event of a stream, which then closes."""
+
+    job_id: str = Field(description="Job id.")
+    status: str = Field(description="Final job status: `succeeded`, `failed` or `cancelled` (as GET /v1/jobs/{id}).")
+    runs_total: int = Field(description="Runs of the job.")
+    runs_finished: int = Field(description="Runs in a terminal state (all of them).")
+    counts: dict[str, int] = Field(description="Runs per status.")
+
+
+EVENT_MODELS: dict[str, type[BaseModel]] = {
+    "run_started": RunStarted,
+    "epoch_done": EpochDone,
+    "run_finished": RunFinished,
+    "job_finished": JobFinished,
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    data: BaseModel
+
+
+@dataclass
+class _Seen:
+    attempt: int = 0  # attempt of the last run_started sent
+    epoch: int = 0  # last epoch_done sent
+    finished: bool = False  # run_finished sent
+
+
+def _finite(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+class JobEventTracker:
+    """What one stream has told its client so far, and the events that bring it up to date.
+
+    Per run it keeps the attempt last announced, the last epoch sent and whether the run's end was
+    sent. An epoch is sent once per run: a retried attempt that redoes an epoch from its checkpoint
+    does not repeat it. A run cancelled before it ever started gets only `run_finished`.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.seen: dict[str, _Seen] = {}
+        self.done = False
+
+    def poll(self, session: Session) -> list[Event]:
+        job = session.get(Job, self.job_id)
+        if job is None:  # gone (its owner's data was removed): nothing more will happen
+            self.done = True
+            return []
+        epochs_total = int(job.budget.get("epochs", 0))
+        # Runs first, points after: progress and points are committed together, so points read later
+        # include at least every epoch the run rows report (and all of them for a terminal run).
+        runs = list(
+            session.scalars(
+                select(Run).where(Run.job_id == job.id).order_by(Run.batch_size, Run.variant_index, Run.seed)
+            )
+        )
+        epochs = self._new_epochs(session, runs)
+        events: list[Event] = []
+        for run in runs:
+            seen = self.seen.setdefault(run.id, _Seen())
+            if seen.finished:
+                continue
+            terminal = run.status in TERMINAL_STATES
+            if run.attempt > seen.attempt and (run.status == "running" or terminal):
+                seen.attempt = run.attempt
+                events.append(Event("run_started", self._started(run, epochs_total)))
+            if seen.attempt > 0:
+                for epoch, metrics in sorted(epochs.get(run.id, {}).items()):
+                    if epoch > seen.epoch:
+                        seen.epoch = epoch
+                        events.append(Event("epoch_done", self._epoch(run, epoch, epochs_total, metrics)))
+            if terminal:
+                seen.finished = True
+                events.append(Event("run_finished", self._finished(run)))
+        if all(self.seen[r.id].finished for r in runs):
+            state = job_state(session, job)
+            events.append(
+                Event(
+                    "job_finished",
+                    JobFinished(
+                        job_id=job.id,
+                        status=state.status,
+                        runs_total=state.runs_total,
+                        runs_finished=state.runs_finished,
+                        counts=state.counts,
+                    ),
+                )
+            )
+            self.done = True
+        return events
+
+    def _new_epochs(self, session: Session, runs: list[Run]) -> dict[str, dict[int, dict[str, float | None]]]:
+        """Per-epoch metrics of the runs that may have epochs this stream has not sent."""
+        wanted = []
+        for run in runs:
+            seen = self.seen.get(run.id) or _Seen()
+            if (
+                not seen.finished
+                and run.attempt > 0
+                and (run.status in TERMINAL_STATES or run.epochs_done > seen.epoch)
+            ):
+                wanted.append(run.id)
+        out: dict[str, dict[int, dict[str, float | None]]] = defaultdict(dict)
+        if not wanted:
+            return out
+        since = min((self.seen[r].epoch if r in self.seen else 0) for r in wanted)
+        stmt = select(MetricPoint.run_id, MetricPoint.epoch, MetricPoint.name, MetricPoint.value).where(
+            MetricPoint.run_id.in_(wanted), MetricPoint.name.in_(EPOCH_METRICS), MetricPoint.epoch > since
+        )
+        for run_id, epoch, name, value in session.execute(stmt):
+            if epoch != int(epoch):
+                continue
+            out[run_id].setdefault(int(epoch), dict.fromkeys(EPOCH_METRICS))[name] = _finite(value)
+        return out
+
+    @staticmethod
+    def _started(run: Run, epochs_total: int) -> RunStarted:
+        return RunStarted(
+            run_id=run.id,
+            variant=run.variant,
+            batch_size=run.batch_size,
+            seed=run.seed,
+            attempt=run.attempt,
+            epochs_total=epochs_total,
+        )
+
+    @staticmethod
+    def _epoch(run: Run, epoch: int, epochs_total: int, metrics: dict[str, float | None]) -> EpochDone:
+        return EpochDone(
+            run_id=run.id,
+            variant=run.variant,
+            batch_size=run.batch_size,
+            seed=run.seed,
+            epoch=epoch,
+            epochs_total=epochs_total,
+            val_acc=metrics.get("val_acc"),
+            val_loss=metrics.get("val_loss"),
+            train_loss=metrics.get("train_loss"),
+        )
+
+    @staticmethod
+    def _finished(run: Run) -> RunFinished:
+        final = run.final_metrics or {}
+        return RunFinished(
+            run_id=run.id,
+            variant=run.variant,
+            batch_size=run.batch_size,
+            seed=run.seed,
+            status=run.status,
+            attempt=run.attempt,
+            val_acc=_finite(final.get("val_acc")),
+            val_loss=_finite(final.get("val_loss")),
+            train_loss=_finite(final.get("train_loss")),
+            steps=run.steps_done,
+            wall_time_s=_finite(run.wall_time_s),
+            error=run.error,
+        )
+
+
+def poll_once(tracker: JobEventTracker, database_url: str) -> list[Event]:
+    """One poll in its own short session (run in a worker thread: the driver blocks)."""
+    session = session_factory(database_url)()
+    try:
+        return tracker.poll(session)
+    finally:
+        session.close()
+
+
+def format_event(event_id: int, event: Event) -> str:
+    data = json.dumps(event.data.model_dump(mode="json"), separators=(",", ":"), allow_nan=False)
+    return f"id: {event_id}\nevent: {event.name}\ndata: {data}\n\n"
+
+
+async def event_stream(
+    database_url: str,
+    job_id: str,
+    is_disconnected: Callable[[], Awaitable[bool]],
+    *,
+    follow: bool = True,
+    poll_seconds: float | None = None,
+    heartbeat_seconds: float | None = None,
+) -> AsyncIterator[str]:
+    """The `text/event-stream` body: history, then changes every poll, until the job finishes,
+    the client goes away, or (with `follow=False`) after the first poll."""
+    poll_every = POLL_SECONDS if poll_seconds is None else poll_seconds
+    heartbeat_every = HEARTBEAT_SECONDS if heartbeat_seconds is None else heartbeat_seconds
+    tracker = JobEventTracker(job_id)
+    next_id = 0
+    yield f"retry: {RETRY_MS}\n: events of job {job_id}\n\n"
+    last_write = time.monotonic()
+    while True:
+        events = await anyio.to_thread.run_sync(partial(poll_once, tracker, database_url))
+        for event in events:
+            next_id += 1
+            yield format_event(next_id, event)
+            last_write = time.monotonic()
+        if tracker.done or not follow or await is_disconnected():
+            return
+        if time.monotonic() - last_write >= heartbeat_every:
+            yield ": heartbeat\n\n"
+            last_write = time.monotonic()
+        await anyio.sleep(poll_every)
+
+
+def describe_events() -> str:
+    """Markdown for the OpenAPI description: every event and its data fields, from the models."""
+    lines = []
+    for name, model in EVENT_MODELS.items():
+        lines.append(f"- **`{name}`** — " + " ".join((model.__doc__ or "").split()))
+        for field, info in model.model_fields.items():
+            lines.append(f"    - `{field}`: {info.description}")
+    return "\n".join(lines)
