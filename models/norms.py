@@ -152,8 +152,13 @@ class BatchRenorm(nn.Module):
             std = torch.sqrt(self.running_var + self.eps).reshape(shape)
             r = torch.minimum(torch.maximum(std_b / std, 1.0 / r_max), r_max)
             d = torch.minimum(torch.maximum((mean_b - self.running_mean.reshape(shape)) / std, -d_max), d_max)
-            self.running_mean.lerp_(mean_b.flatten(), self.momentum)
-            self.running_var.lerp_(var_b.flatten() * (count / (count - 1)), self.momentum)
+            # Out-of-place lerp + copy_ (same values as lerp_): torch.func.vmap has a batching rule for
+            # it, so packed runs (workers.packing) update their stacked statistics in one kernel. The
+            # batch statistics take the buffers' dtype (bf16 under autocast, float32 buffers).
+            dtype = self.running_mean.dtype
+            batch_var = (var_b.flatten() * (count / (count - 1))).to(dtype)
+            self.running_mean.copy_(torch.lerp(self.running_mean, mean_b.flatten().to(dtype), self.momentum))
+            self.running_var.copy_(torch.lerp(self.running_var, batch_var, self.momentum))
             self.num_batches_tracked.add_(1)
         return ((x - mean_b) / std_b * r + d) * weight + bias
 

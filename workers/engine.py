@@ -1,10 +1,14 @@
 """The training engine: one run on a fixed sample budget, reporting through a `RunReporter`.
 
-Pure of the database and Celery, so tests and benchmarks drive it directly.
+Pure of the database and Celery, so tests and benchmarks drive it directly. `Trainer` is the
+eager reference engine for one run; `workers.packing.PackTrainer` trains several runs of one job
+and batch size at once (and captures the step in a CUDA graph) and is tested against it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import platform
 import time
@@ -18,7 +22,7 @@ from torch import nn
 from app.budget import steps_per_epoch
 from models import build_model
 from models.precise_bn import precise_bn_samples, recompute_bn_stats
-from workers.data import DeviceData, augment, epoch_order
+from workers.data import DeviceData, epoch_order
 from workers.diagnostics import BatchStatNoise
 
 EVAL_BATCH = 1024
@@ -38,6 +42,7 @@ class RunConfig:
     optimizer: dict[str, Any]
     augment: dict[str, Any]
     log_every_steps: int = 50
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the training forward)
 
 
 @dataclass
@@ -86,6 +91,64 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast of the training forward (and loss) when the run asks for it; nothing for fp32.
+    No weight cache, so the same context is safe inside a CUDA graph capture."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"unknown precision {precision!r}; expected fp32 or bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One epoch's random flips and crop offsets, one entry per sample position of the epoch."""
+
+    flip: torch.Tensor | None  # bool (N,)
+    dy: torch.Tensor | None  # int64 (N,)
+    dx: torch.Tensor | None
+    padding: int
+
+    def slice(self, start: int, stop: int) -> Augmentation:
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:stop]
+
+        return Augmentation(cut(self.flip), cut(self.dy), cut(self.dx), self.padding)
+
+
+def epoch_augmentation(cfg: RunConfig, epoch: int, kind: str, device: torch.device) -> Augmentation | None:
+    """Augmentation draws for one epoch: a function of (seed, epoch) only, like the data order, so a
+    resumed run and a packed run see the same crops and flips as an uninterrupted single one."""
+    hflip, padding = bool(cfg.augment.get("hflip")), int(cfg.augment.get("crop_padding", 0))
+    if kind != "image" or not (hflip or padding):
+        return None
+    n = cfg.budget["samples_per_epoch"]
+    g = torch.Generator().manual_seed((cfg.seed * 7919 + 1) * 1_000_003 + epoch)
+    flip = (torch.rand(n, generator=g) < 0.5).to(device) if hflip else None
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(device) if padding else None
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(device) if padding else None
+    return Augmentation(flip, dy, dx, padding)
+
+
+def apply_augmentation(
+    x: torch.Tensor, flip: torch.Tensor | None, dy: torch.Tensor | None, dx: torch.Tensor | None, padding: int
+) -> torch.Tensor:
+    """Flips and padded crops of a uint8 (N, C, H, W) batch with per-sample draws already on its device;
+    only device ops with static shapes, so it runs inside a CUDA graph."""
+    n, c, h, w = x.shape
+    if flip is not None:
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    if padding and dy is not None and dx is not None:
+        padded = F.pad(x, (padding, padding, padding, padding))
+        rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
+        cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
+        idx_n = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        idx_c = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        x = padded[idx_n, idx_c, rows, cols]
+    return x
+
+
 def scaled_lr(opt: dict[str, Any], batch_size: int) -> float:
     ratio = batch_size / opt["reference_batch_size"]
     scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[opt["lr_scaling"]]
@@ -107,6 +170,12 @@ def make_optimizer(model: nn.Module, opt: dict[str, Any], lr: float) -> torch.op
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": opt["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=lr, momentum=opt["momentum"])
+
+
+def optimizer_param_names(model: nn.Module) -> list[str]:
+    """Parameter names in the order `make_optimizer` numbers them in its state_dict."""
+    named = list(model.named_parameters())
+    return [n for n, p in named if p.ndim > 1] + [n for n, p in named if p.ndim <= 1]
 
 
 @torch.no_grad()
@@ -189,8 +258,8 @@ class Trainer:
         self.epochs = cfg.budget["epochs"]
         self.total = self.per_epoch * self.epochs
         self.warmup = round(cfg.optimizer["warmup_epochs"] * self.per_epoch)
-        self.aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
         self.augmenting = data.kind == "image" and bool(cfg.augment.get("hflip") or cfg.augment.get("crop_padding"))
+        self.aug: tuple[int, Augmentation | None] = (-1, None)  # (epoch, its draws)
         # Position: `batch` batches of epoch `epoch` are done; `step` counts all batches.
         self.epoch = self.batch = self.step = 0
         self.epoch_loss = torch.zeros((), device=device)
@@ -203,8 +272,10 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> dict[str, Any]:
+        # Format 2: augmentation draws are a function of (seed, epoch), so no generator state is kept.
+        # `workers.packing` writes the same format for each packed run, so either engine resumes either's.
         return {
-            "format": 1,
+            "format": 2,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
@@ -212,19 +283,19 @@ class Trainer:
             "step": self.step,
             "epoch_loss": float(self.epoch_loss),
             "window": [float(v) for v in self.window],
-            "aug_rng": self.aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "elapsed": self.elapsed(),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # A copy: SGD would adopt the checkpoint's momentum tensors and train them in place.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.epoch, self.batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
         self.epoch_loss = torch.tensor(state["epoch_loss"], device=self.device)
         self.window = [torch.tensor(v, device=self.device) for v in state["window"]]
-        self.aug_gen.set_state(state["aug_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
         self.elapsed_before = float(state["elapsed"])
 
     # -- the loop ----------------------------------------------------------------------------
@@ -269,15 +340,24 @@ class Trainer:
         return self.outcome("succeeded", finals=finals)
 
     def train_step(self, idx: torch.Tensor) -> None:
+        """One step on the samples `idx`, the next batch of the current epoch (position `self.batch`)."""
         cfg = self.cfg
         xb = self.data.x_train[idx]
         if self.augmenting:
-            xb = augment(xb, bool(cfg.augment.get("hflip")), int(cfg.augment.get("crop_padding", 0)), self.aug_gen)
+            if self.aug[0] != self.epoch:
+                self.aug = (self.epoch, epoch_augmentation(cfg, self.epoch, self.data.kind, self.device))
+            aug = self.aug[1]
+            if aug is not None:
+                at = self.batch * cfg.batch_size
+                cut = aug.slice(at, at + len(idx))
+                xb = apply_augmentation(xb, cut.flip, cut.dy, cut.dx, cut.padding)
         self.lr = lr_at(self.step, self.total, self.warmup, self.base_lr, cfg.optimizer["schedule"])
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self.noise.active = bool(self.noise) and self.step % NOISE_SAMPLE_EVERY == 0
-        loss = F.cross_entropy(self.model(self.data.prepare(xb)), self.data.y_train[idx])
+        with autocast(self.device, cfg.precision):
+            loss = F.cross_entropy(self.model(self.data.prepare(xb)), self.data.y_train[idx])
+        self.noise.active = False  # sample training forwards only, never precise-BN or train-mode eval passes
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if (self.step + 1) % cfg.log_every_steps == 0:

@@ -39,12 +39,15 @@ def reconcile_once(session: Session, settings: Settings, publish: Publish) -> di
 
     expired = (Run.status == "running") & (Run.lease_expires_at < now)
     # A lost worker's run in a cancelled job ends cancelled, never back in the queue.
-    cancelled = [*cancelled, *session.execute(
-        update(Run)
-        .where(expired, Run.job_id.in_(cancelled_jobs))
-        .values(status="cancelled", finished_at=now, lease_expires_at=None, error="cancelled by user")
-        .returning(Run.id)
-    ).all()]
+    cancelled = [
+        *cancelled,
+        *session.execute(
+            update(Run)
+            .where(expired, Run.job_id.in_(cancelled_jobs))
+            .values(status="cancelled", finished_at=now, lease_expires_at=None, error="cancelled by user")
+            .returning(Run.id)
+        ).all(),
+    ]
     counts["cancelled"] = len(cancelled)
     failed = session.execute(
         update(Run)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -49,6 +49,48 @@ def claim_run(session: Session, run_id: str, worker: str, lease_seconds: float, 
     return None if row is None else Claim(run_id, int(row[0]), row[1])
 
 
+def claim_pack_mates(session: Session, run_id: str, worker: str, lease_seconds: float, limit: int) -> list[Claim]:
+    """Claim up to `limit` more queued runs that can train in one pack with `run_id` (already claimed):
+    the same job and batch size. Runs of `run_id`'s own variant come first (they stack into one vmap
+    group), then the job's other variants in spec order, seeds in order. Each claim bumps that run's
+    attempt and takes its own lease, exactly as `claim_run` does for a queued run; the conditional
+    update (and SKIP LOCKED on Postgres) means two workers never claim the same run."""
+    if limit <= 0:
+        return []
+    lead = session.execute(select(Run.job_id, Run.batch_size, Run.variant).where(Run.id == run_id)).first()
+    if lead is None:
+        return []
+    job_id, batch_size, variant = lead
+    pick = (
+        select(Run.id)
+        .where(Run.job_id == job_id, Run.batch_size == batch_size, Run.status == "queued", Run.id != run_id)
+        .order_by((Run.variant == variant).desc(), Run.variant_index, Run.seed, Run.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)  # held until commit: a concurrent claimer skips them
+    ids = list(session.scalars(pick))
+    if not ids:
+        session.commit()
+        return []
+    now = utcnow()
+    rows = session.execute(
+        update(Run)
+        .where(Run.id.in_(ids), Run.status == "queued")
+        .values(
+            status="running",
+            attempt=Run.attempt + 1,
+            worker=worker,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            started_at=now,
+        )
+        .returning(Run.id, Run.attempt, Run.checkpoint_uri)
+    ).all()
+    session.commit()
+    claimed = {str(r[0]): Claim(str(r[0]), int(r[1]), r[2]) for r in rows}
+    return [claimed[i] for i in ids if i in claimed]
+
+
 def owned(run_id: str, attempt: int) -> Any:
     return (Run.id == run_id) & (Run.attempt == attempt) & (Run.status == "running")
 
@@ -67,6 +109,29 @@ def renew_lease(session: Session, run_id: str, attempt: int, lease_seconds: floa
     cancel = session.scalar(select(Job.cancel_requested).where(Job.id == row[0]))
     session.commit()
     return bool(cancel)
+
+
+def renew_leases(session: Session, claims: list[tuple[str, int]], lease_seconds: float) -> dict[str, bool | None]:
+    """`renew_lease` for several (run id, attempt) claims in one statement: each run's job cancel flag,
+    or None for a run this attempt no longer holds."""
+    out: dict[str, bool | None] = {run_id: None for run_id, _ in claims}
+    if not claims:
+        return out
+    rows = session.execute(
+        update(Run)
+        .where(or_(*(owned(run_id, attempt) for run_id, attempt in claims)))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .returning(Run.id, Run.job_id)
+    ).all()
+    jobs = {job_id for _, job_id in rows}
+    cancel: dict[str, bool] = {}
+    if jobs:
+        for job_id, flag in session.execute(select(Job.id, Job.cancel_requested).where(Job.id.in_(jobs))):
+            cancel[job_id] = bool(flag)
+    session.commit()
+    for run_id, job_id in rows:
+        out[run_id] = bool(cancel.get(job_id))
+    return out
 
 
 def _insert_for(session: Session) -> Any:

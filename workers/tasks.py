@@ -1,4 +1,6 @@
-"""Celery tasks. The train task claims a run, trains it on the fixed budget and records the outcome."""
+"""Celery tasks. The train task claims a run (and, with NORMBENCH_PACK_SIZE > 1, up to that many
+compatible queued runs of its job to train in one pack), trains on the fixed budget and records each
+run's outcome."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import socket
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,14 +28,16 @@ from workers.celery_app import celery_app
 from workers.data import DeviceData, load_device_data
 from workers.engine import Outcome, Point, Progress, RunConfig, environment, train
 from workers.lifecycle import SHUTDOWN
+from workers.packing import PackTrainer
 from workers.runstore import (
     Claim,
     StaleAttempt,
+    claim_pack_mates,
     claim_run,
     finish_run,
     record_progress,
     release_run,
-    renew_lease,
+    renew_leases,
 )
 
 log = logging.getLogger(__name__)
@@ -57,36 +62,71 @@ def _cached_data(path: str, sha256: str, budget_json: str, device: str) -> Devic
 
 
 class Heartbeat(threading.Thread):
-    """Renews the run's lease every few seconds and picks up cancellation on the way."""
+    """Renews the leases of the runs this worker trains (one run, or a pack) every few seconds, in one
+    statement, and picks up cancellation and lost claims on the way."""
 
-    def __init__(self, settings: Settings, claim: Claim) -> None:
-        super().__init__(name=f"heartbeat-{claim.run_id}", daemon=True)
-        self.settings, self.claim = settings, claim
+    def __init__(self, settings: Settings, claims: list[Claim]) -> None:
+        super().__init__(name=f"heartbeat-{claims[0].run_id}", daemon=True)
+        self.settings, self.claims = settings, list(claims)
         self.done = threading.Event()
-        self.cancelled = self.superseded = self.unreachable = False
+        self.cancelled: set[str] = set()
+        self.superseded: set[str] = set()
+        self.finished: set[str] = set()
+        self.unreachable = False
         self.last_ok = time.monotonic()
 
     def run(self) -> None:
         while not self.done.wait(self.settings.heartbeat_seconds):
+            live = [
+                (c.run_id, c.attempt)
+                for c in self.claims
+                if c.run_id not in self.superseded and c.run_id not in self.finished
+            ]
+            if not live:
+                return
             try:
                 with session_scope(self.settings.resolved_database_url) as s:
-                    cancel = renew_lease(s, self.claim.run_id, self.claim.attempt, self.settings.lease_seconds)
+                    states = renew_leases(s, live, self.settings.lease_seconds)
             except Exception:
                 if time.monotonic() - self.last_ok > self.settings.lease_seconds:
                     self.unreachable = True
                 continue
             self.last_ok = time.monotonic()
-            if cancel is None:
-                self.superseded = True
-                return
-            self.cancelled = cancel
+            for run_id, cancel in states.items():
+                if cancel is None:
+                    if run_id not in self.finished:
+                        self.superseded.add(run_id)
+                elif cancel:
+                    self.cancelled.add(run_id)
+
+    def lease(self, run_id: str) -> Lease:
+        return Lease(self, run_id)
+
+
+class Lease:
+    """One run's view of the shared heartbeat."""
+
+    def __init__(self, heartbeat: Heartbeat, run_id: str) -> None:
+        self.heartbeat, self.run_id = heartbeat, run_id
+
+    @property
+    def superseded(self) -> bool:
+        return self.run_id in self.heartbeat.superseded
+
+    @property
+    def cancelled(self) -> bool:
+        return self.run_id in self.heartbeat.cancelled
+
+    @property
+    def unreachable(self) -> bool:
+        return self.heartbeat.unreachable
 
 
 class DbReporter:
     """Writes progress, points and checkpoints through the run's fencing token."""
 
-    def __init__(self, settings: Settings, storage: Storage, claim: Claim, heartbeat: Heartbeat, abort: bool) -> None:
-        self.settings, self.storage, self.claim, self.heartbeat = settings, storage, claim, heartbeat
+    def __init__(self, settings: Settings, storage: Storage, claim: Claim, lease: Lease, abort: bool) -> None:
+        self.settings, self.storage, self.claim, self.heartbeat = settings, storage, claim, lease
         self.checkpoint_uri = claim.checkpoint_uri
         self.abort = abort
 
@@ -136,8 +176,9 @@ def save_checkpoint(storage: Storage, claim: Claim, step: int, state: dict[str, 
 def load_checkpoint(storage: Storage, uri: str, device: torch.device) -> dict[str, Any]:
     # weights_only: a checkpoint is data, never code.
     state: dict[str, Any] = torch.load(storage.fetch(uri), map_location=device, weights_only=True)
-    state["aug_rng"] = state["aug_rng"].cpu()
-    state["torch_rng"] = state["torch_rng"].cpu()
+    for key in ("aug_rng", "torch_rng"):  # generator states live on the CPU (aug_rng: format 1 only)
+        if key in state:
+            state[key] = state[key].cpu()
     return state
 
 
@@ -154,66 +195,161 @@ def run_config(run: Run, job: Job) -> RunConfig:
         optimizer=spec["optimizer"],
         augment=spec["augment"],
         log_every_steps=spec["log_every_steps"],
+        precision=spec.get("precision", "fp32"),
     )
+
+
+def pack_size(settings: Settings, device: torch.device) -> int:
+    """Runs trained together per task: NORMBENCH_PACK_SIZE, or 32 on a GPU and 1 on a CPU."""
+    if settings.pack_size > 0:
+        return settings.pack_size
+    return 32 if device.type == "cuda" else 1
 
 
 @celery_app.task(name=TRAIN_RUN_TASK)
 def train_run(run_id: str) -> str:
     settings = get_settings()
+    device = pick_device()
     with session_scope(settings.resolved_database_url) as s:
         claim = claim_run(s, run_id, worker_name(), settings.lease_seconds, settings.max_attempts)
     if claim is None:
         log.info("run %s is not claimable (finished, cancelled or held by a live worker)", run_id)
         return "skipped"
-    heartbeat = Heartbeat(settings, claim)
+    claims = [claim]
+    size = pack_size(settings, device)
+    if size > 1:
+        try:
+            with session_scope(settings.resolved_database_url) as s:
+                claims += claim_pack_mates(s, run_id, worker_name(), settings.lease_seconds, size - 1)
+        except Exception:  # train the run alone; queued mates stay queued for other tasks
+            log.exception("could not claim pack mates for run %s", run_id)
+        if len(claims) > 1:
+            log.info("run %s packed with %s", run_id, ", ".join(c.run_id for c in claims[1:]))
+    heartbeat = Heartbeat(settings, claims)
     heartbeat.start()
     try:
-        return _train_claimed(settings, claim, heartbeat)
+        return _train_claimed(settings, claims, heartbeat, device)
     finally:
         heartbeat.done.set()
 
 
-def _train_claimed(settings: Settings, claim: Claim, heartbeat: Heartbeat) -> str:
+@dataclass
+class Packed:
+    """One claimed run on its way through training."""
+
+    claim: Claim
+    cfg: RunConfig
+    env: dict[str, Any]
+    resume: dict[str, Any] | None = None
+    reporter: DbReporter | None = None
+    status: str | None = None  # how it ended, once settled
+
+
+def _train_claimed(settings: Settings, claims: list[Claim], heartbeat: Heartbeat, device: torch.device) -> str:
+    """Train the claimed runs (the task's own run first) and settle each; returns how the first ended."""
     db = settings.resolved_database_url
-    device = pick_device()
-    env = environment(device)
     storage = open_storage(settings.resolved_storage_url)
+    runs: list[Packed] = []
     try:
         with session_scope(db) as s:
-            run, job = s.get(Run, claim.run_id), None
-            assert run is not None
-            job = s.get(Job, run.job_id)
-            dataset = s.get(Dataset, job.dataset_id) if job else None
-            assert job is not None and dataset is not None
-            cfg, cancelled = run_config(run, job), job.cancel_requested
+            job = dataset = None
+            for claim in claims:
+                run = s.get(Run, claim.run_id)
+                assert run is not None
+                job = job or s.get(Job, run.job_id)
+                assert job is not None
+                cfg = run_config(run, job)
+                runs.append(Packed(claim, cfg, {**environment(device), "precision": cfg.precision}))
+            assert job is not None
+            dataset = s.get(Dataset, job.dataset_id)
+            assert dataset is not None
+            cancelled = job.cancel_requested
             uri, sha, abort = dataset.storage_uri, dataset.sha256, job.name == settings.fault_abort_job_name
         if cancelled:
-            with session_scope(db) as s:
-                finish_run(s, claim.run_id, claim.attempt, "cancelled", error="cancelled by user before it started")
+            for r in runs:
+                with session_scope(db) as s:
+                    finish_run(
+                        s, r.claim.run_id, r.claim.attempt, "cancelled", error="cancelled by user before it started"
+                    )
             return "cancelled"
-        data = _cached_data(str(storage.fetch(uri)), sha, json.dumps(cfg.budget, sort_keys=True), str(device))
-        resume = load_checkpoint(storage, claim.checkpoint_uri, device) if claim.checkpoint_uri else None
-        if resume is not None:
-            env["resumed_from_step"] = int(resume["step"])
-        reporter = DbReporter(
-            settings, storage, claim, heartbeat, abort=abort and settings.fault_abort_job_name is not None
+        data = _cached_data(str(storage.fetch(uri)), sha, json.dumps(runs[0].cfg.budget, sort_keys=True), str(device))
+    except Exception as e:  # nothing trained yet: settle every claimed run the same way
+        statuses = [_settle(settings, c, environment(device), e) for c in claims]
+        return statuses[0]
+
+    live: list[Packed] = []
+    for r in runs:
+        try:
+            r.resume = load_checkpoint(storage, r.claim.checkpoint_uri, device) if r.claim.checkpoint_uri else None
+        except Exception as e:  # an unreadable checkpoint fails its run, not the pack
+            r.status = _settle(settings, r.claim, r.env, e)
+            continue
+        if r.resume is not None:
+            r.env["resumed_from_step"] = int(r.resume["step"])
+        lease = heartbeat.lease(r.claim.run_id)
+        r.reporter = DbReporter(
+            settings, storage, r.claim, lease, abort=abort and settings.fault_abort_job_name is not None
         )
-        outcome = train(cfg, data, device, reporter, resume)
-        return _record_outcome(settings, claim, outcome, env)
-    except StaleAttempt:
+        live.append(r)
+
+    if len(live) == 1 and device.type == "cpu":
+        r = live[0]
+        assert r.reporter is not None
+        try:
+            result: Outcome | BaseException = train(r.cfg, data, device, r.reporter, r.resume)
+        except Exception as e:
+            result = e
+        r.env["engine"] = "single"
+        r.status = _settle(settings, r.claim, r.env, result)
+    elif live:
+
+        def settle(index: int, result: Outcome | BaseException) -> None:
+            r = live[index]
+            r.env.update(trainer.execution())
+            heartbeat.finished.add(r.claim.run_id)
+            r.status = _settle(settings, r.claim, r.env, result)
+
+        try:
+            trainer = PackTrainer(
+                [r.cfg for r in live],
+                data,
+                device,
+                [r.reporter for r in live if r.reporter is not None],
+                [r.resume for r in live],
+                on_done=settle,
+            )
+            trainer.run()
+        except Exception as e:  # the pack itself broke (out of memory, a model error): every unsettled run
+            log.exception("pack of %d runs stopped", len(live))
+            for r in live:
+                if r.status is None:
+                    r.status = _settle(settings, r.claim, r.env, e)
+    return runs[0].status or "failed"
+
+
+def _settle(settings: Settings, claim: Claim, env: dict[str, Any], result: Outcome | BaseException) -> str:
+    """Record how one run ended (its outcome, or the exception that stopped it); returns a status word."""
+    if isinstance(result, Outcome):
+        return _record_outcome(settings, claim, result, env)
+    if isinstance(result, StaleAttempt):
         log.warning("run %s attempt %s was superseded; stopped without further writes", claim.run_id, claim.attempt)
         return "stale"
-    except (LeaseLost, OperationalError) as e:
+    if isinstance(result, LeaseLost | OperationalError):
         # The database is unreachable: stop; the lease expires and the reconciler requeues the run.
+        log.error("run %s attempt %s stopped: %s", claim.run_id, claim.attempt, result)
+        return "lost"
+    if isinstance(result, torch.cuda.OutOfMemoryError):
+        return _retry_or_fail(settings, claim, f"out of memory: {result}", env)
+    # A data or model error: fail the run with its message, no retry.
+    log.error("run %s failed", claim.run_id, exc_info=result)
+    try:
+        with session_scope(settings.resolved_database_url) as s:
+            error = f"{type(result).__name__}: {result}"
+            finish_run(s, claim.run_id, claim.attempt, "failed", error=error, environment=env)
+    except OperationalError as e:
         log.error("run %s attempt %s stopped: %s", claim.run_id, claim.attempt, e)
         return "lost"
-    except torch.cuda.OutOfMemoryError as e:
-        return _retry_or_fail(settings, claim, f"out of memory: {e}", env)
-    except Exception as e:  # a data or model error: fail the run with its message, no retry
-        log.exception("run %s failed", claim.run_id)
-        with session_scope(db) as s:
-            finish_run(s, claim.run_id, claim.attempt, "failed", error=f"{type(e).__name__}: {e}", environment=env)
-        return "failed"
+    return "failed"
 
 
 def _record_outcome(settings: Settings, claim: Claim, outcome: Outcome, env: dict[str, Any]) -> str:
