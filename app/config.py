@@ -77,7 +77,7 @@ class Settings(BaseSettings):
         ge=0,
         le=256,
         description="Runs a worker trains together in one process (same job and batch size; each keeps its own "
-        "lease, metrics, checkpoints and outcome). 0 = automatic: 32 on a CUDA device, 1 (one run at a time) on CPU.",
+        "lease, metrics, checkpoints and outcome). 0 = automatic: 32 on a CUDA device, 4 on CPU.",
     )
     fault_abort_job_name: str | None = Field(
         None, description="Fault-injection hook for tests: the worker process dies abruptly while training this job."

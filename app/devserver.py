@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--host", default=os.environ.get("NORMBENCH_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("NORMBENCH_PORT", "8000")))
     parser.add_argument("--epochs", type=int, default=10, help="demo epoch budget")
-    parser.add_argument("--seeds", type=int, default=2, help="demo seeds per cell")
+    parser.add_argument("--seeds", type=int, default=3, help="demo seeds per cell (3: enough for a paired test)")
     parser.add_argument("--no-demo", action="store_true", help="only start the service")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is printed")
     args = parser.parse_args()
@@ -162,8 +162,12 @@ def main() -> None:
                 results = client.get(f"/v1/jobs/{job_id}/results").json()
                 print(f"finished in {time.monotonic() - started:.0f}s with status {job['status']}\n")
                 print(result_table(results))
+                verdicts = results.get("verdicts") or []
+                if verdicts:
+                    print("\nverdicts:\n" + "\n".join(f"  - {v}" for v in verdicts))
                 print(
-                    f"\nresults: {base}/v1/jobs/{job_id}/results\ncurves:  {base}/v1/jobs/{job_id}/curves?metric=val_acc"
+                    f"\nreport:  {base}/v1/jobs/{job_id}/report\nresults: {base}/v1/jobs/{job_id}/results\n"
+                    f"curves:  {base}/v1/jobs/{job_id}/curves?metric=val_acc"
                 )
             if args.exit_after_demo:
                 return

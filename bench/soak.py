@@ -84,9 +84,9 @@ def main() -> None:
                 "dataset_id": "digits",
                 "model": {"arch": "mlp", "hidden": [32]},
                 "variants": [{"norm": "bn"}, {"norm": "gn", "groups": 4}],
-                "batch_sizes": [32, 64],
+                "batch_sizes": [8, 16],
                 "seeds": list(range(5)),
-                "budget": {"epochs": 2},
+                "budget": {"epochs": 4},
                 "log_every_steps": 5,
                 "name": f"soak{j}",
             }

@@ -1,10 +1,13 @@
-"""Steps/s of NormBench's training engine against a tutorial-style loop, side by side in one run.
+"""Model-steps/s of NormBench's engine against a tutorial-style loop, side by side in one run (CPU).
 
-The naive loop is what a tutorial writes: a DataLoader over a TensorDataset of float tensors,
-shuffling, eager PyTorch, torch's default thread count. Ours is `workers.engine.Trainer`: the
-dataset resident as uint8 on the device, batches sliced by index, one normalization per batch.
+naive   what a tutorial writes: a DataLoader over a TensorDataset of float tensors, shuffling,
+        eager PyTorch, torch.optim.SGD
+engine  `workers.engine.Trainer`, one run: uint8 data resident on the device, batches sliced by
+        index, one normalization per batch, the real loop with its bookkeeping
+pack K  `workers.packing.PackTrainer`: K runs (seeds) stacked with torch.func.vmap in one process,
+        the same loop the worker uses with NORMBENCH_PACK_SIZE=K; reported as model-steps/s
 
-    .venv/bin/python bench/train_throughput.py [--arch cnn] [--steps 600] [--out bench/results/throughput.json]
+    .venv/bin/python bench/train_throughput.py [--arch cnn|mlp] [--steps 600] [--k 4] [--out FILE]
 """
 
 from __future__ import annotations
@@ -12,19 +15,24 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from app.budget import holdout_size, resolve_budget
-from app.services.builtin import digits_dataset
-from app.services.ingest import save_canonical
-from workers.data import DeviceData, load_device_data
-from workers.engine import RunConfig, Trainer, build_run_model
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from app.budget import holdout_size, resolve_budget  # noqa: E402
+from app.services.builtin import digits_dataset  # noqa: E402
+from app.services.ingest import save_canonical  # noqa: E402
+from workers.data import DeviceData, load_device_data  # noqa: E402
+from workers.engine import Point, Progress, RunConfig, Trainer, build_run_model  # noqa: E402
+from workers.packing import PackTrainer  # noqa: E402
 
 OPT = {
     "lr": 0.1,
@@ -36,14 +44,28 @@ OPT = {
     "schedule": "constant",
 }
 MODEL = {"mlp": {"hidden": [256, 256]}, "cnn": {"width": 16}}
+WARMUP = 30
 
 
-class NullReporter:
-    def report(self, *args: object, **kwargs: object) -> None:
+class Timer:
+    """Ends the run after WARMUP + n steps and times the last n (the first member's clock)."""
+
+    def __init__(self, n: int, clock: bool) -> None:
+        self.n, self.clock, self.calls, self.t0, self.t1 = n, clock, 0, 0.0, 0.0
+
+    def report(self, points: list[Point], progress: Progress, checkpoint: dict[str, Any] | None = None) -> None:
         pass
 
-    def stop_reason(self) -> None:
-        return None
+    def stop_reason(self) -> str | None:
+        self.calls += 1
+        if self.clock and self.calls == WARMUP:
+            self.t0 = time.perf_counter()
+        if self.clock and self.calls == WARMUP + self.n:
+            self.t1 = time.perf_counter()
+        return "cancelled" if self.calls >= WARMUP + self.n else None
+
+    def steps_per_s(self) -> float:
+        return self.n / max(self.t1 - self.t0, 1e-9)
 
 
 def naive_steps_per_s(cfg: RunConfig, data: DeviceData, steps: int) -> float:
@@ -52,40 +74,37 @@ def naive_steps_per_s(cfg: RunConfig, data: DeviceData, steps: int) -> float:
     loader = DataLoader(TensorDataset(x, data.y_train), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     done, start = 0, 0.0
-    while done < steps + 20:
+    while done < steps + WARMUP:
         for xb, yb in loader:
-            if done == 20:  # warm-up excluded
+            if done == WARMUP:
                 start = time.perf_counter()
             opt.zero_grad()
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
             opt.step()
             done += 1
-            if done == steps + 20:
+            if done == steps + WARMUP:
                 break
     return steps / (time.perf_counter() - start)
 
 
 def engine_steps_per_s(cfg: RunConfig, data: DeviceData, steps: int) -> float:
-    trainer = Trainer(cfg, data, torch.device("cpu"), NullReporter())
-    trainer.epochs = 10**6  # run by steps, not by budget
-    order = torch.randperm(len(data.x_train))
-    idx = [order[(i * cfg.batch_size) % (len(order) - cfg.batch_size) :][: cfg.batch_size] for i in range(steps + 20)]
-    for i in idx[:20]:
-        trainer.train_step(i)
-    start = time.perf_counter()
-    for i in idx[20:]:
-        trainer.train_step(i)
-        trainer.reporter.stop_reason()
-        if trainer.step % cfg.log_every_steps == 0:
-            trainer.check_window([])
-    return steps / (time.perf_counter() - start)
+    timer = Timer(steps, clock=True)
+    Trainer(cfg, data, torch.device("cpu"), timer).run()
+    return timer.steps_per_s()
+
+
+def pack_model_steps_per_s(cfg: RunConfig, data: DeviceData, steps: int, k: int) -> float:
+    timers = [Timer(steps, clock=i == 0) for i in range(k)]
+    PackTrainer([replace(cfg, seed=s) for s in range(k)], data, torch.device("cpu"), timers).run()
+    return k * timers[0].steps_per_s()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="cnn", choices=sorted(MODEL))
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--k", type=int, default=4, help="runs per pack")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -93,33 +112,41 @@ def main() -> None:
     path = Path(tempfile.mkdtemp()) / "digits.npz"
     save_canonical(ds, path)
     val = holdout_size(ds.num_samples, 0.1)
-    budget = resolve_budget(ds.num_samples - val, val, 1, [2, 8, 32])
+    budget = resolve_budget(ds.num_samples - val, val, 100, [2, 8, 32])
     data = load_device_data(path, budget, torch.device("cpu"))
-    default_threads = torch.get_num_threads()
     rows = []
     for norm in ("bn", "gn"):
         for batch in (2, 8, 32):
             cfg = RunConfig(args.arch, norm, {}, batch, 0, budget, MODEL[args.arch], OPT, {}, 50)
-            torch.set_num_threads(default_threads)
             naive = naive_steps_per_s(cfg, data, args.steps)
-            torch.set_num_threads(1 if batch <= 8 else default_threads)
-            ours = engine_steps_per_s(cfg, data, args.steps)
+            single = engine_steps_per_s(cfg, data, args.steps)
+            packed = pack_model_steps_per_s(cfg, data, args.steps, args.k)
             rows.append(
-                {"norm": norm, "batch": batch, "naive_steps_s": naive, "engine_steps_s": ours, "ratio": ours / naive}
+                {
+                    "norm": norm,
+                    "batch": batch,
+                    "naive": naive,
+                    "engine": single,
+                    "pack": packed,
+                    "engine_ratio": single / naive,
+                    "pack_ratio": packed / naive,
+                }
             )
-    torch.set_num_threads(default_threads)
     env = {
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": default_threads,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
         "arch": args.arch,
         "steps": args.steps,
+        "k": args.k,
+        "command": " ".join(sys.argv),
     }
-    print(f"{args.arch} on digits, torch {torch.__version__}, {default_threads} threads available")
-    print(f"{'norm':<6}{'batch':>6}{'naive steps/s':>16}{'engine steps/s':>16}{'ratio':>8}")
+    print(f"{args.arch} on digits, torch {torch.__version__}, {torch.get_num_threads()} threads; model-steps/s")
+    print(f"{'norm':<6}{'batch':>6}{'naive':>9}{'engine':>9}{'ratio':>8}{f'pack K={args.k}':>11}{'ratio':>8}")
     for r in rows:
         print(
-            f"{r['norm']:<6}{r['batch']:>6}{r['naive_steps_s']:>16.0f}{r['engine_steps_s']:>16.0f}{r['ratio']:>7.2f}×"
+            f"{r['norm']:<6}{r['batch']:>6}{r['naive']:>9.0f}{r['engine']:>9.0f}{r['engine_ratio']:>7.2f}×"
+            f"{r['pack']:>11.0f}{r['pack_ratio']:>7.2f}×"
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
