@@ -22,20 +22,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.budget import holdout_size, resolve_budget  # noqa: E402
+from app.schemas.jobs import OptimizerSpec  # noqa: E402
 from app.services.ingest import CanonicalDataset, save_canonical  # noqa: E402
 from app.services.statistics import summarize  # noqa: E402
 
 VARIANTS = [("bn", {}), ("bn_precise", {}), ("gn", {"groups": 16}), ("ln", {})]
 BATCHES = [2, 4, 8, 16, 32]
-OPT = {
-    "lr": 0.1,
-    "reference_batch_size": 32,
-    "lr_scaling": "linear",
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "warmup_epochs": 1,
-    "schedule": "cosine",
-}
+OPT = OptimizerSpec().model_dump()  # the job spec's defaults
 
 
 def make_dataset(path: Path) -> None:

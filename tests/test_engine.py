@@ -10,20 +10,13 @@ import pytest
 import torch
 
 from app.budget import holdout_size, resolve_budget, total_steps
+from app.schemas.jobs import OptimizerSpec
 from app.services.builtin import digits_dataset
 from app.services.ingest import save_canonical
 from workers.data import DeviceData, augment, epoch_order, load_device_data
 from workers.engine import Point, Progress, RunConfig, Trainer, batches, build_run_model, lr_at, scaled_lr, train
 
-OPT = {
-    "lr": 0.1,
-    "reference_batch_size": 32,
-    "lr_scaling": "linear",
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "warmup_epochs": 1,
-    "schedule": "cosine",
-}
+OPT = OptimizerSpec().model_dump()  # the spec's defaults: lr 0.1 at batch 32, linear scaling, cosine
 
 
 class Recorder:

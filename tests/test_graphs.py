@@ -24,6 +24,7 @@ import torch
 
 import workers.packing as packing
 from app.budget import holdout_size, resolve_budget
+from app.schemas.jobs import OptimizerSpec
 from app.services.builtin import digits_dataset
 from app.services.ingest import save_canonical
 from workers.data import DeviceData, load_device_data
@@ -33,15 +34,7 @@ from workers.packing import PackGroup, PackTrainer
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 ROOT = Path(__file__).resolve().parent.parent
-OPT = {
-    "lr": 0.1,
-    "reference_batch_size": 32,
-    "lr_scaling": "linear",
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "warmup_epochs": 1,
-    "schedule": "cosine",
-}
+OPT = OptimizerSpec().model_dump()  # the spec's defaults: lr 0.1 at batch 32, linear scaling, cosine
 
 
 class Quiet:

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from app.budget import holdout_size, resolve_budget
 from app.config import Settings
 from app.db import session_scope
+from app.schemas.jobs import OptimizerSpec
 from app.services.builtin import digits_dataset
 from app.services.ingest import save_canonical
 from app.tables import Run
@@ -34,15 +35,7 @@ from workers.packing import PackTrainer, train_signature
 from workers.runstore import claim_pack_mates, claim_run, finish_run, renew_leases
 
 CPU = torch.device("cpu")
-OPT = {
-    "lr": 0.1,
-    "reference_batch_size": 32,
-    "lr_scaling": "linear",
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "warmup_epochs": 1,
-    "schedule": "cosine",
-}
+OPT = OptimizerSpec().model_dump()  # the spec's defaults: lr 0.1 at batch 32, linear scaling, cosine
 TIMING = ("images_per_s", "step_time_ms")
 NORM_PARAMS: dict[str, dict[str, Any]] = {
     "bn": {},
