@@ -4,7 +4,7 @@
     normbench submit my_data.npz --variants bn,gn:8/16/32 --batch-sizes 2,4,8 --seeds 3 --epochs 10
     normbench status JOB · normbench results JOB --format table|json|csv · normbench report JOB [--open]
     normbench datasets ls | upload FILE [--name N] [--label-column C] | rm ID
-    normbench jobs ls · normbench cancel JOB
+    normbench jobs ls · normbench cancel JOB · normbench retry JOB
 
 It talks to the server over HTTP only (it imports nothing of the service): the base URL comes from
 `--url` or NORMBENCH_URL (default http://127.0.0.1:8000), an API key from `--api-key` or
@@ -468,6 +468,13 @@ def cmd_cancel(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(api: Api, args: argparse.Namespace) -> int:
+    job = api.json("POST", f"/v1/jobs/{args.job}/retry")
+    err(f"failed and cancelled runs of job {job['id']} are queued again; they resume from their checkpoints")
+    print(progress_line(job))
+    return 0
+
+
 # ------------------------------------------------------------------------------------ the parser
 
 
@@ -562,6 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a job's unfinished runs")
     cancel.add_argument("job", metavar="JOB")
     cancel.set_defaults(func=cmd_cancel)
+
+    retry = sub.add_parser("retry", parents=[common], help="queue a finished job's failed and cancelled runs again")
+    retry.add_argument("job", metavar="JOB")
+    retry.set_defaults(func=cmd_retry)
     return parser
 
 

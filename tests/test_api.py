@@ -182,3 +182,29 @@ def test_gn_group_sweep_expands_into_variants(client: TestClient) -> None:
     assert [r["variant"] for r in runs if r["batch_size"] == 2] == ["bn", "gn(1)", "gn(2)", "gn(8)", "gn(size=4)"]
     assert_422(client, job_spec("digits", variants=[{"norm": "gn", "groups": [2, 3]}]), "groups=3", "8 channels")
     assert_422(client, job_spec("digits", variants=[{"norm": "gn", "groups": [2, 2]}]), "distinct", "gn(2)")
+
+
+def test_retry_requeues_failed_and_cancelled_runs_only(client: TestClient, settings: Settings) -> None:
+    job = client.post("/v1/jobs", json=job_spec("digits", seeds=[0, 1])).json()
+    assert client.post(f"/v1/jobs/{job['id']}/retry").status_code == 409  # runs are still queued
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    runs = client.get(f"/v1/jobs/{job['id']}/runs").json()
+    engine = create_engine(settings.resolved_database_url)
+    with engine.begin() as conn:  # one run had finished before the cancel: it must stay as it is
+        conn.execute(Run.__table__.update().where(Run.id == runs[0]["id"]).values(status="succeeded"))
+    resp = client.post(f"/v1/jobs/{job['id']}/retry")
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["progress"]["counts"]["queued"] == 7 and resp.json()["progress"]["counts"]["cancelled"] == 0
+    after = {r["id"]: r for r in client.get(f"/v1/jobs/{job['id']}/runs").json()}
+    assert after[runs[0]["id"]]["status"] == "succeeded"
+    assert all(r["error"] is None for i, r in after.items() if i != runs[0]["id"])
+    assert client.post("/v1/jobs/missing/retry").status_code == 404
+
+
+def test_prometheus_metrics_count_runs_by_status(client: TestClient) -> None:
+    client.post("/v1/jobs", json=job_spec("digits"))
+    resp = client.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    lines = dict(line.rsplit(" ", 1) for line in resp.text.splitlines() if not line.startswith("#"))
+    assert lines['normbench_runs{status="queued"}'] == "4"
+    assert lines["normbench_jobs"] == "1" and int(lines["normbench_datasets"]) >= 1

@@ -168,6 +168,11 @@ def test_upload_then_submit_without_waiting_then_cancel(
         assert time.monotonic() < deadline, job
         time.sleep(0.3)
     assert [v["group_size"] for v in job["spec"]["variants"] if v["norm"] == "gn"] == [4]
+    code, out, err = run(capsys, "--url", url, "retry", job_id)  # the cancelled runs go back to the queue
+    assert code == 0 and "queued again" in err
+    code, out, _ = run(capsys, "--url", url, "status", job_id, "--json")
+    assert json.loads(out)["progress"]["counts"]["cancelled"] == 0
+    run(capsys, "--url", url, "cancel", job_id)  # leave the worker idle for the next test
     # A finished but cancelled job: `results` still prints what there is; submit would exit 1 (below).
     code, out, _ = run(capsys, "--url", url, "results", job_id)
     assert code == 0 and "gn(size=4)" in out

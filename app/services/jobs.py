@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app import catalogue
 from app.budget import holdout_size, resolve_budget, total_steps
 from app.config import Settings
-from app.errors import InvalidSpec, NotFound
+from app.errors import Conflict, InvalidSpec, NotFound
 from app.queue import publish_train_run
 from app.schemas.jobs import JobSpec
 from app.services import quotas
@@ -103,20 +103,24 @@ def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) 
     ]
     session.add_all(runs)
     session.commit()
-    # Commit first, then publish: Postgres is the referee. A run left unpublished (broker down,
-    # process killed here) keeps published_at NULL and a worker's reconciler publishes it.
+    publish_committed(session, settings, [r.id for r in runs])
+    return job
+
+
+def publish_committed(session: Session, settings: Settings, run_ids: list[str]) -> None:
+    """Publish runs already committed as queued. Postgres is the referee: a run left unpublished
+    (broker down, process killed here) keeps published_at NULL and a worker's reconciler publishes it."""
     published = []
-    for run in runs:
+    for run_id in run_ids:
         try:
-            publish_train_run(settings, run.id)
+            publish_train_run(settings, run_id)
         except Exception:
-            log.exception("could not publish run %s; the reconciler will", run.id)
+            log.exception("could not publish run %s; the reconciler will", run_id)
             break
-        published.append(run.id)
+        published.append(run_id)
     if published:
         session.execute(update(Run).where(Run.id.in_(published)).values(published_at=utcnow()))
         session.commit()
-    return job
 
 
 def get_job(session: Session, owner: str, job_id: str) -> Job:
@@ -202,4 +206,29 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
         .values(status="cancelled", finished_at=utcnow(), error="cancelled by user before it started")
     )
     session.commit()
+    return job
+
+
+RETRYABLE = ("failed", "cancelled")
+
+
+def retry_job(session: Session, settings: Settings, owner: str, job_id: str) -> Job:
+    """Queue a finished job's failed and cancelled runs again; they resume from their last checkpoint.
+    Succeeded and diverged runs are results and stay (a diverged run would diverge again: same seed)."""
+    job = get_job(session, owner, job_id)
+    busy = session.scalar(select(func.count()).where(Run.job_id == job.id, Run.status.in_(("queued", "running"))))
+    if busy:
+        raise Conflict(f"job '{job.id}' still has {busy} queued or running runs; retry once they have ended")
+    run_ids = list(session.scalars(select(Run.id).where(Run.job_id == job.id, Run.status.in_(RETRYABLE))))
+    if not run_ids:
+        raise Conflict(f"job '{job.id}' has no failed or cancelled runs to retry")
+    quotas.check_active_jobs(session, settings, owner)
+    job.cancel_requested = False
+    session.execute(
+        update(Run)
+        .where(Run.id.in_(run_ids))
+        .values(status="queued", finished_at=None, error=None, lease_expires_at=None, published_at=None)
+    )
+    session.commit()
+    publish_committed(session, settings, run_ids)
     return job

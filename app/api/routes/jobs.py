@@ -77,6 +77,19 @@ def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
     return job_out(session, service.cancel_job(session, owner, job_id))
 
 
+@router.post(
+    "/{job_id}/retry",
+    status_code=202,
+    response_model=JobOut,
+    responses=ERRORS,
+    summary="Queue a finished job's failed and cancelled runs again",
+    description="Failed and cancelled runs go back to the queue and resume from their last checkpoint; "
+    "succeeded and diverged runs are kept. 409 while runs are still queued or running, or if there is nothing to retry.",
+)
+def retry_job(job_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep) -> JobOut:
+    return job_out(session, service.retry_job(session, settings, owner, job_id))
+
+
 @router.get("/{job_id}/runs", response_model=list[RunOut], responses=ERRORS, summary="The runs of a job")
 def list_runs(job_id: str, session: SessionDep, owner: OwnerDep) -> list[RunOut]:
     job = service.get_job(session, owner, job_id)
