@@ -18,7 +18,7 @@ import httpx
 from alembic import command
 from alembic.config import Config
 
-from app.config import UnsafeBind, check_bind_safety, get_settings
+from app.config import TRAIN_QUEUE, UnsafeBind, check_bind_safety, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,30 +39,25 @@ def demo_spec(epochs: int, seeds: int) -> dict[str, object]:
     }
 
 
-def migrate(database_url: str) -> None:
+def alembic_config(database_url: str) -> Config:
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(ROOT / "migrations"))
     cfg.attributes["database_url"] = database_url
-    command.upgrade(cfg, "head")
+    return cfg
+
+
+def migrate(database_url: str) -> None:
+    command.upgrade(alembic_config(database_url), "head")
+
+
+def worker_command(loglevel: str, *extra: str) -> list[str]:
+    """One local worker on the train queue; solo pool, so SIGTERM reaches the training loop."""
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", TRAIN_QUEUE,
+            "--pool", "solo", "--loglevel", loglevel, *extra]  # fmt: skip
 
 
 def start_children(host: str, port: int) -> list[subprocess.Popen[bytes]]:
-    worker = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.celery_app",
-        "worker",
-        "-Q",
-        "train",
-        "--pool",
-        "solo",
-        "--loglevel",
-        "WARNING",
-        "--hostname",
-        "normbench-local@%h",
-    ]
+    worker = worker_command("WARNING", "--hostname", "normbench-local@%h")
     api = [
         sys.executable,
         "-m",

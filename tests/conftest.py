@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +13,10 @@ import psycopg
 import pytest
 import redis
 from alembic import command
-from alembic.config import Config
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.devserver import alembic_config, worker_command
 from app.main import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,13 +29,6 @@ PG_URL = f"postgresql+psycopg://{PG_SERVER}/{TEST_DB}"
 REDIS_URL = os.environ.get("NORMBENCH_TEST_REDIS", "redis://127.0.0.1:6379/15")
 KEY_PREFIX = f"nbtest{SESSION}:"
 TABLES = ("metric_points", "runs", "jobs", "datasets")
-
-
-def alembic_config(database_url: str) -> Config:
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
-    cfg.attributes["database_url"] = database_url
-    return cfg
 
 
 def recreate_database(name: str) -> str:
@@ -106,22 +98,7 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.celery_app",
-            "worker",
-            "-Q",
-            "train",
-            "--pool",
-            "solo",
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ]
+        cmd = worker_command("INFO", "--without-gossip", "--without-mingle")
         self.log = log_path.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
