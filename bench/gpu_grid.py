@@ -32,6 +32,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,13 @@ def measure_steps(args: argparse.Namespace, data: DeviceData, device: torch.devi
             v, info = engine_steps_per_s(seeds, data, device, args.warmup, args.steps, graphs=True)
             row["pack_graph"], row["pack_info"] = v * args.k, info
             print("  pack graph", norm, batch, f"{row['pack_graph']:.0f} model-steps/s", info, flush=True)
+            if batch == min(args.batches) and args.k_big:
+                seeds = [replace(base, seed=s) for s in range(args.k_big)]
+                v, info = engine_steps_per_s(seeds, data, device, args.warmup, args.steps, graphs=True)
+                row["pack_graph_big"], row["k_big"] = v * args.k_big, args.k_big
+                print(
+                    "  pack graph", norm, batch, f"K={args.k_big}: {v * args.k_big:.0f} model-steps/s", info, flush=True
+                )
             rows.append(row)
     for norm, params in VARIANTS[:2]:
         big = cfg_for(norm, params, args.big_batch, 0, budget)
@@ -251,7 +259,8 @@ def check(args: argparse.Namespace, data: DeviceData, device: torch.device) -> d
         data.num_classes,
     )
     budget = budget_for(small, [8])
-    runs = [cfg_for("gn", {"groups": 8}, 8, s, budget) for s in range(2)] + [cfg_for("bn", {}, 8, 0, budget)]
+    runs = [cfg_for("gn", {"groups": 8}, 8, s, budget) for s in range(2)]
+    runs += [cfg_for("bn", {}, 8, 0, budget), cfg_for("bn_precise", {}, 8, 1, budget)]
     packed = PackTrainer(runs, small, device, [Null() for _ in runs]).run()
     rows = []
     for cfg, p in zip(runs, packed, strict=True):
@@ -330,7 +339,7 @@ def forwards_per_s(model: torch.nn.Module, data: DeviceData, batch: int, n: int,
 
 def naive_run_estimate(cfg: RunConfig, data: DeviceData, device: torch.device, args: argparse.Namespace) -> float:
     """Seconds one sequential run of cfg takes: its steps at the timed rate plus its epoch end."""
-    timer = Timer(device, args.warmup, args.steps, clock=True)
+    timer = Timer(device, args.grid_warmup, args.grid_steps, clock=True)
     trainer = Trainer(cfg, data, device, timer)
     trainer.run()
     steps = trainer.per_epoch * trainer.epochs
@@ -340,7 +349,7 @@ def naive_run_estimate(cfg: RunConfig, data: DeviceData, device: torch.device, a
     evaluate(model, data)
     sync(device)
     eval_s = time.perf_counter() - t
-    fwd = forwards_per_s(model, data, cfg.batch_size, max(10, args.steps // 2), device)
+    fwd = forwards_per_s(model, data, cfg.batch_size, max(10, args.grid_steps // 2), device)
     end_forwards = len(data.x_val) // cfg.batch_size  # train-mode evaluation after the last epoch
     if cfg.norm == "bn_precise":
         end_forwards += min(8192, len(data.x_train)) // cfg.batch_size
@@ -354,17 +363,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that runs on a CPU")
     parser.add_argument("--parts", default="check,steps,grid", help="comma-separated: check, steps, grid")
     parser.add_argument("--k", type=int, default=None, help="runs per pack in the steps part (default 32)")
+    parser.add_argument("--k-big", type=int, default=None, help="a second, larger pack at the smallest batch")
     parser.add_argument("--naive-full", action="store_true", help="run the sequential grid fully (slow)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default $OUT/gpu_grid.json)")
     args = parser.parse_args()
     device = torch.device(args.device)
     quick = args.quick
     args.k = args.k or (4 if quick else 32)
+    args.k_big = args.k_big if args.k_big is not None else (8 if quick else 64)
     args.batches = [2, 8] if quick else [2, 8, 32]
     args.big_batch = 16 if quick else 128
     args.warmup, args.steps = (3, 6) if quick else (60, 250)  # < one epoch at batch 128
+    args.grid_warmup, args.grid_steps = (3, 6) if quick else (30, 150)
     args.check_steps = 12 if quick else 25
-    args.check_samples = 64 if quick else 4096
+    args.check_samples = 64 if quick else 2048
     args.grid_batches = [2, 8] if quick else [2, 4, 8, 16, 32]
     args.seeds = 2 if quick else 3
     n, n_val = (288, 32) if quick else (50_000, 5_000)
@@ -396,26 +408,24 @@ def main() -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1, default=str))
 
+    def part(name: str, fn: Any) -> None:
+        print(f"{name}:", flush=True)
+        t = time.perf_counter()
+        try:
+            fn()
+        except Exception:  # record it and go on: one broken part must not cost the others' device time
+            result.setdefault("errors", {})[name] = traceback.format_exc()
+            print(f"{name} FAILED:\n{traceback.format_exc()}", flush=True)
+        result.setdefault("part_s", {})[name] = time.perf_counter() - t
+        save()
+
     if "check" in parts:
-        print("check:", flush=True)
-        t = time.perf_counter()
-        result["check"] = check(args, data, device)
-        result.setdefault("part_s", {})["check"] = time.perf_counter() - t
-        save()
+        part("check", lambda: result.__setitem__("check", check(args, data, device)))
     if "steps" in parts:
-        print("steps:", flush=True)
-        t = time.perf_counter()
-        result["steps"] = measure_steps(args, data, device)
-        result.setdefault("part_s", {})["steps"] = time.perf_counter() - t
-        save()
+        part("steps", lambda: result.__setitem__("steps", measure_steps(args, data, device)))
     if "grid" in parts:
-        print("grid:", flush=True)
-        t = time.perf_counter()
-        result["grid_engine"] = grid_engine(args, data, device)
-        save()
-        result["grid_sequential"] = grid_naive(args, data, device)
-        result.setdefault("part_s", {})["grid"] = time.perf_counter() - t
-        save()
+        part("grid_engine", lambda: result.__setitem__("grid_engine", grid_engine(args, data, device)))
+        part("grid_sequential", lambda: result.__setitem__("grid_sequential", grid_naive(args, data, device)))
     print_table(result)
 
 
@@ -449,6 +459,14 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{r['pack_graph']:>10.0f}{r['graph'] / r['naive']:>12.1f}×{r['pack_graph'] / r['naive']:>13.1f}×"
                 f"{images:>9.0f} ({images / ceiling:.0%})"
             )
+        for r in result["steps"]:
+            if "pack_graph_big" in r:
+                images = r["pack_graph_big"] * r["batch"]
+                ceiling = big[r["norm"]]["graph"] * big[r["norm"]]["batch"]
+                print(
+                    f"{r['norm']:<5}{r['batch']:>6}{'':>38}{r['pack_graph_big']:>10.0f}{'':>13}"
+                    f"{r['pack_graph_big'] / r['naive']:>13.1f}×{images:>9.0f} ({images / ceiling:.0%})   pack K={r['k_big']}"
+                )
         eager = {r[key].get("eager_reason") for r in result["steps"] for key in ("graph_info", "pack_info") if key in r}
         eager.discard(None)
         if eager:
@@ -459,14 +477,19 @@ def print_table(result: dict[str, Any]) -> None:
                 "(the ceiling the percentages above compare to)"
             )
     if "grid_engine" in result:
-        e, s = result["grid_engine"], result["grid_sequential"]
-        how = "extrapolated from timed slices" if s["extrapolated"] else "run in full"
-        print(
-            f"\ngrid ({len(e['val_acc']) * result['args']['seeds']} runs, 1 epoch): engine packed {e['wall_s']:.1f}s, "
-            f"sequential single-run engine {s['wall_s']:.1f}s ({how}): {s['wall_s'] / e['wall_s']:.1f}× faster"
-        )
+        e = result["grid_engine"]
+        print(f"\ngrid ({len(e['val_acc']) * result['args']['seeds']} runs, 1 epoch): engine packed {e['wall_s']:.1f}s")
+        if "grid_sequential" in result:
+            seq = result["grid_sequential"]
+            how = "extrapolated from timed slices" if seq["extrapolated"] else "run in full"
+            print(
+                f"  sequential single-run engine {seq['wall_s']:.1f}s ({how}): {seq['wall_s'] / e['wall_s']:.1f}× faster"
+            )
         print("  engine seconds per batch size: " + ", ".join(f"{b}: {v:.1f}" for b, v in e["per_batch_s"].items()))
         print("  val_acc (mean over seeds): " + ", ".join(f"{k} {v:.3f}" for k, v in e["val_acc"].items()))
+    print("part seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.get("part_s", {}).items()))
+    for name, tb in result.get("errors", {}).items():
+        print(f"{name} FAILED: {tb.strip().splitlines()[-1]}")
 
 
 if __name__ == "__main__":
