@@ -1,6 +1,6 @@
 """Issue 7: how close does NormBench get to the GPU's limit on a grid of small-batch runs?
 
-Three parts, side by side in one process on one device, then a table (printed last):
+Parts, side by side in one process on one device, then a table (printed last):
 
   check   graph vs eager on the device: the same packed ResNet-20 steps with CUDA graphs and without,
           from the same state (max parameter difference); packed vs single-run training of the same runs
@@ -15,10 +15,15 @@ Three parts, side by side in one process on one device, then a table (printed la
           training loop (`PackTrainer.run`: per-run bookkeeping, BN-noise sampling, loss checks), timed
           between two device syncs after warm-up.
   grid    wall time of a 60-run job (bn, gn, ln, bn_precise × batch 2, 4, 8, 16, 32 × 3 seeds), 1 epoch of a
-          generated CIFAR-sized set (50,000 uint8 32×32×3 images, 10 classes): our engine packing each batch
-          size's 12 runs (what one worker with NORMBENCH_PACK_SIZE >= 12 does), against the sequential
-          single-run engine (`Trainer`, eager: what a worker did before). The sequential time is extrapolated
-          from a timed slice of every cell unless --naive-full runs it all (about an hour on an H100).
+          generated CIFAR-sized set (50,000 uint8 32×32×3 images, 10 classes), trained as one worker trains
+          it: packs of up to --grid-pack runs (the worker's NORMBENCH_PACK_SIZE; 32 by default on CUDA) in
+          the order the worker claims them, several batch sizes side by side in one pack, packs one after
+          another.
+  grid_per_batch   the same grid with one pack per batch size (how the worker packed before batch sizes
+          could share a pack).
+  sequential       the sequential single-run engine (`Trainer`, eager: what a worker did before packing)
+          over the grid, extrapolated from a timed slice of every cell unless --naive-full runs it all
+          (about an hour on an H100).
 
     python bench/gpu_grid.py                       # on the GPU; writes $OUT/gpu_grid.json (or --out)
     python bench/gpu_grid.py --quick --device cpu  # tiny sizes, runs anywhere (CI smoke test)
@@ -279,24 +284,63 @@ def check(args: argparse.Namespace, data: DeviceData, device: torch.device) -> d
 
 
 # -- grid --------------------------------------------------------------------------------------------
-def grid_engine(args: argparse.Namespace, data: DeviceData, device: torch.device) -> dict[str, Any]:
+def grid_cfgs(args: argparse.Namespace, data: DeviceData) -> list[RunConfig]:
+    """The job's runs in the order the API creates them: batch size, variant, seed."""
     budget = budget_for(data, args.grid_batches)
-    per_batch: dict[int, float] = {}
+    return [cfg_for(n, p, b, s, budget) for b in args.grid_batches for n, p in VARIANTS for s in range(args.seeds)]
+
+
+def worker_packs(cfgs: list[RunConfig], size: int) -> list[list[int]]:
+    """The packs one worker with NORMBENCH_PACK_SIZE=size trains, one after another: the first queued
+    run leads, and its mates come in `workers.runstore.claim_pack_mates`' order (its batch size and
+    variant, its batch size, then the other batch sizes, smallest first). size 0: one pack per batch size."""
+    if size <= 0:
+        sizes = sorted({c.batch_size for c in cfgs})
+        return [[i for i, c in enumerate(cfgs) if c.batch_size == b] for b in sizes]
+    variant = {n: i for i, (n, _) in enumerate(VARIANTS)}
+    queued, packs = list(range(len(cfgs))), []
+    while queued:
+        lead = cfgs[queued[0]]
+
+        def order(i: int, lead: RunConfig = lead) -> tuple[bool, bool, int, int, int]:
+            c = cfgs[i]
+            same = c.batch_size == lead.batch_size
+            return (not same, not (same and c.norm == lead.norm), c.batch_size, variant[c.norm], c.seed)
+
+        pack = [queued[0], *sorted(queued[1:], key=order)[: size - 1]]
+        packs.append(pack)
+        queued = [i for i in queued if i not in pack]
+    return packs
+
+
+def grid_engine(args: argparse.Namespace, data: DeviceData, device: torch.device, pack_size: int) -> dict[str, Any]:
+    """Wall time of the grid trained the way one worker trains it: its packs one after another."""
+    cfgs = grid_cfgs(args, data)
+    packs = worker_packs(cfgs, pack_size)
+    per_pack: list[dict[str, Any]] = []
     accs: dict[str, list[float]] = {}
     sync(device)
     start = time.perf_counter()
-    for batch in args.grid_batches:
+    for pack in packs:
         t = time.perf_counter()
-        cfgs = [cfg_for(n, p, batch, s, budget) for n, p in VARIANTS for s in range(args.seeds)]
-        results = PackTrainer(cfgs, data, device, [Null() for _ in cfgs]).run()
+        members = [cfgs[i] for i in pack]
+        results = PackTrainer(members, data, device, [Null() for _ in members]).run()
         sync(device)
-        per_batch[batch] = time.perf_counter() - t
-        for cfg, r in zip(cfgs, results, strict=True):
+        took = time.perf_counter() - t
+        batches = sorted({c.batch_size for c in members})
+        per_pack.append({"runs": len(members), "batch_sizes": batches, "wall_s": took})
+        for cfg, r in zip(members, results, strict=True):
             assert isinstance(r, Outcome) and r.status == "succeeded", r
-            accs.setdefault(f"{cfg.norm}@{batch}", []).append(r.final_metrics["val_acc"])
-        print(f"  engine grid batch {batch}: {per_batch[batch]:.1f}s", flush=True)
+            accs.setdefault(f"{cfg.norm}@{cfg.batch_size}", []).append(r.final_metrics["val_acc"])
+        print(f"  engine pack of {len(members)} runs at batch sizes {batches}: {took:.1f}s", flush=True)
     total = time.perf_counter() - start
-    return {"wall_s": total, "per_batch_s": per_batch, "val_acc": {k: sum(v) / len(v) for k, v in accs.items()}}
+    accs = {k: accs[k] for k in sorted(accs, key=lambda k: (int(k.split("@")[1]), k))}
+    return {
+        "pack_size": pack_size,
+        "wall_s": total,
+        "packs": per_pack,
+        "val_acc": {k: sum(v) / len(v) for k, v in accs.items()},
+    }
 
 
 def grid_naive(args: argparse.Namespace, data: DeviceData, device: torch.device) -> dict[str, Any]:
@@ -361,7 +405,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that runs on a CPU")
-    parser.add_argument("--parts", default="check,steps,grid", help="comma-separated: check, steps, grid")
+    parser.add_argument(
+        "--parts",
+        default="check,steps,grid,sequential",
+        help="comma-separated: check, steps, grid, grid_per_batch, sequential",
+    )
+    parser.add_argument(
+        "--grid-pack", type=int, default=32, help="the worker's pack size for the grid part (0: one per batch size)"
+    )
     parser.add_argument("--k", type=int, default=None, help="runs per pack in the steps part (default 32)")
     parser.add_argument("--k-big", type=int, default=None, help="a second, larger pack at the smallest batch")
     parser.add_argument("--naive-full", action="store_true", help="run the sequential grid fully (slow)")
@@ -424,9 +475,16 @@ def main() -> None:
     if "steps" in parts:
         part("steps", lambda: result.__setitem__("steps", measure_steps(args, data, device)))
     if "grid" in parts:
-        part("grid_engine", lambda: result.__setitem__("grid_engine", grid_engine(args, data, device)))
-        part("grid_sequential", lambda: result.__setitem__("grid_sequential", grid_naive(args, data, device)))
+        part("grid", lambda: result.__setitem__("grid", grid_engine(args, data, device, args.grid_pack)))
+    if "grid_per_batch" in parts:
+        part("grid_per_batch", lambda: result.__setitem__("grid_per_batch", grid_engine(args, data, device, 0)))
+    if "sequential" in parts:
+        part("sequential", lambda: result.__setitem__("sequential", grid_naive(args, data, device)))
     print_table(result)
+
+
+def args_grid_batches(result: dict[str, Any]) -> list[int]:
+    return list(result["args"]["grid_batches"])
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -476,17 +534,21 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{norm:<5}{r['batch']:>6}{'':>9}{r['graph']:>9.0f}   graph, one run: {r['graph'] * r['batch']:.0f} images/s "
                 "(the ceiling the percentages above compare to)"
             )
-    if "grid_engine" in result:
-        e = result["grid_engine"]
-        print(f"\ngrid ({len(e['val_acc']) * result['args']['seeds']} runs, 1 epoch): engine packed {e['wall_s']:.1f}s")
-        if "grid_sequential" in result:
-            seq = result["grid_sequential"]
-            how = "extrapolated from timed slices" if seq["extrapolated"] else "run in full"
-            print(
-                f"  sequential single-run engine {seq['wall_s']:.1f}s ({how}): {seq['wall_s'] / e['wall_s']:.1f}× faster"
-            )
-        print("  engine seconds per batch size: " + ", ".join(f"{b}: {v:.1f}" for b, v in e["per_batch_s"].items()))
-        print("  val_acc (mean over seeds): " + ", ".join(f"{k} {v:.3f}" for k, v in e["val_acc"].items()))
+    runs = len(args_grid_batches(result)) * len(VARIANTS) * result["args"]["seeds"]
+    seq = result.get("sequential")
+    if seq is not None:
+        how = "extrapolated from timed slices" if seq["extrapolated"] else "run in full"
+        print(f"\ngrid ({runs} runs, 1 epoch): sequential single-run engine {seq['wall_s']:.1f}s ({how})")
+    for key in ("grid", "grid_per_batch"):
+        if key not in result:
+            continue
+        e = result[key]
+        how = f"packs of up to {e['pack_size']} runs" if e["pack_size"] else "one pack per batch size"
+        faster = f": {seq['wall_s'] / e['wall_s']:.1f}× faster" if seq is not None else ""
+        print(f"  engine, {how}: {e['wall_s']:.1f}s{faster}")
+        for p in e["packs"]:
+            print(f"    {p['runs']} runs at batch sizes {p['batch_sizes']}: {p['wall_s']:.1f}s")
+        print("    val_acc (mean over seeds): " + ", ".join(f"{k} {v:.3f}" for k, v in e["val_acc"].items()))
     print("part seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.get("part_s", {}).items()))
     for name, tb in result.get("errors", {}).items():
         print(f"{name} FAILED: {tb.strip().splitlines()[-1]}")

@@ -103,30 +103,38 @@ def single(cfg: RunConfig, data: DeviceData, resume: dict[str, Any] | None = Non
     return train(cfg, data, CPU, rec, resume), rec
 
 
-def assert_same_run(a: Outcome, rec_a: Recorder, b: Outcome, rec_b: Recorder, *, chaotic: bool = False) -> None:
-    """Two trainings of one run agree: status, budget, accuracy, and every logged value to round-off.
+# Packed and single training run the same arithmetic in a different order (vmapped kernels), so they
+# agree to float32 round-off at first; training then amplifies that round-off, on some CPUs enough to move
+# a final accuracy by a few validation samples (seen: 0.8 points for one seed after 130 steps on an AVX-512
+# machine, with differences of 1e-7 at step 50). A packing mistake (data order, learning rate, statistics)
+# shows at once, so the first EXACT_STEPS steps are compared to round-off, the end results loosely.
+EXACT_STEPS = 60
+STEP_LOGGED = ("train_loss_step", "grad_norm")  # logged every few steps; epoch-end metrics are final ones
 
-    `chaotic` is for a model near chance whose training amplifies float32 round-off exponentially (such
-    as `in` on 8×8 digits, whose last stage normalizes over 2×2 positions: the single-run engine and a
-    pack of one drift apart the same way): then only the first logged losses, the step counts and the
+
+def assert_same_run(a: Outcome, rec_a: Recorder, b: Outcome, rec_b: Recorder, *, chaotic: bool = False) -> None:
+    """Two trainings of one run agree: status, budget, every logged value of the first EXACT_STEPS steps
+    to round-off, and the final metrics to within amplified round-off.
+
+    `chaotic` is for a model near chance whose training amplifies float32 round-off exponentially from
+    the start (such as `in` on 8×8 digits, whose last stage normalizes over 2×2 positions: the single-run
+    engine and a pack of one drift apart the same way): then only the first 20 steps' losses and the
     final losses to a few percent are compared."""
     assert (a.status, a.steps, a.samples) == (b.status, b.steps, b.samples)
     assert a.final_metrics.keys() == b.final_metrics.keys()
     curve_a, curve_b = rec_a.curve(), rec_b.curve()
     assert curve_a.keys() == curve_b.keys()
+    for name in ("train_loss", "val_loss"):
+        assert b.final_metrics[name] == pytest.approx(a.final_metrics[name], rel=0.05), name
     if chaotic:
-        for name in ("train_loss", "val_loss"):
-            assert b.final_metrics[name] == pytest.approx(a.final_metrics[name], rel=0.05), name
         curve_a = {k: v for k, v in curve_a.items() if k[0] <= 20 and k[1] == "train_loss_step"}
-    for name, value in a.final_metrics.items():
-        if name in TIMING or chaotic:
-            continue
-        if name.startswith("val_acc"):
-            assert b.final_metrics[name] == value, name
-        else:
-            assert b.final_metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    else:
+        curve_a = {k: v for k, v in curve_a.items() if k[0] <= EXACT_STEPS and k[1] in STEP_LOGGED}
+        for name, value in a.final_metrics.items():
+            if name.startswith("val_acc"):
+                assert b.final_metrics[name] == pytest.approx(value, abs=0.02), name
     for key, value in curve_a.items():
-        if not key[1].startswith("val_acc"):
+        if key[1] not in TIMING and not key[1].startswith("val_acc"):
             assert curve_b[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
 
@@ -293,8 +301,59 @@ def test_one_run_diverging_or_leaving_does_not_disturb_the_others(digits: tuple[
 
 def test_a_pack_refuses_runs_that_do_not_share_a_budget(digits: tuple[DeviceData, dict[str, int]]) -> None:
     data, budget = digits
-    with pytest.raises(ValueError, match="batch_size"):
-        PackTrainer([config(budget), config(budget, batch_size=2)], data, CPU, [Recorder(), Recorder()])
+    with pytest.raises(ValueError, match="budget"):
+        PackTrainer([config(budget), config(two_epochs(budget))], data, CPU, [Recorder(), Recorder()])
+
+
+class GroupWatcher(Recorder):
+    """Records, at every step, the identity of the group that trains its run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainer: PackTrainer | None = None
+        self.index = 0
+        self.groups: list[int] = []
+
+    def stop_reason(self) -> str | None:
+        assert self.trainer is not None
+        g, _ = self.trainer.group_of(self.trainer.members[self.index])
+        self.groups.append(id(g))
+        return super().stop_reason()
+
+
+def test_a_pack_of_batch_sizes_trains_each_as_its_own_pack(digits: tuple[DeviceData, dict[str, int]]) -> None:
+    """Runs of one job at several batch sizes step side by side, each on its own schedule, exactly as
+    packs of one batch size do; a batch size that finishes first leaves the other groups as they are
+    (no re-stacking, so no new CUDA graphs on a GPU)."""
+    data, budget = digits
+    variants: list[tuple[str, dict[str, Any]]] = [("bn", {}), ("gn", {"groups": 4})]
+    cfgs = [
+        config(budget, batch_size=b, norm=n, norm_params=p, seed=s) for b in (2, 8, 32) for n, p in variants for s in (0, 1)
+    ]
+    assert len({train_signature(c) for c in cfgs}) == 6  # one group per batch size and variant
+    recs = [GroupWatcher() for _ in cfgs]
+    trainer = PackTrainer(cfgs, data, CPU, recs)
+    for i, rec in enumerate(recs):
+        rec.trainer, rec.index = trainer, i
+    mixed = trainer.run()
+    assert trainer.execution()["largest_group"] == 2
+    for b in (2, 8, 32):
+        at = [i for i, c in enumerate(cfgs) if c.batch_size == b]
+        alone_recs = [Recorder() for _ in at]
+        alone = PackTrainer([cfgs[i] for i in at], data, CPU, alone_recs).run()
+        for i, out, rec in zip(at, alone, alone_recs, strict=True):
+            got = mixed[i]
+            assert isinstance(out, Outcome) and isinstance(got, Outcome) and got.status == "succeeded"
+            assert got.samples == budget["samples_per_epoch"]  # the same samples at every batch size
+            assert {k: v for k, v in got.final_metrics.items() if k not in TIMING} == pytest.approx(
+                {k: v for k, v in out.final_metrics.items() if k not in TIMING}, rel=1e-6
+            )
+            assert recs[i].curve() == pytest.approx(rec.curve(), rel=1e-6)
+            assert len(set(recs[i].groups)) == 1, f"batch {b} {cfgs[i].norm} was re-stacked"
+    assert len(recs[0].groups) > len(recs[-1].groups)  # batch 2 outlived batch 32
+    for i in (2, 3, 6, 7, 10, 11):  # gn trains stably from seed to seed: also equal to single runs
+        assert cfgs[i].norm == "gn"
+        assert_same_run(*single(cfgs[i], data), mixed[i], recs[i])  # type: ignore[arg-type]
 
 
 def test_trainer_records_no_noise_outside_training_forwards(digits: tuple[DeviceData, dict[str, int]]) -> None:
@@ -328,15 +387,20 @@ def test_claiming_pack_mates(client: TestClient, settings: Settings) -> None:
         assert claim_run(s, lead.id, "w1", lease, 3) is not None
         mates = claim_pack_mates(s, lead.id, "w1", lease, 3)
     by_id = {r.id: r for r in runs}
-    # Its own variant first (they stack into one group), then the job's other variants; one batch size.
+    # Its own batch size and variant first (they stack into one group), then its batch size's other
+    # variants, then the job's other batch sizes, smallest first.
     assert [(by_id[c.run_id].variant, by_id[c.run_id].seed) for c in mates] == [("gn(4)", 0), ("gn(4)", 2), ("bn", 0)]
     assert all(by_id[c.run_id].batch_size == 8 and c.attempt == 1 for c in mates)
     with session_scope(db) as s:
         second = claim_pack_mates(s, lead.id, "w2", lease, 10)  # a late second claimer gets only the rest
         assert claim_pack_mates(s, lead.id, "w2", lease, 0) == []
-    assert {c.run_id for c in second} == {r.id for r in runs if r.batch_size == 8} - {lead.id} - {
-        c.run_id for c in mates
-    }
+    assert {c.run_id for c in second} == {r.id for r in runs} - {lead.id} - {c.run_id for c in mates}
+    assert [(by_id[c.run_id].batch_size, by_id[c.run_id].variant) for c in second] == [
+        (8, "bn"),
+        (8, "bn"),
+        *[(2, "bn")] * 3,
+        *[(2, "gn(4)")] * 3,
+    ]
     after = {r.id: r for r in runs_of(settings, job_id)}
     for c in [*mates, *second]:
         assert after[c.run_id].status == "running" and after[c.run_id].lease_expires_at is not None
@@ -371,7 +435,8 @@ def job_runs(client: TestClient, job_id: str) -> list[dict[str, Any]]:
 @pytest.mark.e2e
 def test_a_packed_worker_trains_every_run_of_the_pack(client: TestClient, settings: Settings, workers: Workers) -> None:
     worker = workers.start("packer", NORMBENCH_PACK_SIZE="4")
-    job_id = client.post("/v1/jobs", json=slow_spec(seeds=[0, 1, 2, 3], budget={"epochs": 2})).json()["id"]
+    spec = slow_spec(seeds=[0, 1], batch_sizes=[2, 4], budget={"epochs": 2})  # two batch sizes in one pack
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
     job = wait_for_job(client, job_id, timeout=120)
     runs = job_runs(client, job_id)
     assert job["status"] == "succeeded" and [r["status"] for r in runs] == ["succeeded"] * 4
@@ -382,7 +447,8 @@ def test_a_packed_worker_trains_every_run_of_the_pack(client: TestClient, settin
         metrics = client.get(f"/v1/runs/{r['id']}/metrics").json()["metrics"]
         assert [p["epoch"] for p in metrics["val_acc"]] == [1.0, 2.0]
         assert [p["step"] for p in metrics["train_loss_step"]] == list(range(LOG_EVERY, r["steps_done"] + 1, LOG_EVERY))
-    assert len({r["final_metrics"]["val_acc"] for r in runs}) > 1  # four different seeds, four results
+    assert len({r["final_metrics"]["val_acc"] for r in runs}) > 1  # four different runs, four results
+    assert sorted(r["steps_done"] * r["batch_size"] for r in runs) == [runs[0]["steps_done"] * runs[0]["batch_size"]] * 4
     # The three mates' own tasks find their runs taken and skip them.
     wait_until(lambda: worker.log_path.read_bytes().count(b"is not claimable") == 3, 30, "the mates' tasks")
     assert worker.log_path.read_bytes().count(b"packed with") == 1

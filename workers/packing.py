@@ -65,7 +65,7 @@ from workers.graphs import GraphedStep, graphs_unavailable
 log = logging.getLogger(__name__)
 
 NOISE_EPS = 1e-5  # as workers.diagnostics
-SHARED_FIELDS = ("arch", "batch_size", "budget", "model", "optimizer", "augment", "log_every_steps", "precision")
+SHARED_FIELDS = ("arch", "budget", "model", "optimizer", "augment", "log_every_steps", "precision")
 Result = Outcome | BaseException
 OnDone = Callable[[int, Result], None]
 
@@ -77,11 +77,41 @@ def train_signature(cfg: RunConfig) -> str:
     if norm == "bn_precise":
         norm = "bn"
         params.pop("precise_samples", None)
-    return json.dumps([norm, params], sort_keys=True)
+    return json.dumps([cfg.batch_size, norm, params], sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One batch size's step budget and learning-rate schedule: a pack may hold several batch sizes,
+    each group trains on its own (as `Trainer` does for a single run)."""
+
+    batch_size: int
+    per_epoch: int
+    epochs: int
+    warmup: int
+    base_lr: float
+    schedule: str
+
+    @property
+    def total(self) -> int:
+        return self.per_epoch * self.epochs
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Schedule:
+        per_epoch = steps_per_epoch(cfg.budget, cfg.batch_size)
+        return cls(
+            cfg.batch_size,
+            per_epoch,
+            cfg.budget["epochs"],
+            round(cfg.optimizer["warmup_epochs"] * per_epoch),
+            scaled_lr(cfg.optimizer, cfg.batch_size),
+            cfg.optimizer["schedule"],
+        )
 
 
 def check_packable(cfgs: Sequence[RunConfig]) -> None:
-    """Packed runs share the network, batch size, budget, optimizer, augmentation and precision."""
+    """Packed runs share the network, budget, optimizer, augmentation and precision (not the batch size:
+    each batch size is its own group)."""
     first = cfgs[0]
     for cfg in cfgs[1:]:
         for name in SHARED_FIELDS:
@@ -144,6 +174,7 @@ class Member:
 
     index: int
     cfg: RunConfig
+    sched: Schedule
     reporter: RunReporter
     carry: dict[str, Any] | None  # training state between groups (a checkpoint), None while in a group
     epoch: int = 0
@@ -162,7 +193,8 @@ class PackGroup:
 
     def __init__(self, pack: PackTrainer, members: list[Member]) -> None:
         self.pack, self.members = pack, members
-        data, device, cfg = pack.data, pack.device, pack.cfg
+        self.cfg, self.sched = members[0].cfg, members[0].sched  # what the group's runs share
+        data, device, cfg = pack.data, pack.device, self.cfg
         self.k = k = len(members)
         models = []
         for m in members:
@@ -220,7 +252,7 @@ class PackGroup:
         del models, stacked_params, stacked_buffers
 
         # Per-model training position and bookkeeping, all on the device.
-        b, per_epoch = cfg.batch_size, pack.per_epoch
+        b, per_epoch = cfg.batch_size, self.sched.per_epoch
         self.window = max(1, min(cfg.log_every_steps, per_epoch))  # longest loss window between checks
         self.step = torch.tensor([m.step for m in members], dtype=torch.long, device=device)
         self.arange_b = torch.arange(b, device=device)
@@ -234,7 +266,7 @@ class PackGroup:
         self.grad_norm = torch.zeros(k, device=device)
         self.noise = torch.zeros(k, 3, device=device)  # sums of mean noise, var noise; hook calls
         for i, m in enumerate(members):
-            if m.epoch < pack.epochs:
+            if m.epoch < self.sched.epochs:
                 self.load_epoch(i)
             if m.carry is not None:
                 self.epoch_loss[i] = float(m.carry["epoch_loss"])
@@ -298,13 +330,13 @@ class PackGroup:
     # -- the step ----------------------------------------------------------------------------
     def lr(self) -> torch.Tensor:
         """Each model's learning rate for its next step, from its step counter (as `engine.lr_at`)."""
-        pack = self.pack
+        sched = self.sched
         s = self.step.double()
-        base, warmup = pack.base_lr, pack.warmup
-        if pack.schedule == "constant":
+        base, warmup = sched.base_lr, sched.warmup
+        if sched.schedule == "constant":
             after = torch.full_like(s, base)
         else:
-            progress = (s - warmup) / max(1, pack.total - warmup)
+            progress = (s - warmup) / max(1, sched.total - warmup)
             after = base * 0.5 * (1.0 + torch.cos(math.pi * progress))
         lr = torch.where(s < warmup, base * (s + 1) / max(warmup, 1), after) if warmup > 0 else after
         return lr.float()
@@ -313,7 +345,7 @@ class PackGroup:
         """Each model's next batch, gathered by its own order at its own position: (K, B, ...)."""
         pack = self.pack
         data = pack.data
-        cols = (self.step % pack.per_epoch).unsqueeze(1) * pack.cfg.batch_size + self.arange_b
+        cols = (self.step % self.sched.per_epoch).unsqueeze(1) * self.sched.batch_size + self.arange_b
         idx = self.orders.gather(1, cols)
         xb = data.x_train[idx]
         if self.augmenting:
@@ -437,7 +469,7 @@ class PackGroup:
         """engine.train_mode_accuracy for every model: validation in batches of the training size with
         batch statistics, on scratch copies of the running statistics (which BRN's forward reads)."""
         pack = self.pack
-        data, b, k = pack.data, pack.cfg.batch_size, self.k
+        data, b, k = pack.data, self.sched.batch_size, self.k
         scratch = {name: t.clone() for name, t in self.buffers.items()}
         correct = torch.zeros(k, dtype=torch.long, device=pack.device)
         pos = torch.zeros((), dtype=torch.long, device=pack.device)
@@ -481,7 +513,7 @@ class PackGroup:
         their running statistics become the equal-weight average of per-batch statistics over a fixed
         number of training samples, in batches of the run's size, without augmentation."""
         pack = self.pack
-        data, b = pack.data, pack.cfg.batch_size
+        data, b = pack.data, self.sched.batch_size
         counts = []
         for i in range(self.k):
             m = self.members[i]
@@ -625,20 +657,17 @@ class PackTrainer:
         self.graphs = self.graphs_off is None
         if self.graphs:
             torch.backends.cudnn.benchmark = True  # algorithms are picked during the warm-up before capture
-        cfg = self.cfg
-        self.per_epoch = steps_per_epoch(cfg.budget, cfg.batch_size)
-        self.epochs = cfg.budget["epochs"]
-        self.total = self.per_epoch * self.epochs
-        self.warmup = round(cfg.optimizer["warmup_epochs"] * self.per_epoch)
-        self.base_lr = scaled_lr(cfg.optimizer, cfg.batch_size)
-        self.schedule = cfg.optimizer["schedule"]
+        self.schedules = {b: Schedule.of(c) for b, c in {c.batch_size: c for c in cfgs}.items()}
         self.report_every = max(REPORT_EVERY_S, 0.25 * len(cfgs))  # K runs write K rows per report
         resumes = list(resumes) if resumes is not None else [None] * len(cfgs)
-        self.members = [Member(i, c, r, s) for i, (c, r, s) in enumerate(zip(cfgs, reporters, resumes, strict=True))]
+        self.members = [
+            Member(i, c, self.schedules[c.batch_size], r, s)
+            for i, (c, r, s) in enumerate(zip(cfgs, reporters, resumes, strict=True))
+        ]
         for m in self.members:
             if m.carry is not None:
                 m.epoch, m.batch, m.step = int(m.carry["epoch"]), int(m.carry["batch"]), int(m.carry["step"])
-                if m.step != m.epoch * self.per_epoch + m.batch:
+                if m.step != m.epoch * m.sched.per_epoch + m.batch:
                     raise ValueError(f"checkpoint position {m.epoch}/{m.batch}/{m.step} is not this budget's")
                 m.elapsed_before = float(m.carry["elapsed"])
                 m.window_from = m.step - len(m.carry["window"])
@@ -655,17 +684,18 @@ class PackTrainer:
 
     def lr_of(self, m: Member) -> float:
         """The rate of m's last step (the base rate before any), as Trainer.lr."""
+        sched = m.sched
         if m.step == 0:
-            return self.base_lr
-        return lr_at(m.step - 1, self.total, self.warmup, self.base_lr, self.schedule)
+            return sched.base_lr
+        return lr_at(m.step - 1, sched.total, sched.warmup, sched.base_lr, sched.schedule)
 
     def progress(self, m: Member) -> Progress:
-        return Progress(m.step, m.epoch, m.step * self.cfg.batch_size)
+        return Progress(m.step, m.epoch, m.step * m.cfg.batch_size)
 
     def outcome(
         self, m: Member, status: str, error: str | None = None, finals: dict[str, float] | None = None
     ) -> Outcome:
-        return Outcome(status, finals or {}, m.step, m.step * self.cfg.batch_size, self.elapsed(m), error)
+        return Outcome(status, finals or {}, m.step, m.step * m.cfg.batch_size, self.elapsed(m), error)
 
     def finish(self, m: Member, result: Result) -> None:
         m.result = result
@@ -693,7 +723,7 @@ class PackTrainer:
         self.started = time.perf_counter()
         for m in self.members:
             m.window_start = m.last_report = self.started
-            if m.epoch >= self.epochs:
+            if m.epoch >= m.sched.epochs:
                 self.finish(m, self.outcome(m, "succeeded"))
         while True:
             active = [m for m in self.members if m.result is None]
@@ -714,31 +744,41 @@ class PackTrainer:
         return results  # type: ignore[return-value]
 
     def regroup(self, active: list[Member]) -> None:
-        """(Re)stack the active runs into groups when the set changed: survivors carry their state over."""
+        """(Re)stack the active runs into groups when the set changed. Groups whose runs are all still
+        active go on untouched (their CUDA graphs too); a group that lost runs is re-stacked from its
+        survivors' states."""
         key = tuple(m.index for m in active)
         if key == self.grouped:
             return
-        for g in self.groups:
+        kept = [g for g in self.groups if all(m.result is None for m in g.members)]
+        changed = [g for g in self.groups if all(g is not k for k in kept)]
+        for g in changed:
             ring = g.ring.tolist()
             for i, m in enumerate(g.members):
                 if m.result is None:
                     m.carry = g.checkpoint(i, ring)
-        self.retire_groups()
+        self.retire_groups(changed)
+        placed = {m.index for g in kept for m in g.members}
         by_signature: dict[str, list[Member]] = {}
         for m in active:
-            by_signature.setdefault(train_signature(m.cfg), []).append(m)
-        self.groups = [PackGroup(self, members) for members in by_signature.values()]
+            if m.index not in placed:
+                by_signature.setdefault(train_signature(m.cfg), []).append(m)
+        fresh = [PackGroup(self, members) for members in by_signature.values()]
+        self.groups = kept + fresh
         self.grouped = key
         self.largest_group = max(self.largest_group, *(g.k for g in self.groups))
-        log.info("pack of %d runs in %d group(s): %s", len(active), len(self.groups), [g.label for g in self.groups])
+        if fresh:
+            log.info("pack of %d runs in %d group(s): %s", len(active), len(self.groups), [g.label for g in fresh])
 
-    def retire_groups(self) -> None:
-        for g in self.groups:
+    def retire_groups(self, groups: list[PackGroup] | None = None) -> None:
+        """Drop these groups (all, by default), keeping what ran graphed or eagerly and why."""
+        retiring = self.groups if groups is None else groups
+        for g in retiring:
             if g.graphed:
                 self.graphed_groups += 1
             elif g.eager_reason:
                 self.eager_reasons.add(g.eager_reason)
-        self.groups = []
+        self.groups = [g for g in self.groups if all(g is not r for r in retiring)]
 
     def group_of(self, m: Member) -> tuple[PackGroup, int]:
         for g in self.groups:
@@ -749,7 +789,7 @@ class PackTrainer:
 
     def after_step(self, active: list[Member]) -> None:
         cfg = self.cfg
-        due = [m for m in active if m.step % cfg.log_every_steps == 0 or m.batch == self.per_epoch]
+        due = [m for m in active if m.step % cfg.log_every_steps == 0 or m.batch == m.sched.per_epoch]
         host: dict[int, tuple[list[list[float]], list[float]]] = {}
         for m in due:
             g, i = self.group_of(m)
@@ -767,12 +807,12 @@ class PackTrainer:
             if stop == "cancelled":
                 if self.report(m):
                     self.finish(m, self.outcome(m, "cancelled", "cancelled by user"))
-            elif stop == "shutdown" and m.batch < self.per_epoch:
+            elif stop == "shutdown" and m.batch < m.sched.per_epoch:
                 g, i = self.group_of(m)
                 ckpt = g.checkpoint(i)
                 if self.report(m, ckpt):
                     self.finish(m, self.outcome(m, "interrupted", "worker shut down; resumes from its checkpoint"))
-        ends = [m for m in active if m.result is None and m.batch == self.per_epoch]
+        ends = [m for m in active if m.result is None and m.batch == m.sched.per_epoch]
         if ends:
             self.end_epochs(ends)
 
@@ -788,7 +828,7 @@ class PackTrainer:
             return True
         now = time.perf_counter()
         if m.step % cfg.log_every_steps == 0 and window:
-            at = m.epoch + m.batch / self.per_epoch
+            at = m.epoch + m.batch / m.sched.per_epoch
             mean = float(torch.tensor(window, dtype=torch.float32).mean())
             m.points += [
                 Point(m.step, at, "train_loss_step", mean),
@@ -797,7 +837,7 @@ class PackTrainer:
             ]
             m.window_start = now
         m.window_from = m.step
-        live = now - m.last_report > self.report_every and m.batch < self.per_epoch
+        live = now - m.last_report > self.report_every and m.batch < m.sched.per_epoch
         if live and self.report(m):
             m.points = []
             m.last_report = time.perf_counter()
@@ -811,7 +851,7 @@ class PackTrainer:
                 continue
             g.refresh_precise_bn(at)
             val_acc, val_loss = g.evaluate()
-            last = [i for i in at if g.members[i].epoch + 1 == self.epochs]
+            last = [i for i in at if g.members[i].epoch + 1 == g.sched.epochs]
             train_mode = g.train_mode_accuracy() if last else []
             noise = g.noise.tolist()
             epoch_loss = g.epoch_loss.tolist()
@@ -822,18 +862,18 @@ class PackTrainer:
                 finals = {
                     "val_acc": val_acc[i],
                     "val_loss": val_loss[i],
-                    "train_loss": epoch_loss[i] / self.per_epoch,
+                    "train_loss": epoch_loss[i] / g.sched.per_epoch,
                     "lr": self.lr_of(m),
-                    "images_per_s": m.step * self.cfg.batch_size / max(self.elapsed(m), 1e-9),
+                    "images_per_s": m.step * g.sched.batch_size / max(self.elapsed(m), 1e-9),
                     **g.pop_noise(noise, i),
                 }
-                if m.epoch == self.epochs:
+                if m.epoch == g.sched.epochs:
                     finals["val_acc_train_mode"] = train_mode[i]
                 m.points += [Point(m.step, float(m.epoch), name, value) for name, value in finals.items()]
                 g.epoch_loss[i] = 0.0
-                if m.epoch < self.epochs:
+                if m.epoch < g.sched.epochs:
                     g.load_epoch(i)
-                ckpt = g.checkpoint(i) if m.epoch < self.epochs else None
+                ckpt = g.checkpoint(i) if m.epoch < g.sched.epochs else None
                 if not self.report(m, ckpt):
                     continue
                 m.points = []
@@ -841,7 +881,7 @@ class PackTrainer:
                     self.finish(
                         m, self.outcome(m, "diverged", f"validation loss became non-finite after epoch {m.epoch}")
                     )
-                elif m.epoch == self.epochs:
+                elif m.epoch == g.sched.epochs:
                     self.finish(m, self.outcome(m, "succeeded", finals=finals))
 
     # -- what ran ------------------------------------------------------------------------------
