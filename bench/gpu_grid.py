@@ -16,11 +16,10 @@ Parts, side by side in one process on one device, then a table (printed last):
           between two device syncs after warm-up.
   grid    wall time of a 60-run job (bn, gn, ln, bn_precise × batch 2, 4, 8, 16, 32 × 3 seeds), 1 epoch of a
           generated CIFAR-sized set (50,000 uint8 32×32×3 images, 10 classes), trained as one worker trains
-          it: packs of up to --grid-pack runs (the worker's NORMBENCH_PACK_SIZE; 32 by default on CUDA) in
-          the order the worker claims them, several batch sizes side by side in one pack, packs one after
-          another.
-  grid_per_batch   the same grid with one pack per batch size (how the worker packed before batch sizes
-          could share a pack).
+          it: packs of up to --grid-pack runs of one batch size (the worker's NORMBENCH_PACK_SIZE, 32 on
+          CUDA), in the order the worker claims them, one after another.
+  grid_mixed       the experiment of letting a pack hold several batch sizes (the engine can; the worker
+          does not, since it measured no faster).
   sequential       the sequential single-run engine (`Trainer`, eager: what a worker did before packing)
           over the grid, extrapolated from a timed slice of every cell unless --naive-full runs it all
           (about an hour on an H100).
@@ -290,13 +289,11 @@ def grid_cfgs(args: argparse.Namespace, data: DeviceData) -> list[RunConfig]:
     return [cfg_for(n, p, b, s, budget) for b in args.grid_batches for n, p in VARIANTS for s in range(args.seeds)]
 
 
-def worker_packs(cfgs: list[RunConfig], size: int) -> list[list[int]]:
-    """The packs one worker with NORMBENCH_PACK_SIZE=size trains, one after another: the first queued
-    run leads, and its mates come in `workers.runstore.claim_pack_mates`' order (its batch size and
-    variant, its batch size, then the other batch sizes, smallest first). size 0: one pack per batch size."""
-    if size <= 0:
-        sizes = sorted({c.batch_size for c in cfgs})
-        return [[i for i, c in enumerate(cfgs) if c.batch_size == b] for b in sizes]
+def worker_packs(cfgs: list[RunConfig], size: int, mixed: bool) -> list[list[int]]:
+    """The packs one worker with NORMBENCH_PACK_SIZE=size trains, one after another. The worker's way
+    (mixed=False): the first queued run leads and its mates are runs of its batch size, its variant first
+    (`workers.runstore.claim_pack_mates`). mixed=True, the experiment: mates come from every batch size,
+    its own first, then the others smallest first."""
     variant = {n: i for i, (n, _) in enumerate(VARIANTS)}
     queued, packs = list(range(len(cfgs))), []
     while queued:
@@ -307,16 +304,17 @@ def worker_packs(cfgs: list[RunConfig], size: int) -> list[list[int]]:
             same = c.batch_size == lead.batch_size
             return (not same, not (same and c.norm == lead.norm), c.batch_size, variant[c.norm], c.seed)
 
-        pack = [queued[0], *sorted(queued[1:], key=order)[: size - 1]]
+        mates = [i for i in queued[1:] if mixed or cfgs[i].batch_size == lead.batch_size]
+        pack = [queued[0], *sorted(mates, key=order)[: size - 1]]
         packs.append(pack)
         queued = [i for i in queued if i not in pack]
     return packs
 
 
-def grid_engine(args: argparse.Namespace, data: DeviceData, device: torch.device, pack_size: int) -> dict[str, Any]:
+def grid_engine(args: argparse.Namespace, data: DeviceData, device: torch.device, mixed: bool) -> dict[str, Any]:
     """Wall time of the grid trained the way one worker trains it: its packs one after another."""
     cfgs = grid_cfgs(args, data)
-    packs = worker_packs(cfgs, pack_size)
+    packs = worker_packs(cfgs, args.grid_pack, mixed)
     per_pack: list[dict[str, Any]] = []
     accs: dict[str, list[float]] = {}
     sync(device)
@@ -336,7 +334,8 @@ def grid_engine(args: argparse.Namespace, data: DeviceData, device: torch.device
     total = time.perf_counter() - start
     accs = {k: accs[k] for k in sorted(accs, key=lambda k: (int(k.split("@")[1]), k))}
     return {
-        "pack_size": pack_size,
+        "pack_size": args.grid_pack,
+        "mixed": mixed,
         "wall_s": total,
         "packs": per_pack,
         "val_acc": {k: sum(v) / len(v) for k, v in accs.items()},
@@ -408,10 +407,10 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="check,steps,grid,sequential",
-        help="comma-separated: check, steps, grid, grid_per_batch, sequential",
+        help="comma-separated: check, steps, grid, grid_mixed, sequential",
     )
     parser.add_argument(
-        "--grid-pack", type=int, default=32, help="the worker's pack size for the grid part (0: one per batch size)"
+        "--grid-pack", type=int, default=32, help="the worker's NORMBENCH_PACK_SIZE for the grid parts (32 on CUDA)"
     )
     parser.add_argument("--k", type=int, default=None, help="runs per pack in the steps part (default 32)")
     parser.add_argument("--k-big", type=int, default=None, help="a second, larger pack at the smallest batch")
@@ -475,9 +474,9 @@ def main() -> None:
     if "steps" in parts:
         part("steps", lambda: result.__setitem__("steps", measure_steps(args, data, device)))
     if "grid" in parts:
-        part("grid", lambda: result.__setitem__("grid", grid_engine(args, data, device, args.grid_pack)))
-    if "grid_per_batch" in parts:
-        part("grid_per_batch", lambda: result.__setitem__("grid_per_batch", grid_engine(args, data, device, 0)))
+        part("grid", lambda: result.__setitem__("grid", grid_engine(args, data, device, mixed=False)))
+    if "grid_mixed" in parts:
+        part("grid_mixed", lambda: result.__setitem__("grid_mixed", grid_engine(args, data, device, mixed=True)))
     if "sequential" in parts:
         part("sequential", lambda: result.__setitem__("sequential", grid_naive(args, data, device)))
     print_table(result)
@@ -539,11 +538,11 @@ def print_table(result: dict[str, Any]) -> None:
     if seq is not None:
         how = "extrapolated from timed slices" if seq["extrapolated"] else "run in full"
         print(f"\ngrid ({runs} runs, 1 epoch): sequential single-run engine {seq['wall_s']:.1f}s ({how})")
-    for key in ("grid", "grid_per_batch"):
+    for key in ("grid", "grid_mixed"):
         if key not in result:
             continue
         e = result[key]
-        how = f"packs of up to {e['pack_size']} runs" if e["pack_size"] else "one pack per batch size"
+        how = f"packs of up to {e['pack_size']} runs, " + ("batch sizes mixed" if e["mixed"] else "one batch size each")
         faster = f": {seq['wall_s'] / e['wall_s']:.1f}× faster" if seq is not None else ""
         print(f"  engine, {how}: {e['wall_s']:.1f}s{faster}")
         for p in e["packs"]:

@@ -328,7 +328,10 @@ def test_a_pack_of_batch_sizes_trains_each_as_its_own_pack(digits: tuple[DeviceD
     data, budget = digits
     variants: list[tuple[str, dict[str, Any]]] = [("bn", {}), ("gn", {"groups": 4})]
     cfgs = [
-        config(budget, batch_size=b, norm=n, norm_params=p, seed=s) for b in (2, 8, 32) for n, p in variants for s in (0, 1)
+        config(budget, batch_size=b, norm=n, norm_params=p, seed=s)
+        for b in (2, 8, 32)
+        for n, p in variants
+        for s in (0, 1)
     ]
     assert len({train_signature(c) for c in cfgs}) == 6  # one group per batch size and variant
     recs = [GroupWatcher() for _ in cfgs]
@@ -387,20 +390,16 @@ def test_claiming_pack_mates(client: TestClient, settings: Settings) -> None:
         assert claim_run(s, lead.id, "w1", lease, 3) is not None
         mates = claim_pack_mates(s, lead.id, "w1", lease, 3)
     by_id = {r.id: r for r in runs}
-    # Its own batch size and variant first (they stack into one group), then its batch size's other
-    # variants, then the job's other batch sizes, smallest first.
+    # Its own variant first (they stack into one group), then the job's other variants; one batch size
+    # (packs of several batch sizes are no faster on a GPU: bench/RESULTS.md).
     assert [(by_id[c.run_id].variant, by_id[c.run_id].seed) for c in mates] == [("gn(4)", 0), ("gn(4)", 2), ("bn", 0)]
     assert all(by_id[c.run_id].batch_size == 8 and c.attempt == 1 for c in mates)
     with session_scope(db) as s:
         second = claim_pack_mates(s, lead.id, "w2", lease, 10)  # a late second claimer gets only the rest
         assert claim_pack_mates(s, lead.id, "w2", lease, 0) == []
-    assert {c.run_id for c in second} == {r.id for r in runs} - {lead.id} - {c.run_id for c in mates}
-    assert [(by_id[c.run_id].batch_size, by_id[c.run_id].variant) for c in second] == [
-        (8, "bn"),
-        (8, "bn"),
-        *[(2, "bn")] * 3,
-        *[(2, "gn(4)")] * 3,
-    ]
+    assert {c.run_id for c in second} == {r.id for r in runs if r.batch_size == 8} - {lead.id} - {
+        c.run_id for c in mates
+    }
     after = {r.id: r for r in runs_of(settings, job_id)}
     for c in [*mates, *second]:
         assert after[c.run_id].status == "running" and after[c.run_id].lease_expires_at is not None
@@ -435,8 +434,7 @@ def job_runs(client: TestClient, job_id: str) -> list[dict[str, Any]]:
 @pytest.mark.e2e
 def test_a_packed_worker_trains_every_run_of_the_pack(client: TestClient, settings: Settings, workers: Workers) -> None:
     worker = workers.start("packer", NORMBENCH_PACK_SIZE="4")
-    spec = slow_spec(seeds=[0, 1], batch_sizes=[2, 4], budget={"epochs": 2})  # two batch sizes in one pack
-    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    job_id = client.post("/v1/jobs", json=slow_spec(seeds=[0, 1, 2, 3], budget={"epochs": 2})).json()["id"]
     job = wait_for_job(client, job_id, timeout=120)
     runs = job_runs(client, job_id)
     assert job["status"] == "succeeded" and [r["status"] for r in runs] == ["succeeded"] * 4
@@ -447,8 +445,7 @@ def test_a_packed_worker_trains_every_run_of_the_pack(client: TestClient, settin
         metrics = client.get(f"/v1/runs/{r['id']}/metrics").json()["metrics"]
         assert [p["epoch"] for p in metrics["val_acc"]] == [1.0, 2.0]
         assert [p["step"] for p in metrics["train_loss_step"]] == list(range(LOG_EVERY, r["steps_done"] + 1, LOG_EVERY))
-    assert len({r["final_metrics"]["val_acc"] for r in runs}) > 1  # four different runs, four results
-    assert sorted(r["steps_done"] * r["batch_size"] for r in runs) == [runs[0]["steps_done"] * runs[0]["batch_size"]] * 4
+    assert len({r["final_metrics"]["val_acc"] for r in runs}) > 1  # four different seeds, four results
     # The three mates' own tasks find their runs taken and skip them.
     wait_until(lambda: worker.log_path.read_bytes().count(b"is not claimable") == 3, 30, "the mates' tasks")
     assert worker.log_path.read_bytes().count(b"packed with") == 1

@@ -51,10 +51,8 @@ def claim_run(session: Session, run_id: str, worker: str, lease_seconds: float, 
 
 def claim_pack_mates(session: Session, run_id: str, worker: str, lease_seconds: float, limit: int) -> list[Claim]:
     """Claim up to `limit` more queued runs that can train in one pack with `run_id` (already claimed):
-    runs of the same job. Runs of `run_id`'s batch size and variant come first (they stack into one vmap
-    group), then its batch size's other variants, then the job's other batch sizes, smallest first (a
-    pack steps all its batch sizes side by side, so the longest run sets its length), variants in spec
-    order, seeds in order. Each claim bumps that run's
+    the same job and batch size. Runs of `run_id`'s own variant come first (they stack into one vmap
+    group), then the job's other variants in spec order, seeds in order. Each claim bumps that run's
     attempt and takes its own lease, exactly as `claim_run` does for a queued run; the conditional
     update (and SKIP LOCKED on Postgres) means two workers never claim the same run."""
     if limit <= 0:
@@ -65,15 +63,8 @@ def claim_pack_mates(session: Session, run_id: str, worker: str, lease_seconds: 
     job_id, batch_size, variant = lead
     pick = (
         select(Run.id)
-        .where(Run.job_id == job_id, Run.status == "queued", Run.id != run_id)
-        .order_by(
-            (Run.batch_size == batch_size).desc(),
-            ((Run.batch_size == batch_size) & (Run.variant == variant)).desc(),
-            Run.batch_size,
-            Run.variant_index,
-            Run.seed,
-            Run.id,
-        )
+        .where(Run.job_id == job_id, Run.batch_size == batch_size, Run.status == "queued", Run.id != run_id)
+        .order_by((Run.variant == variant).desc(), Run.variant_index, Run.seed, Run.id)
         .limit(limit)
     )
     if session.get_bind().dialect.name == "postgresql":
