@@ -1,12 +1,14 @@
-"""Run packing: several runs of one job and batch size trained together in one process.
+"""Run packing: several runs of one job trained together in one process.
 
-Runs whose networks compute the same training step (the same variant with different seeds;
+Runs whose networks compute the same training step (the same batch size and variant, different seeds;
 `bn_precise` trains exactly as `bn`) form a *group*. A group's parameters and buffers are stacked
 along a leading model dimension (`torch.func.stack_module_state`), and one `torch.func.vmap` over
 `functional_call` trains all of them at once: x is (K, B, ...), one row of samples per model, and
 BatchNorm running statistics are stacked buffers updated per model. A pack may hold several groups
-(the variants of one batch size); on a GPU each group's step is one CUDA graph, replayed on its
-own stream so that the groups' small kernels overlap.
+(the variants of a batch size, and several batch sizes, each on its own `Schedule`); every loop
+iteration steps each unfinished group once. On a GPU each group's step is one CUDA graph, replayed on
+its own stream. (The worker packs one batch size at a time: on an H100 the groups' graphs barely
+overlap, so mixing batch sizes measured no faster; bench/RESULTS.md.)
 
 Every packed run keeps what a single run has: its own data order and augmentation draws (functions
 of its seed), learning-rate position, loss window, metrics, checkpoints (the `Trainer` format, so
