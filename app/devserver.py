@@ -50,14 +50,15 @@ def migrate(database_url: str) -> None:
     command.upgrade(alembic_config(database_url), "head")
 
 
-def worker_command(loglevel: str, *extra: str) -> list[str]:
-    """One local worker on the train queue; solo pool, so SIGTERM reaches the training loop."""
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", TRAIN_QUEUE,
-            "--pool", "solo", "--loglevel", loglevel, *extra]  # fmt: skip
+def worker_command(loglevel: str, *extra: str, quiet: bool = False) -> list[str]:
+    """One local worker on the train queue; solo pool, so SIGTERM reaches the training loop. `quiet`
+    drops Celery's start-up banner (logging is unaffected)."""
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", *(["--quiet"] if quiet else []),
+            "worker", "-Q", TRAIN_QUEUE, "--pool", "solo", "--loglevel", loglevel, *extra]  # fmt: skip
 
 
 def start_children(host: str, port: int) -> list[subprocess.Popen[bytes]]:
-    worker = worker_command("WARNING", "--hostname", "normbench-local@%h")
+    worker = worker_command("WARNING", "--hostname", "normbench-local@%h", quiet=True)
     api = [
         sys.executable,
         "-m",

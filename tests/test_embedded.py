@@ -39,4 +39,5 @@ def test_devserver_runs_the_demo_on_sqlite(tmp_path: Path) -> None:
     table = out[out.index("final validation accuracy") :]
     assert "bn" in table and "gn(16)" in table and "batch 2" in table and "batch 32" in table
     assert "%" in table and "—" not in table.split("results:")[0]
+    assert "[queues]" not in out and "-------------- " not in out  # no Celery start-up banner
     assert (home / "normbench.db").exists() and any((home / "storage" / "datasets").iterdir())
