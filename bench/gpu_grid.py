@@ -490,10 +490,6 @@ def main() -> None:
     print_table(result)
 
 
-def args_grid_batches(result: dict[str, Any]) -> list[int]:
-    return list(result["args"]["grid_batches"])
-
-
 def print_table(result: dict[str, Any]) -> None:
     info = result["info"]
     print(f"\n{info['device']} · torch {info['torch']} · {info['command']}")
@@ -541,7 +537,7 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{norm:<5}{r['batch']:>6}{'':>9}{r['graph']:>9.0f}   graph, one run: {r['graph'] * r['batch']:.0f} images/s "
                 "(the ceiling the percentages above compare to)"
             )
-    runs = len(args_grid_batches(result)) * len(VARIANTS) * result["args"]["seeds"]
+    runs = len(result["args"]["grid_batches"]) * len(VARIANTS) * result["args"]["seeds"]
     seq = result.get("sequential")
     if seq is not None:
         how = "extrapolated from timed slices" if seq["extrapolated"] else "run in full"

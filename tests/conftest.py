@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -18,6 +19,9 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.devserver import alembic_config, worker_command
 from app.main import create_app
+
+if TYPE_CHECKING:
+    from workers.data import DeviceData
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_SERVER = os.environ.get("NORMBENCH_TEST_PG", "postgres@127.0.0.1:5432")
@@ -146,3 +150,21 @@ def worker(pg_url: str, storage_dir: Path, redis_client: redis.Redis, tmp_path_f
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[DeviceData, dict[str, int]]:
+    """The built-in digits set on the CPU, as a worker loads it, with a 1-epoch budget for batch 2, 8, 32."""
+    import torch
+
+    from app.budget import holdout_size, resolve_budget
+    from app.services.builtin import digits_dataset
+    from app.services.ingest import save_canonical
+    from workers.data import load_device_data
+
+    ds = digits_dataset()
+    path = Path(tmp_path_factory.mktemp("digits")) / "digits.npz"
+    save_canonical(ds, path)
+    val = holdout_size(ds.num_samples, 0.2)
+    budget = resolve_budget(ds.num_samples - val, val, 1, [2, 8, 32])
+    return load_device_data(path, budget, torch.device("cpu")), budget

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-from app.budget import holdout_size, resolve_budget, total_steps
+from app.budget import resolve_budget, total_steps
 from app.schemas.jobs import OptimizerSpec
-from app.services.builtin import digits_dataset
-from app.services.ingest import save_canonical
-from workers.data import DeviceData, augment, epoch_order, load_device_data
+from workers.data import DeviceData, augment, epoch_order
 from workers.engine import Point, Progress, RunConfig, Trainer, batches, build_run_model, lr_at, scaled_lr, train
 
 OPT = OptimizerSpec().model_dump()  # the spec's defaults: lr 0.1 at batch 32, linear scaling, cosine
@@ -36,16 +33,6 @@ class Recorder:
     def stop_reason(self) -> str | None:
         self.calls += 1
         return self.reason if self.stop_after is not None and self.calls > self.stop_after else None
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[DeviceData, dict[str, int]]:
-    ds = digits_dataset()
-    path = Path(tmp_path_factory.mktemp("digits")) / "digits.npz"
-    save_canonical(ds, path)
-    val = holdout_size(ds.num_samples, 0.2)
-    budget = resolve_budget(ds.num_samples - val, val, 1, [2, 8, 32])
-    return load_device_data(path, budget, torch.device("cpu")), budget
 
 
 def config(budget: dict[str, int], **kw: object) -> RunConfig:

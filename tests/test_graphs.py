@@ -23,11 +23,8 @@ import pytest
 import torch
 
 import workers.packing as packing
-from app.budget import holdout_size, resolve_budget
 from app.schemas.jobs import OptimizerSpec
-from app.services.builtin import digits_dataset
-from app.services.ingest import save_canonical
-from workers.data import DeviceData, load_device_data
+from workers.data import DeviceData
 from workers.engine import RunConfig, lr_at
 from workers.graphs import GraphedStep, compare, graphs_unavailable, restore, snapshot
 from workers.packing import PackGroup, PackTrainer
@@ -43,16 +40,6 @@ class Quiet:
 
     def stop_reason(self) -> None:
         return None
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[DeviceData, dict[str, int]]:
-    ds = digits_dataset()
-    path = Path(tmp_path_factory.mktemp("digits")) / "digits.npz"
-    save_canonical(ds, path)
-    val = holdout_size(ds.num_samples, 0.2)
-    budget = resolve_budget(ds.num_samples - val, val, 1, [2, 8, 32])
-    return load_device_data(path, budget, CPU), budget
 
 
 def on(device: torch.device, data: DeviceData) -> DeviceData:

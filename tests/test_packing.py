@@ -20,16 +20,13 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.budget import holdout_size, resolve_budget
 from app.config import Settings
 from app.db import session_scope
 from app.schemas.jobs import OptimizerSpec
-from app.services.builtin import digits_dataset
-from app.services.ingest import save_canonical
 from app.tables import Run
 from tests.factories import job_spec, wait_for_job
 from tests.test_faults import EPOCHS, FAST, LOG_EVERY, Workers, assert_complete_curves, slow_spec, wait_until
-from workers.data import DeviceData, load_device_data
+from workers.data import DeviceData
 from workers.engine import Outcome, Point, Progress, RunConfig, Trainer, train
 from workers.packing import PackTrainer, train_signature
 from workers.runstore import claim_pack_mates, claim_run, finish_run, renew_leases
@@ -77,16 +74,6 @@ class Recorder:
 
     def curve(self) -> dict[tuple[int, str], float]:
         return {(p.step, p.name): p.value for p in self.points if p.name not in TIMING}
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[DeviceData, dict[str, int]]:
-    ds = digits_dataset()
-    path = Path(tmp_path_factory.mktemp("digits")) / "digits.npz"
-    save_canonical(ds, path)
-    val = holdout_size(ds.num_samples, 0.2)
-    budget = resolve_budget(ds.num_samples - val, val, 1, [2, 8, 32])
-    return load_device_data(path, budget, CPU), budget
 
 
 def config(budget: dict[str, int], **kw: Any) -> RunConfig:

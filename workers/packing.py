@@ -466,6 +466,35 @@ class PackGroup:
         n_val = len(data.x_val)
         return [c / n_val for c in correct.tolist()], [v / n_val for v in loss_sum.tolist()]
 
+    def repeat(
+        self,
+        fn: Callable[[], None],
+        scratch: dict[str, torch.Tensor],
+        counters: list[torch.Tensor],
+        times: int,
+        what: str,
+    ) -> None:
+        """Call `fn` `times` times, replayed from one CUDA graph where that pays. `fn` updates `scratch`
+        (copies of the group's buffers) and `counters` (tensors that start at zero); capturing runs `fn`
+        once, so both are put back before the counted calls."""
+        pack = self.pack
+        run = GraphedStep(
+            fn,
+            pack.device,
+            lambda: [*scratch.values(), *counters],
+            f"{self.label} {what}",
+            verify=False,
+            off=pack.graphs_off or ("too few batches" if times <= 2 else None),
+        )
+        if not run.tried:
+            run()
+            for name, t in self.buffers.items():
+                scratch[name].copy_(t)
+            for t in counters:
+                t.zero_()
+        for _ in range(times):
+            run()
+
     @torch.no_grad()
     def train_mode_accuracy(self) -> list[float]:
         """engine.train_mode_accuracy for every model: validation in batches of the training size with
@@ -487,22 +516,7 @@ class PackGroup:
         full, rest = divmod(n_val, b)
         seen = full * b
         if full:
-            run = GraphedStep(
-                one_batch,
-                pack.device,
-                lambda: [*scratch.values(), correct, pos],
-                f"{self.label} train-mode eval",
-                verify=False,
-                off=pack.graphs_off or ("too few batches" if full <= 2 else None),
-            )
-            if not run.tried:
-                run()  # captures (and runs) once; start over from clean state
-                for name, t in self.buffers.items():
-                    scratch[name].copy_(t)
-                correct.zero_()
-                pos.zero_()
-            for _ in range(full):
-                run()
+            self.repeat(one_batch, scratch, [correct, pos], full, "train-mode eval")
         if rest and not (self.batch_stats and rest < 2 <= b):
             logits = fwd(self.params, scratch, data.prepare(data.x_val[full * b :]))
             correct += (logits.argmax(2) == data.y_val[full * b :]).sum(1)
@@ -568,27 +582,7 @@ class PackGroup:
                 var_sum.add_(torch.where(live, var, torch.zeros_like(var)))
             pos.add_(1)
 
-        def state() -> list[torch.Tensor]:
-            return [*scratch.values(), *[t for pair in sums for t in pair], pos]
-
-        run = GraphedStep(
-            one_batch,
-            pack.device,
-            state,
-            f"{self.label} precise BN",
-            verify=False,
-            off=pack.graphs_off or ("too few batches" if batches <= 2 else None),
-        )
-        if not run.tried:
-            run()  # captures (and runs) once; start over from clean state
-            for name, t in self.buffers.items():
-                scratch[name].copy_(t)
-            for pair in sums:
-                for t in pair:
-                    t.zero_()
-            pos.zero_()
-        for _ in range(batches):
-            run()
+        self.repeat(one_batch, scratch, [*[t for pair in sums for t in pair], pos], batches, "precise BN")
         for i, nb in enumerate(counts):
             if not nb:
                 continue
@@ -659,7 +653,7 @@ class PackTrainer:
         self.graphs = self.graphs_off is None
         if self.graphs:
             torch.backends.cudnn.benchmark = True  # algorithms are picked during the warm-up before capture
-        self.schedules = {b: Schedule.of(c) for b, c in {c.batch_size: c for c in cfgs}.items()}
+        self.schedules = {c.batch_size: Schedule.of(c) for c in cfgs}
         self.report_every = max(REPORT_EVERY_S, 0.25 * len(cfgs))  # K runs write K rows per report
         resumes = list(resumes) if resumes is not None else [None] * len(cfgs)
         self.members = [
@@ -753,7 +747,7 @@ class PackTrainer:
         if key == self.grouped:
             return
         kept = [g for g in self.groups if all(m.result is None for m in g.members)]
-        changed = [g for g in self.groups if all(g is not k for k in kept)]
+        changed = [g for g in self.groups if g not in kept]
         for g in changed:
             ring = g.ring.tolist()
             for i, m in enumerate(g.members):
@@ -780,7 +774,7 @@ class PackTrainer:
                 self.graphed_groups += 1
             elif g.eager_reason:
                 self.eager_reasons.add(g.eager_reason)
-        self.groups = [g for g in self.groups if all(g is not r for r in retiring)]
+        self.groups = [g for g in self.groups if g not in retiring]
 
     def group_of(self, m: Member) -> tuple[PackGroup, int]:
         for g in self.groups:

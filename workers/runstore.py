@@ -7,7 +7,7 @@ that lost its claim changes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -29,6 +29,17 @@ class Claim:
     checkpoint_uri: str | None
 
 
+def claim_values(worker: str, lease_seconds: float, now: datetime) -> dict[str, Any]:
+    """What claiming a run writes: running, the next attempt (the fencing token), this worker, a fresh lease."""
+    return {
+        "status": "running",
+        "attempt": Run.attempt + 1,
+        "worker": worker,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "started_at": now,
+    }
+
+
 def claim_run(session: Session, run_id: str, worker: str, lease_seconds: float, max_attempts: int) -> Claim | None:
     """Take a queued run, or a running one whose lease expired; bump its attempt (the fencing token)."""
     now = utcnow()
@@ -36,13 +47,7 @@ def claim_run(session: Session, run_id: str, worker: str, lease_seconds: float, 
     row = session.execute(
         update(Run)
         .where(Run.id == run_id, (Run.status == "queued") | expired)
-        .values(
-            status="running",
-            attempt=Run.attempt + 1,
-            worker=worker,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=now,
-        )
+        .values(**claim_values(worker, lease_seconds, now))
         .returning(Run.attempt, Run.checkpoint_uri)
     ).first()
     session.commit()
@@ -77,13 +82,7 @@ def claim_pack_mates(session: Session, run_id: str, worker: str, lease_seconds: 
     rows = session.execute(
         update(Run)
         .where(Run.id.in_(ids), Run.status == "queued")
-        .values(
-            status="running",
-            attempt=Run.attempt + 1,
-            worker=worker,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=now,
-        )
+        .values(**claim_values(worker, lease_seconds, now))
         .returning(Run.id, Run.attempt, Run.checkpoint_uri)
     ).all()
     session.commit()

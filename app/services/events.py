@@ -17,7 +17,6 @@ route share it; `event_stream` wraps it for the ASGI server.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_factory
 from app.services.jobs import job_state
+from app.services.results import finite_or_none
 from app.tables import TERMINAL_STATES, Job, MetricPoint, Run
 
 POLL_SECONDS = 0.5
@@ -112,10 +112,6 @@ class _Seen:
     attempt: int = 0  # attempt of the last run_started sent
     epoch: int = 0  # last epoch_done sent
     finished: bool = False  # run_finished sent
-
-
-def _finite(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 class JobEventTracker:
@@ -200,7 +196,7 @@ class JobEventTracker:
         for run_id, epoch, name, value in session.execute(stmt):
             if epoch != int(epoch):
                 continue
-            out[run_id].setdefault(int(epoch), dict.fromkeys(EPOCH_METRICS))[name] = _finite(value)
+            out[run_id].setdefault(int(epoch), dict.fromkeys(EPOCH_METRICS))[name] = finite_or_none(value)
         return out
 
     @staticmethod
@@ -238,11 +234,11 @@ class JobEventTracker:
             seed=run.seed,
             status=run.status,
             attempt=run.attempt,
-            val_acc=_finite(final.get("val_acc")),
-            val_loss=_finite(final.get("val_loss")),
-            train_loss=_finite(final.get("train_loss")),
+            val_acc=finite_or_none(final.get("val_acc")),
+            val_loss=finite_or_none(final.get("val_loss")),
+            train_loss=finite_or_none(final.get("train_loss")),
             steps=run.steps_done,
-            wall_time_s=_finite(run.wall_time_s),
+            wall_time_s=finite_or_none(run.wall_time_s),
             error=run.error,
         )
 

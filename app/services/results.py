@@ -59,7 +59,8 @@ def best_epoch_values(session: Session, job: Job) -> dict[str, dict[str, float]]
     return out
 
 
-def _finite(value: object) -> float | None:
+def finite_or_none(value: object) -> float | None:
+    """A JSON-safe number: the value as a float when it is a finite number, else None."""
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
@@ -133,7 +134,7 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
         for v in variants:
             members = by_cell.get((v, b), [])
             ok = [r for r in members if r.status == "succeeded"]
-            acc[(v, b)] = {r.seed: a for r in ok if (a := _finite(r.val_acc)) is not None}
+            acc[(v, b)] = {r.seed: a for r in ok if (a := finite_or_none(r.val_acc)) is not None}
             diverged = sum(r.status == "diverged" for r in members)
             summaries.append(
                 CellSummary(
@@ -144,9 +145,9 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
                     diverged=diverged,
                     pending=sum(r.status in PENDING_STATES for r in members),
                     failed=sum(r.status in ("failed", "cancelled") for r in members),
-                    val_acc=_stat([_finite(r.val_acc) for r in ok]),
-                    val_loss=_stat([_finite(r.val_loss) for r in ok]),
-                    train_loss=_stat([_finite(r.train_loss) for r in ok]),
+                    val_acc=_stat([finite_or_none(r.val_acc) for r in ok]),
+                    val_loss=_stat([finite_or_none(r.val_loss) for r in ok]),
+                    train_loss=_stat([finite_or_none(r.train_loss) for r in ok]),
                     best_val_acc=_stat([r.best_val_acc for r in ok]),
                     best_val_loss=_stat([r.best_val_loss for r in ok]),
                 )
