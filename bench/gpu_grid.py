@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.budget import resolve_budget  # noqa: E402
+from app.core.budget import resolve_budget  # noqa: E402
 from workers.data import DeviceData, epoch_order  # noqa: E402
 from workers.engine import (  # noqa: E402
     Outcome,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from app.budget import holdout_size, resolve_budget  # noqa: E402
+from app.core.budget import holdout_size, resolve_budget  # noqa: E402
 from app.services.builtin import digits_dataset  # noqa: E402
 from app.services.ingest import save_canonical  # noqa: E402
 from workers.data import DeviceData, load_device_data  # noqa: E402

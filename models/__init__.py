@@ -1,4 +1,4 @@
-"""Norm layers and networks for NormBench, built from `app.catalogue`."""
+"""Norm layers and networks for NormBench, built from `app.core.catalogue`."""
 
 from models.nets import build_model
 from models.norms import create_norm_layer, get_norm_layer, norm_includes_activation, norm_standardizes_weights

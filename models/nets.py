@@ -1,7 +1,7 @@
 """Networks for the norm benchmark: MLP, small CNN and CIFAR-style ResNet.
 
 Each network takes a resolved `norm_layer(num_channels)` and creates its norm layers
-in the order `app.catalogue.norm_sites` lists them. Conv/linear parameter shapes and
+in the order `app.core.catalogue.norm_sites` lists them. Conv/linear parameter shapes and
 creation order do not depend on the norm, and norm layers draw no random numbers, so
 the same seed gives the same conv/linear weights for every norm variant.
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app import catalogue
+from app.core import catalogue
 from models.norms import NormLayer, get_norm_layer
 
 __all__ = ["MLP", "BasicBlock", "ResNet", "SmallCNN", "WSConv2d", "WSLinear", "build_model", "standardize_weight"]

@@ -2,7 +2,7 @@
 
 Every layer takes its channel count first and works on (N, C, *) inputs, so one
 constructor serves the MLP (N, C) and the CNNs (N, C, H, W). Valid names and
-parameters come from `app.catalogue`, which the API validates against too.
+parameters come from `app.core.catalogue`, which the API validates against too.
 
 Layers draw no random numbers at construction, so adding a norm never shifts the
 seeded initialization of the convolutions and linears around it.
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from app import catalogue
+from app.core import catalogue
 
 NormLayer = Callable[[int], nn.Module]
 

@@ -157,7 +157,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[DeviceData, dict[s
     """The built-in digits set on the CPU, as a worker loads it, with a 1-epoch budget for batch 2, 8, 32."""
     import torch
 
-    from app.budget import holdout_size, resolve_budget
+    from app.core.budget import holdout_size, resolve_budget
     from app.services.builtin import digits_dataset
     from app.services.ingest import save_canonical
     from workers.data import load_device_data

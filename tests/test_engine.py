@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from app.budget import resolve_budget, total_steps
+from app.core.budget import resolve_budget, total_steps
 from app.schemas.jobs import OptimizerSpec
 from workers.data import DeviceData, augment, epoch_order
 from workers.engine import Point, Progress, RunConfig, Trainer, batches, build_run_model, lr_at, scaled_lr, train

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from app import catalogue
-from app.catalogue import CatalogueError
+from app.core import catalogue
+from app.core.catalogue import CatalogueError
 from models import build_model, create_norm_layer, get_norm_layer
 from models.nets import BasicBlock
 from models.norms import _NORM_LAYERS, is_norm_layer

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from app import catalogue
-from app.catalogue import CatalogueError
+from app.core import catalogue
+from app.core.catalogue import CatalogueError
 from app.schemas.jobs import VariantSpec
 from models import build_model, create_norm_layer, precise_bn_samples, recompute_bn_stats
 from models.nets import BasicBlock, WSConv2d, WSLinear, standardize_weight

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.budget import steps_per_epoch
+from app.core.budget import steps_per_epoch
 from models import build_model
 from models.precise_bn import precise_bn_samples, recompute_bn_stats
 from workers.data import DeviceData, epoch_order

@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from app.budget import steps_per_epoch
+from app.core.budget import steps_per_epoch
 from models import create_norm_layer
 from workers.data import DeviceData, epoch_order
 from workers.engine import (

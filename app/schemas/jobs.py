@@ -7,7 +7,7 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.catalogue import PARAMS, ParamValue, norms_description, param_description, variant_label
+from app.core.catalogue import PARAMS, ParamValue, norms_description, param_description, variant_label
 
 
 class Strict(BaseModel):

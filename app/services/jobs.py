@@ -9,9 +9,9 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from app import catalogue
-from app.budget import holdout_size, resolve_budget, total_steps
 from app.config import Settings
+from app.core import catalogue
+from app.core.budget import holdout_size, resolve_budget, total_steps
 from app.errors import Conflict, InvalidSpec, NotFound
 from app.queue import publish_train_run
 from app.schemas.jobs import JobSpec
