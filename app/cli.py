@@ -29,9 +29,11 @@ from typing import Any
 
 import httpx
 
+from app.core.run_states import RunStatus
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 UPLOAD_SUFFIXES = (".npz", ".zip", ".csv")
-FINISHED = ("succeeded", "failed", "cancelled")
+FINISHED = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)  # the job statuses that are final
 SWEEPABLE = ("groups", "group_size")
 
 VARIANT_FORMS = """\
@@ -302,10 +304,10 @@ def wait_for(api: Api, job_id: str, interval: float) -> dict[str, Any]:
 
 
 def job_outcome(job: dict[str, Any], results: dict[str, Any]) -> int:
-    if job["status"] == "succeeded":
+    if job["status"] == RunStatus.SUCCEEDED:
         return 0
     counts = job["progress"]["counts"]
-    errors = [r["error"] for r in results.get("runs", []) if r.get("status") == "failed" and r.get("error")]
+    errors = [r["error"] for r in results.get("runs", []) if r.get("status") == RunStatus.FAILED and r.get("error")]
     reason = f"; first error: {errors[0]}" if errors else ""
     err(f"error: job {job['id']} {job['status']}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + reason)
     return 1

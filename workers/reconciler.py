@@ -14,73 +14,34 @@ import threading
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
-from app.tables import Job, Run, utcnow
+from app.repositories import runs
+from app.tables import Job, utcnow
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str], None]
 
 
 def reconcile_once(session: Session, settings: Settings, publish: Publish) -> dict[str, int]:
+    """One round of repairs, committed before anything is published; returns what it did, by kind."""
     now = utcnow()
-    counts = {"cancelled": 0, "failed": 0, "requeued": 0, "published": 0}
-    cancelled_jobs = select(Job.id).where(Job.cancel_requested)
-
-    cancelled = session.execute(
-        update(Run)
-        .where(Run.status == "queued", Run.job_id.in_(cancelled_jobs))
-        .values(status="cancelled", finished_at=now, error="cancelled by user before it started")
-        .returning(Run.id)
-    ).all()
-
-    expired = (Run.status == "running") & (Run.lease_expires_at < now)
-    # A lost worker's run in a cancelled job ends cancelled, never back in the queue.
-    cancelled = [
-        *cancelled,
-        *session.execute(
-            update(Run)
-            .where(expired, Run.job_id.in_(cancelled_jobs))
-            .values(status="cancelled", finished_at=now, lease_expires_at=None, error="cancelled by user")
-            .returning(Run.id)
-        ).all(),
-    ]
-    counts["cancelled"] = len(cancelled)
-    failed = session.execute(
-        update(Run)
-        .where(expired, Run.attempt >= settings.max_attempts)
-        .values(
-            status="failed",
-            finished_at=now,
-            lease_expires_at=None,
-            error=f"the worker was lost (killed, out of memory or unreachable) on all {settings.max_attempts} attempts",
-        )
-        .returning(Run.id)
-    ).all()
-    counts["failed"] = len(failed)
-    requeued = session.execute(
-        update(Run)
-        .where(expired, Run.attempt < settings.max_attempts)
-        .values(status="queued", lease_expires_at=None, published_at=now)
-        .returning(Run.id)
-    ).all()
-    counts["requeued"] = len(requeued)
-
-    stale = now - timedelta(seconds=settings.republish_after_seconds)
-    unpublished = session.execute(
-        update(Run)
-        .where(Run.status == "queued", (Run.published_at.is_(None)) | (Run.published_at < stale))
-        .values(published_at=now)
-        .returning(Run.id)
-    ).all()
+    cancelled = runs.cancel_queued(session, select(Job.id).where(Job.cancel_requested))
+    lost = runs.requeue_expired(session, settings.max_attempts, now)
+    unpublished = runs.take_unpublished(session, now - timedelta(seconds=settings.republish_after_seconds), now)
     session.commit()
-    to_publish = [r[0] for r in requeued] + [r[0] for r in unpublished]
+    to_publish = lost.requeued + unpublished
     for run_id in to_publish:
         publish(run_id)
-    counts["published"] = len(to_publish)
+    counts = {
+        "cancelled": len(cancelled) + len(lost.cancelled),
+        "failed": len(lost.failed),
+        "requeued": len(lost.requeued),
+        "published": len(to_publish),
+    }
     if any(counts.values()):
         log.warning("reconciler: %s", counts)
     return counts

@@ -1,12 +1,328 @@
-"""The runs table's queries and transitions."""
+"""The runs table's queries and every change of a run's status, one named function per transition.
+
+    claim           queued (or running with an expired lease) → running, attempt + 1
+    renew           running → running, lease extended
+    record progress running → running, progress, points and checkpoint stored
+    finish          running → succeeded | failed | diverged | cancelled
+    release         running → queued (shutdown, out of memory: resumes from its checkpoint)
+    requeue         running with an expired lease → queued, or failed / cancelled
+    cancel queued   queued → cancelled
+    retry           failed | cancelled → queued
+
+A worker's writes are conditional on (run id, attempt, status running), so a worker whose claim was
+superseded changes nothing: the attempt is the fencing token.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Select, select
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
-from app.tables import Run
+from sqlalchemy import ColumnElement, Select, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from app.core.progress import Point, Progress
+from app.core.run_states import (
+    ACTIVE,
+    CANCELLED_BEFORE_START,
+    CANCELLED_BY_USER,
+    RETRYABLE,
+    TERMINAL,
+    RunStatus,
+    worker_lost,
+)
+from app.tables import Job, MetricPoint, Run, utcnow
+
+
+class StaleAttempt(RuntimeError):
+    """This worker's claim on the run was superseded; it must stop writing."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's hold on a run: the attempt it claimed (its fencing token) and where to resume from."""
+
+    run_id: str
+    attempt: int
+    checkpoint_uri: str | None
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """What one pass over the expired leases did, by run id."""
+
+    cancelled: list[str]
+    failed: list[str]
+    requeued: list[str]
 
 
 def ordered_runs(job_id: str) -> Select[Run]:
     """A job's runs in report order: batch size, then the spec's variant order, then seed."""
     return select(Run).where(Run.job_id == job_id).order_by(Run.batch_size, Run.variant_index, Run.seed)
+
+
+def _owned(run_id: str, attempt: int) -> ColumnElement[bool]:
+    """The rows a worker holding `attempt` of `run_id` may still write."""
+    return (Run.id == run_id) & (Run.attempt == attempt) & (Run.status == RunStatus.RUNNING)
+
+
+def _expired(now: datetime) -> ColumnElement[bool]:
+    return (Run.status == RunStatus.RUNNING) & (Run.lease_expires_at < now)
+
+
+def _lease(lease_seconds: float) -> datetime:
+    return utcnow() + timedelta(seconds=lease_seconds)
+
+
+# --- claim -------------------------------------------------------------------------------------------
+
+
+def _claim_values(worker: str, lease_seconds: float, now: datetime) -> dict[str, Any]:
+    """What claiming a run writes: running, the next attempt (the fencing token), this worker, a fresh lease."""
+    return {
+        "status": RunStatus.RUNNING,
+        "attempt": Run.attempt + 1,
+        "worker": worker,
+        "lease_expires_at": now + timedelta(seconds=lease_seconds),
+        "started_at": now,
+    }
+
+
+def claim_run(session: Session, run_id: str, worker: str, lease_seconds: float, max_attempts: int) -> Claim | None:
+    """Take a queued run, or a running one whose lease expired; bump its attempt (the fencing token)."""
+    now = utcnow()
+    takeover = _expired(now) & (Run.attempt < max_attempts)
+    row = session.execute(
+        update(Run)
+        .where(Run.id == run_id, (Run.status == RunStatus.QUEUED) | takeover)
+        .values(**_claim_values(worker, lease_seconds, now))
+        .returning(Run.attempt, Run.checkpoint_uri)
+    ).first()
+    session.commit()
+    return None if row is None else Claim(run_id, int(row[0]), row[1])
+
+
+def claim_pack_mates(session: Session, run_id: str, worker: str, lease_seconds: float, limit: int) -> list[Claim]:
+    """Claim up to `limit` more queued runs that can train in one pack with `run_id` (already claimed):
+    the same job and batch size. Runs of `run_id`'s own variant come first (they stack into one vmap
+    group), then the job's other variants in spec order, seeds in order. Each claim bumps that run's
+    attempt and takes its own lease, exactly as `claim_run` does for a queued run; the conditional
+    update (and SKIP LOCKED on Postgres) means two workers never claim the same run."""
+    if limit <= 0:
+        return []
+    lead = session.execute(select(Run.job_id, Run.batch_size, Run.variant).where(Run.id == run_id)).first()
+    if lead is None:
+        return []
+    job_id, batch_size, variant = lead
+    pick = (
+        select(Run.id)
+        .where(Run.job_id == job_id, Run.batch_size == batch_size, Run.status == RunStatus.QUEUED, Run.id != run_id)
+        .order_by((Run.variant == variant).desc(), Run.variant_index, Run.seed, Run.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)  # held until commit: a concurrent claimer skips them
+    ids = list(session.scalars(pick))
+    if not ids:
+        session.commit()
+        return []
+    rows = session.execute(
+        update(Run)
+        .where(Run.id.in_(ids), Run.status == RunStatus.QUEUED)
+        .values(**_claim_values(worker, lease_seconds, utcnow()))
+        .returning(Run.id, Run.attempt, Run.checkpoint_uri)
+    ).all()
+    session.commit()
+    claimed = {str(r[0]): Claim(str(r[0]), int(r[1]), r[2]) for r in rows}
+    return [claimed[i] for i in ids if i in claimed]
+
+
+# --- renew and record progress -----------------------------------------------------------------------
+
+
+def renew_leases(session: Session, claims: list[tuple[str, int]], lease_seconds: float) -> dict[str, bool | None]:
+    """Extend the leases of several (run id, attempt) claims in one statement: each run's job cancel
+    flag, or None for a run this attempt no longer holds."""
+    out: dict[str, bool | None] = {run_id: None for run_id, _ in claims}
+    if not claims:
+        return out
+    rows = session.execute(
+        update(Run)
+        .where(or_(*(_owned(run_id, attempt) for run_id, attempt in claims)))
+        .values(lease_expires_at=_lease(lease_seconds))
+        .returning(Run.id, Run.job_id)
+    ).all()
+    jobs = {job_id for _, job_id in rows}
+    cancel: dict[str, bool] = {}
+    if jobs:
+        for job_id, flag in session.execute(select(Job.id, Job.cancel_requested).where(Job.id.in_(jobs))):
+            cancel[job_id] = bool(flag)
+    session.commit()
+    for run_id, job_id in rows:
+        out[run_id] = bool(cancel.get(job_id))
+    return out
+
+
+def _insert_for(session: Session) -> Any:
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def record_progress(
+    session: Session,
+    run_id: str,
+    attempt: int,
+    points: list[Point],
+    progress: Progress,
+    *,
+    lease_seconds: float,
+    checkpoint_uri: str | None = None,
+) -> None:
+    """Renew the lease, store progress and upsert points in one transaction, or raise StaleAttempt."""
+    values: dict[str, Any] = {
+        "steps_done": progress.step,
+        "epochs_done": progress.epoch,
+        "samples_seen": progress.samples,
+        "lease_expires_at": _lease(lease_seconds),
+    }
+    if checkpoint_uri is not None:
+        values["checkpoint_uri"] = checkpoint_uri
+    if session.execute(update(Run).where(_owned(run_id, attempt)).values(**values).returning(Run.id)).first() is None:
+        session.rollback()
+        raise StaleAttempt(f"run {run_id} attempt {attempt} no longer holds the run")
+    if points:
+        insert = _insert_for(session)
+        rows = [{"run_id": run_id, "step": p.step, "epoch": p.epoch, "name": p.name, "value": p.value} for p in points]
+        stmt = insert(MetricPoint).values(rows)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["run_id", "name", "step"], set_={"value": stmt.excluded.value, "epoch": stmt.excluded.epoch}
+        )
+        session.execute(stmt)
+    session.commit()
+
+
+# --- finish and release ------------------------------------------------------------------------------
+
+
+def finish_run(
+    session: Session,
+    run_id: str,
+    attempt: int,
+    status: RunStatus,
+    *,
+    final_metrics: dict[str, Any] | None = None,
+    error: str | None = None,
+    steps: int | None = None,
+    samples: int | None = None,
+    wall_time_s: float | None = None,
+    environment: dict[str, Any] | None = None,
+) -> bool:
+    """Move the run to a terminal state if this attempt still holds it; False when it no longer does."""
+    if status not in TERMINAL:
+        raise ValueError(f"finish_run needs a terminal status, not {status!r}")
+    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "lease_expires_at": None, "error": error}
+    for key, value in (
+        ("final_metrics", final_metrics),
+        ("steps_done", steps),
+        ("samples_seen", samples),
+        ("wall_time_s", wall_time_s),
+        ("environment", environment),
+    ):
+        if value is not None:
+            values[key] = value
+    row = session.execute(update(Run).where(_owned(run_id, attempt)).values(**values).returning(Run.id)).first()
+    session.commit()
+    return row is not None
+
+
+def release_run(session: Session, run_id: str, attempt: int, reason: str) -> bool:
+    """Hand the run back to the queue (graceful shutdown, out of memory); it resumes from its checkpoint.
+    Marked published: the caller publishes it at once."""
+    row = session.execute(
+        update(Run)
+        .where(_owned(run_id, attempt))
+        .values(status=RunStatus.QUEUED, lease_expires_at=None, published_at=utcnow(), error=reason)
+        .returning(Run.id)
+    ).first()
+    session.commit()
+    return row is not None
+
+
+# --- the reconciler's transitions (the caller commits) -----------------------------------------------
+
+
+def requeue_expired(session: Session, max_attempts: int, now: datetime) -> Requeued:
+    """Runs whose worker was lost (lease expired): back to the queue, marked published (the caller
+    publishes them); failed once they used up `max_attempts`; cancelled if their job was, never queued again."""
+
+    def move(where: ColumnElement[bool], **values: Any) -> list[str]:
+        rows = session.execute(update(Run).where(where).values(lease_expires_at=None, **values).returning(Run.id))
+        return [str(r[0]) for r in rows]
+
+    # In this order: a cancelled job's run is cancelled before the attempt count is looked at.
+    cancelled_jobs = select(Job.id).where(Job.cancel_requested)
+    cancelled = move(
+        _expired(now) & Run.job_id.in_(cancelled_jobs),
+        status=RunStatus.CANCELLED,
+        finished_at=now,
+        error=CANCELLED_BY_USER,
+    )
+    failed = move(
+        _expired(now) & (Run.attempt >= max_attempts),
+        status=RunStatus.FAILED,
+        finished_at=now,
+        error=worker_lost(max_attempts),
+    )
+    requeued = move(_expired(now) & (Run.attempt < max_attempts), status=RunStatus.QUEUED, published_at=now)
+    return Requeued(cancelled, failed, requeued)
+
+
+def take_unpublished(session: Session, stale_before: datetime, now: datetime) -> list[str]:
+    """Queued runs never published, or published before `stale_before` (the broker lost them): marked
+    published now, for the caller to publish after it commits."""
+    rows = session.execute(
+        update(Run)
+        .where(Run.status == RunStatus.QUEUED, (Run.published_at.is_(None)) | (Run.published_at < stale_before))
+        .values(published_at=now)
+        .returning(Run.id)
+    )
+    return [str(r[0]) for r in rows]
+
+
+# --- the user's transitions --------------------------------------------------------------------------
+
+
+def cancel_queued(session: Session, job_ids: Iterable[str] | Select[str]) -> list[str]:
+    """End the queued runs of these jobs (a list of ids or a query of them) as cancelled; the caller
+    commits. Running runs stop on their own when their heartbeat sees the job's cancel flag."""
+    rows = session.execute(
+        update(Run)
+        .where(Run.status == RunStatus.QUEUED, Run.job_id.in_(job_ids))
+        .values(status=RunStatus.CANCELLED, finished_at=utcnow(), error=CANCELLED_BEFORE_START)
+        .returning(Run.id)
+    )
+    return [str(r[0]) for r in rows]
+
+
+def count_active(session: Session, job_id: str) -> int:
+    """The job's queued and running runs."""
+    return int(session.scalar(select(func.count()).where(Run.job_id == job_id, Run.status.in_(ACTIVE))) or 0)
+
+
+def retryable_runs(session: Session, job_id: str) -> list[str]:
+    """The job's failed and cancelled runs: what a retry would queue again."""
+    return list(session.scalars(select(Run.id).where(Run.job_id == job_id, Run.status.in_(RETRYABLE))))
+
+
+def retry_runs(session: Session, run_ids: list[str]) -> list[str]:
+    """Queue failed or cancelled runs again, unpublished (the caller commits, then publishes); they keep
+    their attempt count and checkpoint, so each resumes where it stopped."""
+    rows = session.execute(
+        update(Run)
+        .where(Run.id.in_(run_ids), Run.status.in_(RETRYABLE))
+        .values(status=RunStatus.QUEUED, finished_at=None, error=None, lease_expires_at=None, published_at=None)
+        .returning(Run.id)
+    )
+    return [str(r[0]) for r in rows]

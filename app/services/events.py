@@ -28,10 +28,11 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.run_states import TERMINAL, RunStatus
 from app.db import session_factory
 from app.services.jobs import job_state
 from app.services.results import finite_or_none
-from app.tables import TERMINAL_STATES, Job, MetricPoint, Run
+from app.tables import Job, MetricPoint, Run
 
 POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 15.0
@@ -146,8 +147,8 @@ class JobEventTracker:
             seen = self.seen.setdefault(run.id, _Seen())
             if seen.finished:
                 continue
-            terminal = run.status in TERMINAL_STATES
-            if run.attempt > seen.attempt and (run.status == "running" or terminal):
+            terminal = run.status in TERMINAL
+            if run.attempt > seen.attempt and (run.status == RunStatus.RUNNING or terminal):
                 seen.attempt = run.attempt
                 events.append(Event("run_started", self._started(run, epochs_total)))
             if seen.attempt > 0:
@@ -183,7 +184,7 @@ class JobEventTracker:
             if (
                 not seen.finished
                 and run.attempt > 0
-                and (run.status in TERMINAL_STATES or run.epochs_done > seen.epoch)
+                and (run.status in TERMINAL or run.epochs_done > seen.epoch)
             ):
                 wanted.append(run.id)
         out: dict[str, dict[int, dict[str, float | None]]] = defaultdict(dict)

@@ -12,12 +12,14 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.core import catalogue
 from app.core.budget import holdout_size, resolve_budget, total_steps
+from app.core.run_states import TERMINAL, RunStatus
 from app.errors import Conflict, InvalidSpec, NotFound
 from app.queue import publish_train_run
+from app.repositories import runs as run_repo
 from app.schemas.jobs import JobSpec
 from app.services import quotas
 from app.services.datasets import get_dataset
-from app.tables import TERMINAL_STATES, Dataset, Job, Run, utcnow
+from app.tables import Dataset, Job, Run, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) 
             norm_params={k: val for k, val in v.params().items() if val is not None},
             batch_size=b,
             seed=s,
-            status="queued",
+            status=RunStatus.QUEUED,
         )
         for b in spec.batch_sizes
         for s in spec.seeds
@@ -166,13 +168,13 @@ def job_state(session: Session, job: Job) -> JobState:
         counts[status] = counts.get(status, 0) + n
         run_steps = total_steps(job.budget, batch_size)
         all_steps += run_steps * n
-        done_steps += run_steps * n if status in TERMINAL_STATES else min(int(steps or 0), run_steps * n)
+        done_steps += run_steps * n if status in TERMINAL else min(int(steps or 0), run_steps * n)
         if first_start:
             started.append(first_start)
         if last_finish:
             finished.append(last_finish)
     total = sum(counts.values())
-    finished_runs = sum(n for s, n in counts.items() if s in TERMINAL_STATES)
+    finished_runs = sum(n for s, n in counts.items() if s in TERMINAL)
     return JobState(
         status=_derive_status(counts, total, finished_runs, job.cancel_requested),
         counts=counts,
@@ -184,51 +186,42 @@ def job_state(session: Session, job: Job) -> JobState:
     )
 
 
-def _derive_status(counts: dict[str, int], total: int, finished: int, cancel_requested: bool) -> str:
+def _derive_status(counts: dict[str, int], total: int, finished: int, cancel_requested: bool) -> RunStatus:
+    """A job's status, derived from its runs': a diverged run is a result, so its job can still succeed."""
+    running = counts.get(RunStatus.RUNNING)
     if finished < total:
         if cancel_requested:
-            return "running" if counts.get("running") else "cancelled"
-        return "running" if counts.get("running") or finished else "queued"
-    if counts.get("cancelled"):
-        return "cancelled"
-    if counts.get("failed"):
-        return "failed"
-    return "succeeded"
+            return RunStatus.RUNNING if running else RunStatus.CANCELLED
+        return RunStatus.RUNNING if running or finished else RunStatus.QUEUED
+    if counts.get(RunStatus.CANCELLED):
+        return RunStatus.CANCELLED
+    if counts.get(RunStatus.FAILED):
+        return RunStatus.FAILED
+    return RunStatus.SUCCEEDED
 
 
 def cancel_job(session: Session, owner: str, job_id: str) -> Job:
     """Queued runs end at once; running ones see the flag within seconds and stop."""
     job = get_job(session, owner, job_id)
     job.cancel_requested = True
-    session.execute(
-        update(Run)
-        .where(Run.job_id == job.id, Run.status == "queued")
-        .values(status="cancelled", finished_at=utcnow(), error="cancelled by user before it started")
-    )
+    run_repo.cancel_queued(session, [job.id])
     session.commit()
     return job
-
-
-RETRYABLE = ("failed", "cancelled")
 
 
 def retry_job(session: Session, settings: Settings, owner: str, job_id: str) -> Job:
     """Queue a finished job's failed and cancelled runs again; they resume from their last checkpoint.
     Succeeded and diverged runs are results and stay (a diverged run would diverge again: same seed)."""
     job = get_job(session, owner, job_id)
-    busy = session.scalar(select(func.count()).where(Run.job_id == job.id, Run.status.in_(("queued", "running"))))
+    busy = run_repo.count_active(session, job.id)
     if busy:
         raise Conflict(f"job '{job.id}' still has {busy} queued or running runs; retry once they have ended")
-    run_ids = list(session.scalars(select(Run.id).where(Run.job_id == job.id, Run.status.in_(RETRYABLE))))
+    run_ids = run_repo.retryable_runs(session, job.id)
     if not run_ids:
         raise Conflict(f"job '{job.id}' has no failed or cancelled runs to retry")
     quotas.check_active_jobs(session, settings, owner)
     job.cancel_requested = False
-    session.execute(
-        update(Run)
-        .where(Run.id.in_(run_ids))
-        .values(status="queued", finished_at=None, error=None, lease_expires_at=None, published_at=None)
-    )
+    run_repo.retry_runs(session, run_ids)
     session.commit()
     publish_committed(session, settings, run_ids)
     return job

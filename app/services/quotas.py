@@ -15,10 +15,9 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.core.run_states import ACTIVE
 from app.errors import QuotaExceeded
 from app.tables import Dataset, Run
-
-ACTIVE_RUN_STATES = ("queued", "running")
 
 
 def human_bytes(n: int) -> str:
@@ -54,7 +53,7 @@ def check_dataset_bytes(session: Session, settings: Settings, owner: str, new_by
 
 
 def active_jobs(session: Session, owner: str) -> int:
-    stmt = select(func.count(func.distinct(Run.job_id))).where(Run.owner == owner, Run.status.in_(ACTIVE_RUN_STATES))
+    stmt = select(func.count(func.distinct(Run.job_id))).where(Run.owner == owner, Run.status.in_(ACTIVE))
     return int(session.scalar(stmt) or 0)
 
 

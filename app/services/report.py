@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from app.core.run_states import RunStatus
 from app.schemas.results import CellCurve, CellSummary, ComparisonOut, Results
 from app.services import jobs as jobs_service
 from app.services.curves import build_curve_aggregate
@@ -172,13 +173,13 @@ def signed(x: float | None) -> str:
     return "—" if x is None else f"{x:+.1f}"
 
 
-STATUS_COLOURS = {
-    "queued": "#6e7781",
-    "running": "#0072B2",
-    "succeeded": "#1a7f37",
-    "failed": "#b42318",
-    "cancelled": "#6e7781",
-    "diverged": "#b42318",
+STATUS_COLOURS: dict[str, str] = {
+    RunStatus.QUEUED: "#6e7781",
+    RunStatus.RUNNING: "#0072B2",
+    RunStatus.SUCCEEDED: "#1a7f37",
+    RunStatus.FAILED: "#b42318",
+    RunStatus.CANCELLED: "#6e7781",
+    RunStatus.DIVERGED: "#b42318",
 }
 OUTCOME_TEXT = {
     "better": ("▲ better", "good"),

@@ -15,16 +15,17 @@ from collections import defaultdict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.core.run_states import ACTIVE, TERMINAL, RunStatus
 from app.errors import DomainError
 from app.schemas.results import CellSummary, ComparisonOut, Results, RunResult, SensitivityOut, Stat
 from app.services import statistics as st
 from app.services.curves import build_curves, downsample
-from app.tables import TERMINAL_STATES, Job, MetricPoint, Run
+from app.tables import Job, MetricPoint, Run
 
 __all__ = ["DEFAULT_BASELINE", "InvalidParameter", "build_curves", "build_results", "downsample", "job_runs"]
 
 DEFAULT_BASELINE = "bn"
-PENDING_STATES = frozenset({"queued", "running"})
+
 
 
 class InvalidParameter(DomainError):
@@ -133,9 +134,9 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
     for b in batch_sizes:
         for v in variants:
             members = by_cell.get((v, b), [])
-            ok = [r for r in members if r.status == "succeeded"]
+            ok = [r for r in members if r.status == RunStatus.SUCCEEDED]
             acc[(v, b)] = {r.seed: a for r in ok if (a := finite_or_none(r.val_acc)) is not None}
-            diverged = sum(r.status == "diverged" for r in members)
+            diverged = sum(r.status == RunStatus.DIVERGED for r in members)
             summaries.append(
                 CellSummary(
                     variant=v,
@@ -143,8 +144,8 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
                     n=len(ok),
                     n_total=len(members),
                     diverged=diverged,
-                    pending=sum(r.status in PENDING_STATES for r in members),
-                    failed=sum(r.status in ("failed", "cancelled") for r in members),
+                    pending=sum(r.status in ACTIVE for r in members),
+                    failed=sum(r.status in (RunStatus.FAILED, RunStatus.CANCELLED) for r in members),
                     val_acc=_stat([finite_or_none(r.val_acc) for r in ok]),
                     val_loss=_stat([finite_or_none(r.val_loss) for r in ok]),
                     train_loss=_stat([finite_or_none(r.train_loss) for r in ok]),
@@ -179,9 +180,9 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
         st.Sensitivity(v, best_b, d.batch_size, d.test, p) for (v, best_b, d), p in zip(drops, holm_drop, strict=True)
     ]
 
-    complete = all(r.status in TERMINAL_STATES for r in runs)
-    finished = sum(r.status in TERMINAL_STATES for r in runs)
-    consumed = {r.samples_seen for r in runs if r.status == "succeeded"}
+    complete = all(r.status in TERMINAL for r in runs)
+    finished = sum(r.status in TERMINAL for r in runs)
+    consumed = {r.samples_seen for r in runs if r.status == RunStatus.SUCCEEDED}
     notes = []
     if not complete:
         notes.append(
@@ -189,7 +190,7 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
         )
     if len(consumed) > 1:
         notes.append(f"unequal budgets: succeeded runs consumed {sorted(consumed)} samples")
-    diverged = sum(r.status == "diverged" for r in runs)
+    diverged = sum(r.status == RunStatus.DIVERGED for r in runs)
     if diverged:
         notes.append(
             f"{diverged} run(s) diverged (NaN/inf loss); they count as failures of their variant and are left out "

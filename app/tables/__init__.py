@@ -5,7 +5,7 @@ from app.tables.base import Base, new_id, utcnow
 from app.tables.dataset import Dataset
 from app.tables.job import Job
 from app.tables.metric_point import MetricPoint
-from app.tables.run import RUN_STATES, TERMINAL_STATES, Run
+from app.tables.run import Run
 
 __all__ = [
     "ApiKey",
@@ -14,8 +14,6 @@ __all__ = [
     "Job",
     "MetricPoint",
     "Run",
-    "RUN_STATES",
-    "TERMINAL_STATES",
     "new_id",
     "utcnow",
 ]

@@ -5,18 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Index, String, Text
+from sqlalchemy import BigInteger, CheckConstraint, Float, ForeignKey, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from app.core.run_states import RunStatus
 from app.tables.base import Base, JsonType, UtcDateTime, new_id, utcnow
 
-RUN_STATES = ("queued", "running", "succeeded", "failed", "diverged", "cancelled")
-TERMINAL_STATES = frozenset({"succeeded", "failed", "diverged", "cancelled"})
+# Named "status" → ck_runs_status by the naming convention; migration 0004 creates it.
+STATUS_CHECK = CheckConstraint("status IN (" + ", ".join(f"'{s.value}'" for s in RunStatus) + ")", name="status")
 
 
 class Run(Base):
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_job_id_status", "job_id", "status"),)
+    __table_args__ = (Index("ix_runs_job_id_status", "job_id", "status"), STATUS_CHECK)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -27,7 +28,7 @@ class Run(Base):
     norm_params: Mapped[dict[str, Any]] = mapped_column(JsonType)
     batch_size: Mapped[int]
     seed: Mapped[int]
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.QUEUED, index=True)
     attempt: Mapped[int] = mapped_column(default=0)  # fencing token, bumped on every claim
     lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     worker: Mapped[str | None] = mapped_column(String(200))

@@ -7,8 +7,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, select, text
 
 from app.api.deps import SessionDep, SettingsDep
+from app.core.run_states import RunStatus
 from app.queue import broker_reachable
-from app.tables import RUN_STATES, Dataset, Job, Run, utcnow
+from app.tables import Dataset, Job, Run, utcnow
 
 router = APIRouter(tags=["health"])
 
@@ -44,12 +45,14 @@ def readyz(session: SessionDep, settings: SettingsDep) -> JSONResponse:
 def metrics(session: SessionDep) -> PlainTextResponse:
     by_status = dict(session.execute(select(Run.status, func.count()).group_by(Run.status)).all())
     now = utcnow()
-    expired = session.scalar(select(func.count()).where(Run.status == "running", Run.lease_expires_at < now))
-    unpublished = session.scalar(select(func.count()).where(Run.status == "queued", Run.published_at.is_(None)))
+    expired = session.scalar(select(func.count()).where(Run.status == RunStatus.RUNNING, Run.lease_expires_at < now))
+    unpublished = session.scalar(
+        select(func.count()).where(Run.status == RunStatus.QUEUED, Run.published_at.is_(None))
+    )
     lines = [
         "# HELP normbench_runs Runs by status.",
         "# TYPE normbench_runs gauge",
-        *(f'normbench_runs{{status="{s}"}} {by_status.get(s, 0)}' for s in RUN_STATES),
+        *(f'normbench_runs{{status="{s}"}} {by_status.get(s, 0)}' for s in RunStatus),
         "# HELP normbench_runs_lease_expired Running runs whose lease expired.",
         "# TYPE normbench_runs_lease_expired gauge",
         f"normbench_runs_lease_expired {expired or 0}",
