@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.core.budget import holdout_size, resolve_budget  # noqa: E402
 from app.services.builtin import digits_dataset  # noqa: E402
-from app.services.ingest import save_canonical  # noqa: E402
+from app.core.dataset_format import save_canonical  # noqa: E402
 from workers.data import DeviceData, load_device_data  # noqa: E402
 from workers.engine import Point, Progress, RunConfig, Trainer, build_run_model  # noqa: E402
 from workers.packing import PackTrainer  # noqa: E402

@@ -159,7 +159,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[DeviceData, dict[s
 
     from app.core.budget import holdout_size, resolve_budget
     from app.services.builtin import digits_dataset
-    from app.services.ingest import save_canonical
+    from app.core.dataset_format import save_canonical
     from workers.data import load_device_data
 
     ds = digits_dataset()

@@ -1,4 +1,4 @@
-"""Tests for app.services.ingest: upload validation and conversion to the canonical form."""
+"""Tests for app.ingest (upload validation and conversion) and app.core.dataset_format (the stored form)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.services.ingest import (
-    CanonicalDataset,
-    IngestError,
-    IngestLimits,
-    ingest_file,
-    load_canonical,
-    save_canonical,
-)
+from app.core.dataset_format import CanonicalDataset, load_canonical, save_canonical
+from app.ingest import IngestError, IngestLimits, ingest_file
 
 RNG = np.random.default_rng(0)
 LABELS = np.array([0, 1, 2, 0, 1, 2], dtype=np.int64)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from app.services.ingest import load_canonical
+from app.core.dataset_format import load_canonical
 
 SPLIT_SEED = 20180322  # one validation split per dataset, the same for every run and seed
 

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_GN_GROUPS = 32
+# Most classes a dataset may define, so a classifier head (and every per-class table) stays bounded.
+MAX_CLASSES = 10_000
 
 ParamValue = int | float
 NormParams = Mapping[str, ParamValue | None]

@@ -10,7 +10,7 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.services.ingest import CanonicalDataset, save_canonical
+from app.core.dataset_format import CanonicalDataset, save_canonical
 from app.storage import Storage
 from app.tables import Dataset
 

@@ -12,9 +12,12 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.core.dataset_format import save_canonical
+from app.core.units import human_bytes
 from app.errors import Conflict, InvalidDataset, NotFound, PayloadTooLarge, QuotaExceeded
+from app.ingest import IngestError, IngestLimits, ingest_file
+from app.ingest.checks import check_name
 from app.services import quotas
-from app.services.ingest import IngestError, IngestLimits, ingest_file, save_canonical
 from app.storage import Storage
 from app.tables import Dataset, Job, new_id
 
@@ -29,7 +32,7 @@ def _copy_capped(source: BinaryIO, target: Path, max_bytes: int) -> int:
             written += len(chunk)
             if written > max_bytes:
                 raise PayloadTooLarge(
-                    f"the uploaded file is over the limit of {_limit_text(max_bytes)} (NORMBENCH_MAX_UPLOAD_BYTES); "
+                    f"the uploaded file is over the limit of {human_bytes(max_bytes)} (NORMBENCH_MAX_UPLOAD_BYTES); "
                     "upload a smaller file or a subset of the data"
                 )
             out.write(chunk)
@@ -44,10 +47,6 @@ def ingest_limits(settings: Settings) -> IngestLimits:
         max_image_pixels=settings.max_image_pixels,
         max_csv_rows=settings.max_csv_rows,
     )
-
-
-def _limit_text(n: int) -> str:
-    return f"{n // 2**20} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def create_dataset(
@@ -69,11 +68,12 @@ def create_dataset(
             f"file {filename[:200]!r} has an unsupported type; upload a .npz (arrays x, y), a .zip of "
             "class folders of PNG/JPEG images, or a .csv with a label column"
         )
+    display_name = _display_name(name, filename)
     used = quotas.dataset_bytes_used(session, owner)
     if used >= settings.max_dataset_bytes_per_owner:  # cheap early answer; the exact check is below
         raise QuotaExceeded(
-            f"your datasets already use {quotas.human_bytes(used)}, your quota is "
-            f"{quotas.human_bytes(settings.max_dataset_bytes_per_owner)} (NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); "
+            f"your datasets already use {human_bytes(used)}, your quota is "
+            f"{human_bytes(settings.max_dataset_bytes_per_owner)} (NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); "
             "delete datasets you no longer need (DELETE /v1/datasets/{id})"
         )
     session.rollback()  # end the read transaction; the quota check below takes the lock in a fresh one
@@ -97,7 +97,7 @@ def create_dataset(
         row = Dataset(
             id=dataset_id,
             owner=owner,
-            name=name or Path(filename).name[:200],
+            name=display_name,
             kind=canonical.kind,
             shape=list(canonical.shape),
             num_classes=canonical.num_classes,
@@ -117,6 +117,22 @@ def create_dataset(
             storage.delete(uri)
         raise
     return row
+
+
+def _display_name(name: str | None, filename: str) -> str:
+    """The name the user gave, else the file's name; short and free of control and bidi-override characters."""
+    if name:
+        what, value = "dataset name", name
+    else:
+        what, value = (
+            "dataset name (taken from the file name; rename the file or pass `name`)",
+            Path(filename).name[:200],
+        )
+    try:
+        check_name(value, what)
+    except IngestError as e:
+        raise InvalidDataset(str(e)) from None
+    return value
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,164 @@
+"""The canonical stored dataset: one uncompressed `.npz` that the API writes and the workers read.
+
+* images: `x` uint8 N×C×H×W; tabular: `x` float32 N×F;
+* `y` int64 labels in [0, num_classes); `class_names`: one name per label index; `kind`: "image" or "tabular";
+* optional `x_val`/`y_val` and `x_test`/`y_test` with the same per-sample shape.
+
+NumPy only, so the torch-free API and the workers share it; the upload parsers live in `app.ingest`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+import numpy as np
+
+Kind = Literal["image", "tabular"]
+KINDS: tuple[Kind, ...] = ("image", "tabular")
+# (split, samples key, labels key); "train" is the only split every dataset has.
+SPLITS = (("train", "x", "y"), ("val", "x_val", "y_val"), ("test", "x_test", "y_test"))
+
+
+class DatasetFormatError(ValueError):
+    """A stored dataset file, or an array about to be stored, is not in the canonical form."""
+
+
+@dataclass
+class CanonicalDataset:
+    kind: Kind
+    x: np.ndarray  # uint8 N×C×H×W (image) or float32 N×F (tabular)
+    y: np.ndarray  # int64 (N,)
+    class_names: list[str]
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Per-sample shape: (C, H, W) for images, (F,) for tabular data."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_samples(self) -> int:
+        return int(len(self.x))
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        sizes = {"train": int(len(self.x))}
+        if self.x_val is not None:
+            sizes["val"] = int(len(self.x_val))
+        if self.x_test is not None:
+            sizes["test"] = int(len(self.x_test))
+        return sizes
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """`(6, 4, 4)`: a shape as people write it, whatever integer type NumPy handed over."""
+    return str(tuple(int(d) for d in shape))
+
+
+def check_canonical(ds: CanonicalDataset) -> None:
+    """Raise `DatasetFormatError` unless every array has the canonical dtype, rank and label range."""
+    if ds.kind == "image":
+        if ds.x.dtype != np.uint8 or ds.x.ndim != 4:
+            raise DatasetFormatError(
+                f"canonical image x must be uint8 N×C×H×W, got {ds.x.dtype} {shape_text(ds.x.shape)}"
+            )
+    elif ds.kind == "tabular":
+        if ds.x.dtype != np.float32 or ds.x.ndim != 2:
+            raise DatasetFormatError(
+                f"canonical tabular x must be float32 N×F, got {ds.x.dtype} {shape_text(ds.x.shape)}"
+            )
+    else:
+        raise DatasetFormatError(f"canonical kind must be 'image' or 'tabular', got {ds.kind!r}")
+    for split, xk, yk in SPLITS:
+        _check_split(ds, split, xk, yk)
+
+
+def _check_split(ds: CanonicalDataset, split: str, xk: str, yk: str) -> None:
+    xs, ys = getattr(ds, xk), getattr(ds, yk)
+    if (xs is None) != (ys is None):
+        raise DatasetFormatError(f"canonical {split} split needs both {xk} and {yk}")
+    if xs is None:
+        return
+    if xs.dtype != ds.x.dtype or xs.shape[1:] != ds.x.shape[1:]:
+        raise DatasetFormatError(
+            f"canonical {xk} is {xs.dtype} {shape_text(xs.shape)} but x is {ds.x.dtype} {shape_text(ds.x.shape)}"
+        )
+    if ys.dtype != np.int64 or ys.ndim != 1 or len(ys) != len(xs):
+        raise DatasetFormatError(
+            f"canonical {yk} must be int64 of shape ({len(xs)},), got {ys.dtype} {shape_text(ys.shape)}"
+        )
+    k = len(ds.class_names)
+    if ys.size and (int(ys.min()) < 0 or int(ys.max()) >= k):
+        raise DatasetFormatError(f"canonical {yk} has labels outside 0..{k - 1}")
+
+
+def save_canonical(ds: CanonicalDataset, path: Path) -> None:
+    """Write `ds` as an uncompressed `.npz` at `path`, atomically (temp file in the same folder + rename)."""
+    path = Path(path)
+    check_canonical(ds)
+    arrays: dict[str, np.ndarray] = {
+        "x": ds.x,
+        "y": ds.y,
+        "class_names": np.asarray(list(ds.class_names), dtype=str),
+        "kind": np.asarray(ds.kind, dtype=str),
+    }
+    for _, xk, yk in SPLITS[1:]:
+        if getattr(ds, xk) is not None:
+            arrays[xk] = getattr(ds, xk)
+            arrays[yk] = getattr(ds, yk)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with tmp.open("xb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy stubs mistype **kwds
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def load_canonical(path: Path) -> CanonicalDataset:
+    """Read a file written by `save_canonical`; `DatasetFormatError` if it is not one."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            missing = [k for k in ("x", "y", "class_names", "kind") if k not in keys]
+            if missing:
+                raise DatasetFormatError(f"{str(path)!r} is not a canonical dataset (missing {missing}); re-ingest it")
+            data = {k: npz[k] for k in keys}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, DatasetFormatError):
+            raise
+        raise DatasetFormatError(f"{str(path)!r} is not a readable canonical dataset ({e}); re-ingest it") from e
+    kind = str(data["kind"].item())
+    if kind not in KINDS:
+        raise DatasetFormatError(f"canonical kind must be 'image' or 'tabular', got {kind!r}")
+    ds = CanonicalDataset(
+        kind=cast(Kind, kind),
+        x=data["x"],
+        y=data["y"],
+        class_names=[str(s) for s in data["class_names"].tolist()],
+        x_val=data.get("x_val"),
+        y_val=data.get("y_val"),
+        x_test=data.get("x_test"),
+        y_test=data.get("y_test"),
+    )
+    check_canonical(ds)
+    return ds

@@ -1,0 +1,47 @@
+"""Upload parsers: validate a user's `.npz`, `.zip` of class folders or `.csv` and convert it to the canonical form.
+
+One module per format (`npz`, `image_zip`, `csv_table`) and the checks they share (`checks`); the canonical
+form itself is `app.core.dataset_format`. Every user-facing problem raises `IngestError` with a message that
+says what is wrong and how to fix it. Standard library, NumPy and Pillow only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from app.core.dataset_format import CanonicalDataset
+from app.ingest.checks import ACCEPTED_FORMATS, IngestError, IngestLimits, check_magic
+from app.ingest.csv_table import read_csv
+from app.ingest.image_zip import read_image_zip
+from app.ingest.npz import read_npz
+
+__all__ = ["ACCEPTED_FORMATS", "IngestError", "IngestLimits", "ingest_file"]
+
+
+def ingest_file(
+    path: Path,
+    filename: str,
+    *,
+    label_column: str = "label",
+    limits: IngestLimits = IngestLimits(),
+) -> CanonicalDataset:
+    """Validate the upload at `path` (named `filename` by the user) and return its canonical form."""
+    path = Path(path)
+    ext = PurePosixPath(filename.replace("\\", "/")).suffix.lower()
+    if ext not in (".npz", ".zip", ".csv"):
+        hint = ""
+        if ext == ".npy":
+            hint = " A .npy file holds a single array; save images and labels together with np.savez(path, x=x, y=y)."
+        raise IngestError(
+            f"unsupported file type {ext or '(no extension)'!r} for {filename!r}; "
+            f"accepted formats: {ACCEPTED_FORMATS}.{hint}"
+        )
+    if path.stat().st_size == 0:
+        raise IngestError(f"{filename!r} is empty (0 bytes); upload the complete file")
+    with path.open("rb") as f:
+        check_magic(ext, f.read(8), filename)
+    if ext == ".npz":
+        return read_npz(path, filename, limits)
+    if ext == ".zip":
+        return read_image_zip(path, filename, limits)
+    return read_csv(path, filename, label_column, limits)
