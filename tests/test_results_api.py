@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,8 @@ from fastapi.testclient import TestClient
 from scipy import stats
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from statsmodels.stats.power import TTestPower
+from statsmodels.stats.weightstats import ttost_paired
 
 from app.config import Settings
 from app.db import session_factory
@@ -142,7 +145,7 @@ def test_results_cells_comparisons_holm_and_verdicts(
 
     cmp = {c["batch_size"]: c for c in body["comparisons"]}
     assert set(cmp) == {2, 8, 32} and all(c["variant"] == "gn(4)" and c["baseline"] == "bn" for c in cmp.values())
-    raw = {}
+    raw, tost = {}, {}
     for b in (2, 8):
         gn, bn = points(FINAL[("gn(4)", b)]), points(FINAL[("bn", b)])
         ref = stats.ttest_rel(list(gn.values()), list(bn.values()))
@@ -153,20 +156,38 @@ def test_results_cells_comparisons_holm_and_verdicts(
         assert c["p_value"] == pytest.approx(ref.pvalue) and c["t"] == pytest.approx(ref.statistic)
         assert (c["ci95_low_points"], c["ci95_high_points"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
         raw[b] = ref.pvalue
-    adjusted = holm_by_hand([raw[2], raw[8]])
-    assert cmp[2]["p_holm"] == pytest.approx(adjusted[0]) and cmp[8]["p_holm"] == pytest.approx(adjusted[1])
-    assert cmp[2]["significant"] and cmp[2]["outcome"] == "better"
-    assert not cmp[8]["significant"] and cmp[8]["outcome"] == "indistinguishable"
+        tost[b] = ttost_paired(np.array(list(gn.values())), np.array(list(bn.values())), -1.0, 1.0)[0]
+        assert c["p_equivalence"] == pytest.approx(tost[b]) and c["equivalence_margin_points"] == 1.0
+    # one family: the difference and the equivalence test of both testable comparisons, at most 2 true
+    adjusted = holm_by_hand([raw[2], raw[8], tost[2], tost[8]], max_true=2)
+    assert [cmp[2]["p_holm"], cmp[8]["p_holm"]] == pytest.approx(adjusted[:2])
+    assert [cmp[2]["p_equivalence_holm"], cmp[8]["p_equivalence_holm"]] == pytest.approx(adjusted[2:])
+    assert cmp[2]["significant"] and (cmp[2]["verdict"], cmp[2]["outcome"]) == ("different", "better")
+    assert cmp[2]["ci_low_points"] > 0 and cmp[2]["min_detectable_points"] is None
+    c8 = cmp[8]
+    assert not c8["significant"] and (c8["verdict"], c8["outcome"]) == ("inconclusive", "inconclusive")
+    assert c8["ci_level"] == pytest.approx(1 - 0.05 / 2) and c8["alpha_adjusted"] == pytest.approx(0.025)
+    assert c8["ci_low_points"] < 0 < c8["ci_high_points"]
+    sd = np.std([gn - bn for gn, bn in zip(FINAL[("gn(4)", 8)], FINAL[("bn", 8)], strict=True)], ddof=1) * 100
+    assert c8["std_points"] == pytest.approx(sd)
+    n_needed = math.ceil(TTestPower().solve_power(1.0 / sd, nobs=None, alpha=0.025, power=0.8))
+    assert c8["seeds_needed"] == n_needed and c8["min_detectable_points"] > 1.0
     c32 = cmp[32]
     assert (c32["n_pairs"], c32["p_value"], c32["p_holm"], c32["outcome"]) == (1, None, None, "too_few")
-    assert c32["baseline_diverged"] == 2 and c32["note"]
+    assert c32["verdict"] == "inconclusive" and c32["baseline_diverged"] == 2 and c32["note"]
 
     verdicts = body["verdicts"]
-    assert any(v.startswith("At batch 2, gn(4) beats bn by 16.5 points (95% CI") for v in verdicts), verdicts
-    assert any(v.startswith("bn and gn(4) are indistinguishable at batch 8 (Holm-adjusted p=") for v in verdicts)
+    assert any(v.startswith("At batch 2, gn(4) beats bn by 16.5 points (adjusted 97.5% CI") for v in verdicts), verdicts
+    assert any(
+        v.startswith("At batch 8, gn(4) vs bn is inconclusive: difference -0.2 points, adjusted 97.5% CI ")
+        and f"~{n_needed} seeds would be needed to detect a 1.0-point difference" in v
+        for v in verdicts
+    ), verdicts
     assert any(v.startswith("bn diverged in 2 of 3 seeds at batch 32") for v in verdicts)
-    assert any(v.startswith("Not enough seeds to compare gn(4) with bn at batch 32 (1 seed") for v in verdicts)
-    assert not any("trails" in v for v in verdicts)
+    assert any(v.startswith("At batch 32, gn(4) vs bn is inconclusive: not enough seeds (1 seed") for v in verdicts)
+    assert not any("trails" in v or "indistinguishable" in v for v in verdicts)
+    assert body["equivalence_margin_points"] == 1.0 and len(body["how_to_read"]) >= 3
+    assert body["how_to_read"][0].startswith("± after a mean is the half-width of its 95% interval")
 
     # bn's 98.0 at batch 32 is one surviving seed: its reference is batch 8 (3 seeds), and the drop is paired
     sens = {(s["variant"], s["batch_size"]): s for s in body["sensitivity"]}
@@ -179,12 +200,23 @@ def test_results_cells_comparisons_holm_and_verdicts(
     bn_drop = sens[("bn", 2)]
     assert bn_drop["drop_points"] == pytest.approx(np.mean([18.0, 19.5, 15.2]))
     assert bn_drop["p_value"] == pytest.approx(drops["bn"].pvalue)
-    assert [bn_drop["p_holm"], sens[("gn(4)", 2)]["p_holm"]] == pytest.approx(
-        holm_by_hand([drops["bn"].pvalue, drops["gn(4)"].pvalue])
-    )
+    drop_tost = [
+        ttost_paired(
+            np.array(list(points(FINAL[(v, 8)]).values())), np.array(list(points(FINAL[(v, 2)]).values())), -1.0, 1.0
+        )[0]
+        for v in ("bn", "gn(4)")
+    ]
+    adjusted = holm_by_hand([drops["bn"].pvalue, drops["gn(4)"].pvalue, *drop_tost], max_true=2)
+    assert [bn_drop["p_holm"], sens[("gn(4)", 2)]["p_holm"]] == pytest.approx(adjusted[:2])
     assert bn_drop["significant"] and not sens[("gn(4)", 2)]["significant"]
-    assert any(v.startswith("bn loses 17.6 points going from batch 8 to batch 2 (95% CI") for v in verdicts)
-    assert any(v.startswith("gn(4) shows no significant drop from its best batch size 8 to batch 2") for v in verdicts)
+    assert (bn_drop["verdict"], sens[("gn(4)", 2)]["verdict"]) == ("different", "inconclusive")
+    assert any(v.startswith("bn loses 17.6 points going from batch 8 to batch 2 (adjusted 97.5% CI") for v in verdicts)
+    assert any(
+        v.startswith(
+            "gn(4)'s drop from its best batch size 8 to batch 2 is inconclusive: neither a drop nor equivalence"
+        )
+        for v in verdicts
+    ), verdicts
 
 
 def test_baseline_selection_and_unknown_baseline(
@@ -195,6 +227,7 @@ def test_baseline_selection_and_unknown_baseline(
     assert body["baseline"] == "gn(4)"
     c2 = next(c for c in body["comparisons"] if c["batch_size"] == 2)
     assert c2["variant"] == "bn" and c2["outcome"] == "worse" and c2["diff_points"] < 0
+    assert c2["verdict"] == "different"
     assert any(v.startswith("At batch 2, bn trails gn(4) by 16.5 points") for v in body["verdicts"])
     resp = client.get(f"/v1/jobs/{job_id}/results", params={"baseline": "batchnorm"})
     assert resp.status_code == 422

@@ -27,11 +27,35 @@ def test_summary_matches_scipy_t_interval() -> None:
 
 
 def test_summary_small_and_degenerate_samples() -> None:
-    assert st.summarize([]) == st.Summary(0, None, None, None, None)
-    assert st.summarize([0.9]) == st.Summary(1, 0.9, None, None, None)
-    flat = st.summarize([0.5, 0.5, 0.5])
-    assert flat == st.Summary(3, 0.5, 0.0, 0.5, 0.5)  # zero spread: the interval collapses, no NaN
+    empty, one = st.summarize([]), st.summarize([0.9])
+    assert (empty.n, empty.mean, empty.ci_low, empty.ci_high) == (0, None, None, None) and empty.note
+    assert (one.n, one.mean, one.std, one.ci_low, one.ci_high) == (1, 0.9, None, None, None)
+    assert one.note and "at least 2" in one.note
     assert st.summarize([0.5, float("nan"), float("inf"), 0.7]).n == 2
+
+
+def test_zero_spread_summary_has_no_interval_and_says_why() -> None:
+    # two (or three) identical values: no "± 0.0" presented as certainty, and no NaN
+    for values in ([0.5, 0.5, 0.5], [0.987, 0.987]):
+        flat = st.summarize(values, bounds=(0.0, 1.0))
+        assert (flat.n, flat.std, flat.ci_low, flat.ci_high, flat.half_width) == (len(values), 0.0, None, None, None)
+        assert flat.mean == pytest.approx(values[0])
+        assert flat.note and "spread is zero" in flat.note and "no interval" in flat.note
+
+
+def test_accuracy_interval_is_clipped_to_the_possible_range() -> None:
+    values = [0.995, 0.97, 1.0]  # the plain t-interval reaches above 1 (100% accuracy)
+    raw = st.summarize(values)
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
+    assert (raw.ci_low, raw.ci_high) == (pytest.approx(low), pytest.approx(high)) and high > 1 and not raw.clipped
+    s = st.summarize(values, bounds=(0.0, 1.0))
+    assert s.clipped and s.ci_high == 1.0 and s.ci_low == pytest.approx(low)
+    assert s.half_width == pytest.approx(high - np.mean(values))  # "±" stays the t half-width
+    assert s.note and "clipped" in s.note
+    inside = st.summarize([0.90, 0.92, 0.91], bounds=(0.0, 1.0))
+    assert not inside.clipped and inside.note is None and 0 < inside.ci_low < inside.ci_high < 1  # type: ignore[operator]
+    bottom = st.summarize([0.0, 0.02, 0.001], bounds=(0.0, 1.0))
+    assert bottom.clipped and bottom.ci_low == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,6 +73,10 @@ def test_paired_test_matches_scipy_ttest_rel() -> None:
     assert t.t == pytest.approx(ref.statistic)
     assert t.p == pytest.approx(ref.pvalue)
     assert (t.ci_low, t.ci_high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert t.interval(0.99) == (
+        pytest.approx(ref.confidence_interval(0.99).low),
+        pytest.approx(ref.confidence_interval(0.99).high),
+    )
     assert not t.zero_spread and t.note is None
 
 
@@ -77,32 +105,35 @@ def test_one_pair_and_no_pair_have_no_test() -> None:
     assert (none.n, none.mean_diff, none.p) == (0, None, None) and none.note
 
 
-def test_zero_spread_differences_give_no_p_value_and_no_nan() -> None:
+def test_zero_spread_differences_give_no_p_value_no_interval_and_no_nan() -> None:
     # accuracies on a k/N grid: 95−90, 85−80, 75−70 are "the same" 5 points up to float rounding
     a = {0: 0.95 * 100, 1: 0.85 * 100, 2: 0.75 * 100}
     b = {0: 0.90 * 100, 1: 0.80 * 100, 2: 0.70 * 100}
     t = st.paired_test(a, b)
     assert t.zero_spread and t.p is None and t.t is None
-    assert t.mean_diff == pytest.approx(5.0) and t.ci_low == t.ci_high == t.mean_diff
-    assert t.note and "zero spread" in t.note
+    assert t.mean_diff == pytest.approx(5.0) and t.ci_low is None and t.ci_high is None
+    assert t.note and "spread is zero" in t.note and "no interval" in t.note
     same = st.paired_test({0: 100.0, 1: 100.0}, {0: 100.0, 1: 100.0})
     assert same.zero_spread and same.p is None and same.mean_diff == 0.0
-    assert st.classify(t, None) == "constant" and st.classify(same, None) == "identical"
-    values = [v for v in (t.mean_diff, t.ci_low, t.ci_high, same.mean_diff) if v is not None]
-    assert all(math.isfinite(v) for v in values)
+    constant, identical = st.decide([t, same], margin=1.0)
+    assert (constant.claim, identical.claim) == ("constant", "identical")
+    assert constant.verdict == identical.verdict == "inconclusive"
+    assert constant.family_size == 0 and constant.p_adjusted is None and constant.seeds_needed is None
+    assert t.mean_diff is not None and math.isfinite(t.mean_diff)
 
 
 # ---------------------------------------------------------------------------------------------
 # Holm
 
 
-def holm_by_hand(p: list[float]) -> list[float]:
+def holm_by_hand(p: list[float], max_true: int | None = None) -> list[float]:
+    """Holm's step-down; with `max_true`, Shaffer's multipliers min(max_true, m − k)."""
     m = len(p)
     order = sorted(range(m), key=lambda i: p[i])
     adjusted = [0.0] * m
     running = 0.0
     for k, i in enumerate(order):
-        running = max(running, min(1.0, (m - k) * p[i]))
+        running = max(running, min(1.0, min(m if max_true is None else max_true, m - k) * p[i]))
         adjusted[i] = running
     return adjusted
 
@@ -121,80 +152,233 @@ def test_holm_skips_untestable_comparisons() -> None:
     assert st.holm([None, 0.01, None, 0.04]) == [None, pytest.approx(0.02), None, pytest.approx(0.04)]
 
 
+def test_holm_with_shaffers_constraint() -> None:
+    # 4 hypotheses of which at most 2 can be true: multipliers 2, 2, 2, 1 instead of 4, 3, 2, 1
+    # sorted 0.005, 0.01, 0.03, 0.04 → ×2, ×2, ×2, ×1 = 0.01, 0.02, 0.06, 0.04 → monotone 0.01, 0.02, 0.06, 0.06
+    steps = st.holm_steps([0.01, 0.04, 0.03, 0.005], max_true=2)
+    assert [s[1] for s in steps if s] == [2, 1, 2, 2]
+    assert [s[0] for s in steps if s] == pytest.approx([0.02, 0.06, 0.06, 0.01])
+    assert [s[0] for s in steps if s] == pytest.approx(holm_by_hand([0.01, 0.04, 0.03, 0.005], max_true=2))
+
+
 # ---------------------------------------------------------------------------------------------
-# verdict wording
+# TOST and power against statsmodels
 
 
-def comparison(a: list[float], b: list[float], p_holm: float | None = None, batch: int = 2) -> st.Comparison:
-    t = st.paired_test(dict(enumerate(a)), dict(enumerate(b)))
-    return st.Comparison("gn(32)", "bn", batch, t, t.p if p_holm is None else p_holm)
+def test_tost_matches_statsmodels_ttost_paired() -> None:
+    from statsmodels.stats.weightstats import ttost_paired
+
+    cases = [
+        ([97.0, 96.2, 97.9, 97.4], [96.8, 96.5, 97.6, 97.9], 1.0),
+        ([98.0, 97.5, 98.2], [97.6, 97.9, 97.8], 1.0),
+        ([80.0, 82.0, 79.0, 81.5, 80.2], [79.1, 81.0, 79.4, 80.0, 80.1], 2.5),
+        ([97.0, 96.2, 97.9], [81.3, 78.0, 84.1], 1.0),
+    ]
+    for a, b, margin in cases:
+        t = st.paired_test(dict(enumerate(a)), dict(enumerate(b)))
+        ref_p, _, _ = ttost_paired(np.array(a), np.array(b), -margin, margin)
+        assert st.tost_p(t, margin) == pytest.approx(ref_p, rel=1e-9, abs=1e-12)
+    assert st.tost_p(st.paired_test({0: 1.0}, {0: 2.0}), 1.0) is None
 
 
-def test_clear_win_is_claimed_with_interval_p_and_seeds() -> None:
-    c = comparison([97.0, 96.2, 97.9], [81.3, 78.0, 84.1])
-    assert c.claim == "better"
+def test_power_matches_statsmodels_ttest_power() -> None:
+    from statsmodels.stats.power import TTestPower
+
+    ref = TTestPower()
+    for n in (2, 3, 5, 10, 40):
+        for effect in (0.25, 0.5, 1.0, 2.0):
+            for alpha in (0.05, 0.05 / 6):
+                assert st.paired_power(effect * 3.0, 3.0, n, alpha) == pytest.approx(ref.power(effect, n, alpha))
+    # far in the tail statsmodels (scipy's nct.cdf) gives NaN; ours stays a number
+    assert st.paired_power(8.0, 1.0, 2, 0.05) == pytest.approx(0.6253, abs=1e-3)
+
+
+def test_seeds_needed_and_minimum_detectable_difference_match_statsmodels() -> None:
+    from statsmodels.stats.power import TTestPower
+
+    ref = TTestPower()
+    for sd, delta, alpha in ((2.0, 1.0, 0.025), (1.0, 1.0, 0.05), (0.8, 1.0, 0.05 / 3), (5.0, 1.0, 0.05)):
+        n = st.seeds_needed(delta, sd, alpha)
+        assert n == math.ceil(ref.solve_power(delta / sd, nobs=None, alpha=alpha, power=0.8))
+        assert st.paired_power(delta, sd, n, alpha) >= 0.8 > st.paired_power(delta, sd, n - 1, alpha)
+    assert st.seeds_needed(1.0, 40.0, 0.05) is None  # more than MAX_SEEDS
+    for sd, n, alpha in ((2.0, 5, 0.025), (1.0, 3, 0.05), (5.0, 3, 0.0125), (1.0, 2, 0.05 / 6)):
+        mdd = st.min_detectable(sd, n, alpha)
+        assert ref.power(mdd / sd, n, alpha) == pytest.approx(0.8, abs=1e-6)
+    assert st.min_detectable(2.0, 5, 0.025) == pytest.approx(2 * ref.solve_power(None, nobs=5, alpha=0.025, power=0.8))
+
+
+# ---------------------------------------------------------------------------------------------
+# three verdicts
+
+
+def family(*pairs: tuple[list[float], list[float]], margin: float = 1.0) -> list[st.Comparison]:
+    tests = [st.paired_test(dict(enumerate(a)), dict(enumerate(b))) for a, b in pairs]
+    decisions = st.decide(tests, margin, limit=100.0)
+    return [
+        st.Comparison("gn(32)", "bn", 2 ** (i + 1), t, d) for i, (t, d) in enumerate(zip(tests, decisions, strict=True))
+    ]
+
+
+WIN = ([97.0, 96.2, 97.9], [81.3, 78.0, 84.1])
+SAME = ([97.5, 97.6, 97.55, 97.4], [97.45, 97.6, 97.5, 97.5])
+NOISY = ([98.0, 96.9, 98.6], [97.6, 97.9, 97.8])
+
+
+def test_three_outcomes_and_their_reference_values() -> None:
+    win, same, noisy = family(WIN, SAME, NOISY)
+    assert (win.decision.verdict, same.decision.verdict, noisy.decision.verdict) == (
+        "different",
+        "equivalent",
+        "inconclusive",
+    )
+    assert (win.claim, same.claim, noisy.claim) == ("better", "equivalent", "inconclusive")
+    p = [c.test.p for c in (win, same, noisy)]
+    p_eq = [st.tost_p(c.test, 1.0) for c in (win, same, noisy)]
+    adjusted = holm_by_hand([*p, *p_eq], max_true=3)  # type: ignore[list-item]
+    for i, c in enumerate((win, same, noisy)):
+        assert c.decision.family_size == 3
+        assert c.decision.p_adjusted == pytest.approx(adjusted[i])
+        assert c.decision.p_equivalence_adjusted == pytest.approx(adjusted[3 + i])
+    # the interval agrees with the verdict: excludes 0 / inside ±δ / includes 0 and reaches beyond ±δ
+    d = win.decision
+    assert d.ci_low is not None and d.ci_low > 0 and d.ci_level is not None and d.ci_level > 0.95
+    assert d.min_detectable is None and d.seeds_needed is None
+    d = same.decision
+    assert d.ci_low is not None and d.ci_high is not None and -1.0 < d.ci_low < d.ci_high < 1.0
+    d = noisy.decision
+    assert d.ci_level == pytest.approx(1 - 0.05 / 3)
+    assert d.ci_low is not None and d.ci_high is not None and d.ci_low < 0 < d.ci_high
+    assert d.ci_low < -1.0 or d.ci_high > 1.0
+    low, high = noisy.test.interval(1 - 0.05 / 3)
+    assert (d.ci_low, d.ci_high) == (pytest.approx(low), pytest.approx(high))
+    # power at α/m from the observed paired spread
+    sd = noisy.test.std_diff
+    assert sd is not None and d.alpha_adjusted == pytest.approx(0.05 / 3)
+    assert d.min_detectable == pytest.approx(st.min_detectable(sd, 3, 0.05 / 3))
+    assert d.seeds_needed == st.seeds_needed(1.0, sd, 0.05 / 3)
+
+
+def test_verdict_intervals_always_agree_with_the_verdict() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        n = int(rng.integers(2, 7))
+        pairs = []
+        for _ in range(int(rng.integers(1, 5))):
+            shift, noise = rng.choice([0.0, 0.3, 2.0, 8.0]), rng.choice([0.1, 0.5, 3.0])
+            base = 90 + rng.normal(0, 1, n)
+            pairs.append((list(base + shift + rng.normal(0, noise, n)), list(base)))
+        for c in family(*pairs, margin=1.0):
+            d = c.decision
+            assert d.ci_low is not None and d.ci_high is not None
+            if d.verdict == "different":
+                assert d.ci_low > 0 or d.ci_high < 0
+            elif d.verdict == "equivalent":
+                assert d.ci_low > -1.0 and d.ci_high < 1.0
+            else:
+                assert d.ci_low <= 0 <= d.ci_high and (d.ci_low <= -1.0 or d.ci_high >= 1.0)
+                assert d.min_detectable is not None
+
+
+def test_clear_win_is_claimed_with_an_adjusted_interval_p_and_seeds() -> None:
+    (c,) = family(WIN)
+    d = c.decision
+    assert c.claim == "better" and d.ci_level == pytest.approx(0.95)  # one comparison: no adjustment needed
     t = c.test
     assert st.comparison_sentence(c) == (
         f"At batch 2, gn(32) beats bn by {t.mean_diff:.1f} points "
-        f"(95% CI {t.ci_low:.1f} to {t.ci_high:.1f}, Holm-adjusted {st.format_p(t.p or 0)}, 3 seeds)"
+        f"(adjusted 95% CI {d.ci_low:.1f} to {d.ci_high:.1f}, Holm-adjusted {st.format_p(d.p_adjusted or 0)}, 3 seeds)"
     )
 
 
 def test_clear_loss_is_worded_as_trails_with_a_positive_interval() -> None:
-    c = comparison([81.3, 78.0, 84.1], [97.0, 96.2, 97.9])
+    (c,) = family(WIN[::-1])
     assert c.claim == "worse"
     sentence = st.comparison_sentence(c)
-    assert sentence.startswith("At batch 2, gn(32) trails bn by 15.9 points (95% CI ")
-    assert c.test.ci_high is not None and f"{-c.test.ci_high:.1f} to" in sentence
+    assert sentence.startswith("At batch 2, gn(32) trails bn by 15.9 points (adjusted 95% CI ")
+    assert c.decision.ci_high is not None and f"CI {-c.decision.ci_high:.1f} to" in sentence
 
 
-def test_non_significant_difference_is_indistinguishable() -> None:
-    c = comparison([98.0, 97.5, 98.2], [97.6, 97.9, 97.8], batch=32)
-    assert c.claim == "indistinguishable"
+def test_equivalent_sentence_names_the_margin_and_the_tost() -> None:
+    (c,) = family(SAME)
     sentence = st.comparison_sentence(c)
-    assert sentence.startswith(
-        f"bn and gn(32) are indistinguishable at batch 32 (Holm-adjusted {st.format_p(c.p_holm or 0)}"
-    )
-    assert "beats" not in sentence and "trails" not in sentence
+    assert sentence.startswith("At batch 2, gn(32) and bn are equivalent within ±1.0 points: difference +0.0 points, ")
+    assert "lies inside ±1.0" in sentence and "equivalence test (TOST) Holm-adjusted p" in sentence
+    assert "real" not in sentence
+    # a real but small difference is still equivalent, and the sentence says both
+    (small,) = family(([97.8, 97.9, 98.1, 97.7], [97.5, 97.6, 97.7, 97.45]))
+    assert small.claim == "equivalent" and small.decision.p_adjusted is not None and small.decision.p_adjusted < 0.05
+    assert "the difference itself is real" in st.comparison_sentence(small)
+
+
+def test_inconclusive_sentence_gives_the_reason_and_the_seeds_needed() -> None:
+    (c,) = family(NOISY)
+    d = c.decision
+    sentence = st.comparison_sentence(c)
+    assert sentence.startswith("At batch 2, gn(32) vs bn is inconclusive: difference +0.1 points, adjusted 95% CI ")
+    assert "includes 0 and reaches beyond ±1.0" in sentence
+    assert f"the smallest difference detectable (80% power) is {d.min_detectable:.1f} points" in sentence
+    assert f"~{d.seeds_needed} seeds would be needed to detect a 1.0-point difference" in sentence
+    assert "indistinguishable" not in sentence and "beats" not in sentence and "trails" not in sentence
+
+
+def test_wide_interval_with_two_seeds_is_inconclusive_not_a_claim() -> None:
+    (c,) = family(([60.0, 90.0], [55.0, 40.0]))  # the "-26.8 to 36.8, 2 seeds" kind of evidence
+    assert c.decision.verdict == "inconclusive"
+    sentence = st.comparison_sentence(c)
+    assert "inconclusive" in sentence and "clipped to the possible range" in sentence
+    assert c.decision.ci_low == -100.0 or c.decision.ci_high == 100.0
+    assert "more than 1000 seeds" in sentence or "seeds would be needed" in sentence
 
 
 def test_holm_adjustment_can_remove_a_claim() -> None:
-    c = comparison([97.0, 96.2, 97.9], [81.3, 78.0, 84.1])
-    assert c.test.p is not None and c.test.p < 0.05
-    adjusted = st.Comparison(c.variant, c.baseline, c.batch_size, c.test, 0.07)
-    assert adjusted.claim == "indistinguishable" and "indistinguishable" in st.comparison_sentence(adjusted)
+    (alone,) = family(WIN)
+    assert alone.claim == "better"
+    crowd = family(WIN, *[NOISY] * 9)  # 10 comparisons: 10 × p = 0.064
+    assert crowd[0].test.p == alone.test.p and crowd[0].claim == "inconclusive"
+    assert "inconclusive" in st.comparison_sentence(crowd[0])
 
 
 def test_one_seed_is_not_enough_to_compare() -> None:
-    c = comparison([97.0], [81.0])
-    assert c.claim == "too_few"
+    (c,) = family(([97.0], [81.0]))
+    assert c.claim == "too_few" and c.decision.verdict == "inconclusive"
     assert st.comparison_sentence(c) == (
-        "Not enough seeds to compare gn(32) with bn at batch 2 (1 seed; observed difference +16.0 points, untested)"
+        "At batch 2, gn(32) vs bn is inconclusive: not enough seeds (1 seed finished in both; "
+        "observed difference +16.0 points, untested)"
     )
 
 
 def test_zero_spread_wording_claims_nothing() -> None:
-    constant = comparison([95.0, 85.0], [90.0, 80.0])
-    assert "no test is possible" in st.comparison_sentence(constant)
-    assert "beats" not in st.comparison_sentence(constant)
-    identical = comparison([100.0, 100.0], [100.0, 100.0])
+    (constant,) = family(([95.0, 85.0], [90.0, 80.0]))
+    sentence = st.comparison_sentence(constant)
+    assert "no test or interval can be formed" in sentence and "inconclusive" in sentence
+    assert "beats" not in sentence
+    (identical,) = family(([100.0, 100.0], [100.0, 100.0]))
     assert st.comparison_sentence(identical) == (
-        "bn and gn(32) are indistinguishable at batch 2: identical accuracy in all 2 seeds"
+        "At batch 2, gn(32) vs bn is inconclusive: identical accuracy in all 2 seeds; the spread is zero, "
+        "so no test or interval can be formed (more seeds would show the spread)"
     )
 
 
 def test_verdicts_mention_diverged_runs_and_partial_results() -> None:
     cells = [st.CellCount("bn", 2, 3, 1, 2), st.CellCount("gn(32)", 2, 3, 3, 0)]
-    cmp = [comparison([97.0], [81.0])]
+    cmp = family(([97.0], [81.0]))
     out = st.verdicts([2], cells, cmp, [], ["bn", "gn(32)"], runs_finished=5, runs_total=6)
     assert out[0].startswith("Partial results (5 of 6 runs finished)")
     assert out[1].startswith("bn diverged in 2 of 3 seeds at batch 2")
-    assert out[2].startswith("Not enough seeds to compare gn(32) with bn at batch 2 (1 seed")
+    assert out[2].startswith("At batch 2, gn(32) vs bn is inconclusive: not enough seeds (1 seed")
     assert len(out) == 3
 
 
-def test_p_value_formatting() -> None:
+def test_no_sentence_says_indistinguishable() -> None:
+    comparisons = family(WIN, SAME, NOISY, ([97.0], [81.0]), ([95.0, 85.0], [90.0, 80.0]))
+    text = " ".join(st.comparison_sentence(c) for c in comparisons) + " ".join(st.how_to_read(1.0, 3, 0))
+    assert "indistinguishable" not in text
+
+
+def test_p_value_and_level_formatting() -> None:
     assert [st.format_p(p) for p in (0.41, 0.0021, 0.0004, 0.05)] == ["p=0.41", "p=0.002", "p<0.001", "p=0.05"]
+    assert [st.format_level(x) for x in (0.95, 0.975, 1 - 0.05 / 6, 0.9)] == ["95%", "97.5%", "99.2%", "90%"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,19 +397,30 @@ def test_batch_drops_pair_by_seed_from_the_best_batch() -> None:
     assert drops[0].test.p == pytest.approx(ref.pvalue) and drops[0].test.mean_diff == pytest.approx(
         np.mean([17.0, 19.4, 14.3])
     )
-    s = st.Sensitivity("bn", best, 2, drops[0].test, drops[0].test.p)
-    assert s.claim == "better"
+    (decision,) = st.decide([drops[0].test], 1.0)
+    s = st.Sensitivity("bn", best, 2, drops[0].test, decision)
+    assert s.claim == "better" and decision.verdict == "different"
     (sentence,) = st.sensitivity_sentences("bn", [s])
-    assert sentence.startswith("bn loses 16.9 points going from batch 8 to batch 2 (95% CI ")
+    assert sentence.startswith("bn loses 16.9 points going from batch 8 to batch 2 (adjusted 95% CI ")
 
 
-def test_flat_variant_shows_no_significant_drop() -> None:
+def test_flat_variant_keeps_its_accuracy_or_is_inconclusive() -> None:
     by_batch = {32: {0: 97.0, 1: 97.5, 2: 96.8}, 2: {0: 97.2, 1: 96.9, 2: 96.7}}
     best, drops = st.batch_drops(by_batch)
     assert best == 32
-    items = [st.Sensitivity("gn(32)", 32, d.batch_size, d.test, d.test.p) for d in drops]
+    decisions = st.decide([d.test for d in drops], 1.0)
+    items = [st.Sensitivity("gn(32)", 32, d.batch_size, d.test, dd) for d, dd in zip(drops, decisions, strict=True)]
     assert st.sensitivity_sentences("gn(32)", items) == [
-        "gn(32) shows no significant drop from its best batch size 32 to batch 2 (largest observed drop 0.2 points)"
+        "gn(32) keeps its accuracy within ±1.0 points from its best batch size 32 down to batch 2 "
+        "(equivalence tests, Holm-adjusted p=0.04 or lower)"
+    ]
+    # with a narrower margin the same evidence shows neither
+    decisions = st.decide([d.test for d in drops], 0.3)
+    items = [st.Sensitivity("gn(32)", 32, d.batch_size, d.test, dd) for d, dd in zip(drops, decisions, strict=True)]
+    assert st.sensitivity_sentences("gn(32)", items) == [
+        "gn(32)'s drop from its best batch size 32 to batch 2 is inconclusive: neither a drop nor equivalence "
+        "within ±0.3 points is shown (largest observed drop 0.2 points); with 3 seeds the smallest difference "
+        "detectable (80% power) is 1.3 points; ~17 seeds would be needed to detect a 0.3-point difference"
     ]
     assert st.best_batch_size({4: {0: 90.0}, 16: {0: 90.0}}) == 16  # ties: the larger batch
     assert st.batch_drops({}) == (None, [])

@@ -148,6 +148,15 @@ class JobSpec(Strict):
         description="Training arithmetic: `fp32`, or `bf16` (bfloat16 autocast of the training forward pass; "
         "faster on GPUs with bf16 units, slightly noisier). Evaluation runs in fp32. Recorded in each run's environment.",
     )
+    equivalence_margin: float = Field(
+        0.01,
+        gt=0,
+        le=0.5,
+        description="δ, as an accuracy fraction (0.01 = 1 accuracy point): two variants whose true difference is "
+        "within ±δ count as equivalent for your purposes. The results call a comparison `equivalent` when the "
+        "two one-sided tests show the difference lies inside ±δ, `different` when the paired test shows a "
+        "difference, `inconclusive` otherwise (with the seeds needed to detect δ).",
+    )
 
     @field_validator("batch_sizes")
     @classmethod

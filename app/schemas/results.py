@@ -2,14 +2,26 @@
 
 Accuracies in `runs`, `cells` and the curves are fractions 0..1, as training reports them;
 differences in `comparisons` and `sensitivity` are in accuracy **points** (percentage points,
-0..100 scale), as people talk about them ("6.1 points better").
+0..100 scale), as people talk about them ("6.1 points better"). One vocabulary everywhere: "±"
+is the half-width of a 95% interval; every comparison ends in one of three verdicts, `different`,
+`equivalent` (within ±`equivalence_margin_points`) or `inconclusive` (see `how_to_read`).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from app.schemas.runs import MetricPointOut
+
+VerdictOut = Literal["different", "equivalent", "inconclusive"]
+VERDICT_DESCRIPTION = (
+    "One of three: `different` (the paired t-test of no difference is significant after the Holm adjustment), "
+    "`equivalent` (the two one-sided tests show |difference| < the equivalence margin after the same adjustment; "
+    "also when the difference is real but smaller than the margin), `inconclusive` (neither, or no test was "
+    "possible: see `outcome` and `note`)."
+)
 
 
 class RunResult(BaseModel):
@@ -42,10 +54,26 @@ class Stat(BaseModel):
     n: int = Field(0, description="Values the statistic is computed from (succeeded seeds with a finite value).")
     ci95_low: float | None = Field(
         None,
-        description="Lower end of the two-sided 95% Student-t interval of the mean, mean − t(0.975, n−1)·std/√n; "
-        "null with fewer than 2 values; equal to the mean when every seed gave the same value.",
+        description="Lower end of the two-sided 95% Student-t interval of the mean, mean − t(0.975, n−1)·std/√n, "
+        "clipped to 0 for accuracies (see `ci95_clipped`). Null with fewer than 2 values and when every seed gave "
+        "the same value (zero spread: no interval can be formed; `interval_note` says so).",
     )
-    ci95_high: float | None = Field(None, description="Upper end of the 95% t-interval of the mean (see `ci95_low`).")
+    ci95_high: float | None = Field(
+        None, description="Upper end of the 95% t-interval of the mean, clipped to 1 for accuracies (see `ci95_low`)."
+    )
+    ci95_half_width: float | None = Field(
+        None,
+        description='t(0.975, n−1)·std/√n: what "±" means in the CLI and the report (before any clipping). '
+        "Null when there is no interval.",
+    )
+    ci95_clipped: bool = Field(
+        False,
+        description="True when the t-interval crossed the metric's possible range (accuracy 0..1) and was cut to "
+        "it; the true mean lies in that range, so the coverage stays 95%.",
+    )
+    interval_note: str | None = Field(
+        None, description="Why there is no interval (no value, one value, zero spread), or that it was clipped."
+    )
 
 
 class CellSummary(BaseModel):
@@ -96,26 +124,68 @@ class ComparisonOut(BaseModel):
         description="Sample standard deviation of the per-seed differences, in points (null with fewer than 2 pairs)."
     )
     ci95_low_points: float | None = Field(
-        description="Lower end of the 95% t-interval of the mean difference, in points; null with fewer than 2 "
-        "pairs; equal to `diff_points` when every seed gave the same difference."
+        description="Lower end of the **unadjusted** 95% t-interval of the mean difference, in points (as "
+        "`scipy.stats.ttest_rel(...).confidence_interval()`); null with fewer than 2 pairs or zero spread. "
+        "The verdict rests on the adjusted interval `ci_low_points`..`ci_high_points`."
     )
-    ci95_high_points: float | None = Field(description="Upper end of the 95% t-interval of the mean difference.")
+    ci95_high_points: float | None = Field(description="Upper end of the unadjusted 95% t-interval of the difference.")
     t: float | None = Field(description="Paired t statistic (as `scipy.stats.ttest_rel`), null when untestable.")
     p_value: float | None = Field(
         description="Two-sided paired t-test p-value, unadjusted. Null with fewer than 2 pairs or when every pair "
         "gave the same difference (zero spread: the test is undefined, see `note`)."
     )
     p_holm: float | None = Field(
-        description="p-value after the Holm correction over every comparison of this job that has a p-value."
+        description="`p_value` after the Holm step-down over the job's family of tests: the difference and the "
+        "equivalence test of every comparison that has a p-value (with Shaffer's constraint that at most one of "
+        "a comparison's two null hypotheses can be true, so the first multiplier is the number of comparisons)."
+    )
+    equivalence_margin_points: float = Field(
+        description="δ: the margin of the equivalence test, in points (the job spec's `equivalence_margin` × 100)."
+    )
+    p_equivalence: float | None = Field(
+        None,
+        description="p-value of the two one-sided paired t-tests (TOST) of |difference| ≥ δ, the larger of the two "
+        "one-sided p-values; unadjusted; as `statsmodels.stats.weightstats.ttost_paired`. Null when untestable.",
+    )
+    p_equivalence_holm: float | None = Field(
+        None, description="`p_equivalence` adjusted in the same family as `p_holm`."
+    )
+    verdict: VerdictOut = Field("inconclusive", description=VERDICT_DESCRIPTION)
+    ci_level: float | None = Field(
+        None,
+        description="Confidence level of the adjusted interval the verdict rests on: 1 − 0.05/k for `different` "
+        "(k = the test's Holm multiplier; the interval excludes 0), 1 − 0.1/k for `equivalent` (the TOST interval; "
+        "inside ±δ), 1 − 0.05/m for `inconclusive` (simultaneous over the m comparisons; includes 0 and reaches "
+        "beyond ±δ). Null when untestable.",
+    )
+    ci_low_points: float | None = Field(
+        None, description="Lower end of the adjusted interval at `ci_level`, in points (clipped to −100)."
+    )
+    ci_high_points: float | None = Field(
+        None, description="Upper end of the adjusted interval at `ci_level`, in points (clipped to +100)."
+    )
+    alpha_adjusted: float | None = Field(
+        None, description="0.05/m, m = comparisons with a test: the level the power numbers below are computed at."
+    )
+    min_detectable_points: float | None = Field(
+        None,
+        description="Inconclusive comparisons only: the smallest true difference the paired t-test would detect "
+        "with 80% power at the current seeds, two-sided at `alpha_adjusted`, given the observed `std_points`.",
+    )
+    seeds_needed: int | None = Field(
+        None,
+        description="Inconclusive comparisons only: seeds (pairs) needed to detect a difference of δ with 80% "
+        "power at `alpha_adjusted`, from the observed `std_points` (as `statsmodels.stats.power.TTestPower`). "
+        "Null when there is no variance estimate or more than 1000 would be needed (see the verdict).",
     )
     significant: bool = Field(
-        description="True only when `p_holm` < 0.05 and the 95% interval excludes 0: the only case where the "
-        "verdict claims a difference."
+        description="True only when `verdict` is `different`: the only case where a difference is claimed."
     )
     outcome: str = Field(
-        description="`better` / `worse` (significant, by sign), `indistinguishable`, `identical` (same accuracy in "
-        "every seed), `constant` (same non-zero difference in every seed: no test possible, no claim), "
-        "`too_few` (1 pair), `no_data` (no pair)."
+        description="The verdict's finer reason: `better` / `worse` (different, by sign), `equivalent`, "
+        "`inconclusive` (tested; neither shown), and four inconclusive cases with no test: `identical` (same "
+        "accuracy in every seed), `constant` (same non-zero difference in every seed), `too_few` (1 pair), "
+        "`no_data` (no pair)."
     )
     variant_diverged: int = Field(description="Seeds of the variant that diverged at this batch size.")
     baseline_diverged: int = Field(description="Seeds of the baseline that diverged at this batch size.")
@@ -134,12 +204,29 @@ class SensitivityOut(BaseModel):
         description="Mean paired accuracy drop best − smaller, in points (positive = worse at the smaller batch)."
     )
     ci95_low_points: float | None = Field(
-        description="Lower end of the 95% paired t-interval of the drop, in points (null with fewer than 2 pairs)."
+        description="Lower end of the unadjusted 95% paired t-interval of the drop, in points (null with fewer "
+        "than 2 pairs or zero spread)."
     )
-    ci95_high_points: float | None = Field(description="Upper end of the 95% paired t-interval of the drop.")
+    ci95_high_points: float | None = Field(description="Upper end of the unadjusted 95% paired t-interval of the drop.")
     p_value: float | None = Field(description="Two-sided paired t-test p-value of the drop, unadjusted.")
-    p_holm: float | None = Field(description="Holm-adjusted over every batch-size drop of this job.")
-    significant: bool = Field(description="`p_holm` < 0.05 and the interval excludes 0.")
+    p_holm: float | None = Field(
+        description="Holm-adjusted over the job's batch-size drops (their difference and equivalence tests "
+        "together, as for `comparisons`)."
+    )
+    p_equivalence_holm: float | None = Field(
+        None, description="Adjusted p-value of the equivalence test (|drop| < δ), same family as `p_holm`."
+    )
+    verdict: VerdictOut = Field("inconclusive", description=VERDICT_DESCRIPTION)
+    ci_level: float | None = Field(None, description="Level of the adjusted interval (as in `comparisons`).")
+    ci_low_points: float | None = Field(None, description="Lower end of the adjusted interval of the drop.")
+    ci_high_points: float | None = Field(None, description="Upper end of the adjusted interval of the drop.")
+    min_detectable_points: float | None = Field(
+        None, description="Inconclusive drops only: smallest drop detectable with 80% power at the current seeds."
+    )
+    seeds_needed: int | None = Field(
+        None, description="Inconclusive drops only: seeds needed to detect a drop of δ with 80% power."
+    )
+    significant: bool = Field(description="True only when `verdict` is `different`.")
     note: str | None = Field(description="Why there is no p-value or interval, when there is none.")
 
 
@@ -165,10 +252,19 @@ class Results(BaseModel):
         default_factory=list,
         description="Per variant, the accuracy drop from its best batch size to each smaller one, paired by seed.",
     )
+    equivalence_margin_points: float = Field(
+        1.0, description="δ of the equivalence tests, in accuracy points (the job spec's `equivalence_margin` × 100)."
+    )
     verdicts: list[str] = Field(
         default_factory=list,
-        description="Plain sentences generated from `cells`, `comparisons` and `sensitivity`. A difference is claimed "
-        "only when the Holm-adjusted p < 0.05 and the 95% interval excludes 0.",
+        description="Plain sentences generated from `cells`, `comparisons` and `sensitivity`: each says different, "
+        "equivalent within ±δ or inconclusive, why, with the adjusted interval it rests on; inconclusive ones say "
+        "how many seeds would be needed.",
+    )
+    how_to_read: list[str] = Field(
+        default_factory=list,
+        description="A short explanation of the vocabulary above (±, the three verdicts, the adjustment), shown "
+        "under the verdicts by the CLI and the report.",
     )
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.core.run_states import ACTIVE, TERMINAL, RunStatus
 from app.errors import DomainError
+from app.schemas.jobs import JobSpec
 from app.schemas.results import CellSummary, ComparisonOut, Results, RunResult, SensitivityOut, Stat
 from app.services import statistics as st
 from app.services.curves import build_curves, downsample
@@ -25,7 +26,6 @@ from app.tables import Job, MetricPoint, Run
 __all__ = ["DEFAULT_BASELINE", "InvalidParameter", "build_curves", "build_results", "downsample", "job_runs"]
 
 DEFAULT_BASELINE = "bn"
-
 
 
 class InvalidParameter(DomainError):
@@ -89,9 +89,28 @@ def _run_result(run: Run, best: dict[str, float]) -> RunResult:
     )
 
 
-def _stat(values: list[float | None]) -> Stat:
-    s = st.summarize([v for v in values if v is not None])
-    return Stat(mean=s.mean, std=s.std, n=s.n, ci95_low=s.ci_low, ci95_high=s.ci_high)
+ACCURACY_RANGE = (0.0, 1.0)
+
+
+def _stat(values: list[float | None], bounds: tuple[float, float] | None = None) -> Stat:
+    """Mean, std and 95% interval; `bounds` (accuracy: 0..1) clips the interval to the possible range."""
+    s = st.summarize([v for v in values if v is not None], bounds=bounds)
+    return Stat(
+        mean=s.mean,
+        std=s.std,
+        n=s.n,
+        ci95_low=s.ci_low,
+        ci95_high=s.ci_high,
+        ci95_half_width=s.half_width,
+        ci95_clipped=s.clipped,
+        interval_note=s.note,
+    )
+
+
+def equivalence_margin(job: Job) -> float:
+    """δ of the job in accuracy points; jobs submitted before the field existed get the schema's default."""
+    fraction = job.spec.get("equivalence_margin", JobSpec.model_fields["equivalence_margin"].default)
+    return 100.0 * float(fraction)
 
 
 def pick_baseline(variants: list[str], requested: str | None) -> tuple[str | None, str | None]:
@@ -146,17 +165,18 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
                     diverged=diverged,
                     pending=sum(r.status in ACTIVE for r in members),
                     failed=sum(r.status in (RunStatus.FAILED, RunStatus.CANCELLED) for r in members),
-                    val_acc=_stat([finite_or_none(r.val_acc) for r in ok]),
+                    val_acc=_stat([finite_or_none(r.val_acc) for r in ok], ACCURACY_RANGE),
                     val_loss=_stat([finite_or_none(r.val_loss) for r in ok]),
                     train_loss=_stat([finite_or_none(r.train_loss) for r in ok]),
-                    best_val_acc=_stat([r.best_val_acc for r in ok]),
+                    best_val_acc=_stat([r.best_val_acc for r in ok], ACCURACY_RANGE),
                     best_val_loss=_stat([r.best_val_loss for r in ok]),
                 )
             )
             counts.append(st.CellCount(v, b, len(members), len(ok), diverged))
     diverged_in = {(c.variant, c.batch_size): c.diverged for c in counts}
 
-    # variant vs baseline, paired by seed, Holm over the whole job
+    margin = equivalence_margin(job)
+    # variant vs baseline, paired by seed; one family (difference and equivalence tests) over the whole job
     comparisons: list[st.Comparison] = []
     if base is not None:
         pairs = [
@@ -165,19 +185,20 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
             for v in variants
             if v != base
         ]
-        holm_cmp = st.holm([t.p for _, _, t in pairs])
-        comparisons = [st.Comparison(v, base, b, t, p) for (v, b, t), p in zip(pairs, holm_cmp, strict=True)]
+        decided = st.decide([t for _, _, t in pairs], margin, limit=100.0)
+        comparisons = [st.Comparison(v, base, b, t, d) for (v, b, t), d in zip(pairs, decided, strict=True)]
 
-    # batch-size sensitivity per variant, paired by seed, Holm over the whole job
+    # batch-size sensitivity per variant, paired by seed; the job's drops are another family
     drops: list[tuple[str, int, st.Drop]] = []
     for v in variants:
         by_batch = {b: _points(acc[(v, b)]) for b in batch_sizes if acc[(v, b)]}
         best_b, variant_drops = st.batch_drops(by_batch)
         if best_b is not None:
             drops.extend((v, best_b, d) for d in variant_drops)
-    holm_drop = st.holm([d.test.p for _, _, d in drops])
+    decided_drops = st.decide([d.test for _, _, d in drops], margin, limit=100.0)
     sensitivity = [
-        st.Sensitivity(v, best_b, d.batch_size, d.test, p) for (v, best_b, d), p in zip(drops, holm_drop, strict=True)
+        st.Sensitivity(v, best_b, d.batch_size, d.test, dd)
+        for (v, best_b, d), dd in zip(drops, decided_drops, strict=True)
     ]
 
     complete = all(r.status in TERMINAL for r in runs)
@@ -214,8 +235,12 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
         baseline=base,
         comparisons=[_comparison_out(c, acc, diverged_in) for c in comparisons],
         sensitivity=[_sensitivity_out(s) for s in sensitivity],
+        equivalence_margin_points=margin,
         verdicts=st.verdicts(
             batch_sizes, counts, comparisons, sensitivity, variants, runs_finished=finished, runs_total=len(runs)
+        ),
+        how_to_read=st.how_to_read(
+            margin, sum(c.test.testable for c in comparisons), sum(s.test.testable for s in sensitivity)
         ),
     )
 
@@ -227,8 +252,7 @@ def _mean_over(accs: dict[int, float], seeds: tuple[int, ...]) -> float | None:
 def _comparison_out(
     c: st.Comparison, acc: dict[tuple[str, int], dict[int, float]], diverged: dict[tuple[str, int], int]
 ) -> ComparisonOut:
-    t = c.test
-    claim = c.claim
+    t, d = c.test, c.decision
     return ComparisonOut(
         variant=c.variant,
         baseline=c.baseline,
@@ -243,9 +267,19 @@ def _comparison_out(
         ci95_high_points=t.ci_high,
         t=t.t,
         p_value=t.p,
-        p_holm=c.p_holm,
-        significant=claim in ("better", "worse"),
-        outcome=claim,
+        p_holm=d.p_adjusted,
+        equivalence_margin_points=d.margin,
+        p_equivalence=d.p_equivalence,
+        p_equivalence_holm=d.p_equivalence_adjusted,
+        verdict=d.verdict,
+        ci_level=d.ci_level,
+        ci_low_points=d.ci_low,
+        ci_high_points=d.ci_high,
+        alpha_adjusted=d.alpha_adjusted,
+        min_detectable_points=d.min_detectable,
+        seeds_needed=d.seeds_needed,
+        significant=d.verdict == "different",
+        outcome=d.claim,
         variant_diverged=diverged[(c.variant, c.batch_size)],
         baseline_diverged=diverged[(c.baseline, c.batch_size)],
         note=t.note,
@@ -253,7 +287,7 @@ def _comparison_out(
 
 
 def _sensitivity_out(s: st.Sensitivity) -> SensitivityOut:
-    t = s.test
+    t, d = s.test, s.decision
     return SensitivityOut(
         variant=s.variant,
         best_batch_size=s.best_batch_size,
@@ -263,7 +297,14 @@ def _sensitivity_out(s: st.Sensitivity) -> SensitivityOut:
         ci95_low_points=t.ci_low,
         ci95_high_points=t.ci_high,
         p_value=t.p,
-        p_holm=s.p_holm,
-        significant=s.claim in ("better", "worse"),
+        p_holm=d.p_adjusted,
+        p_equivalence_holm=d.p_equivalence_adjusted,
+        verdict=d.verdict,
+        ci_level=d.ci_level,
+        ci_low_points=d.ci_low,
+        ci_high_points=d.ci_high,
+        min_detectable_points=d.min_detectable,
+        seeds_needed=d.seeds_needed,
+        significant=d.verdict == "different",
         note=t.note,
     )
