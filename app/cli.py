@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from app.core.run_states import RunStatus
+from app.core.units import human_bytes
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 UPLOAD_SUFFIXES = (".npz", ".zip", ".csv")
@@ -267,17 +268,6 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def size_text(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    value = n / 1024
-    for unit in ("KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            break
-        value /= 1024
-    return f"{value:.1f} {unit}"
-
-
 # ------------------------------------------------------------------------------------- commands
 
 
@@ -423,7 +413,7 @@ def cmd_datasets(api: Api, args: argparse.Namespace) -> int:
                 "×".join(map(str, d["shape"])),
                 str(d["num_classes"]),
                 str(d["num_samples"]),
-                size_text(d["size_bytes"]),
+                human_bytes(d["size_bytes"]),
                 "built-in" if d["builtin"] else d["created_at"][:19].replace("T", " "),
             ]
             for d in items
@@ -434,7 +424,7 @@ def cmd_datasets(api: Api, args: argparse.Namespace) -> int:
         print(d["id"])
         err(
             f"uploaded {args.file}: {d['kind']} {'×'.join(map(str, d['shape']))}, {d['num_classes']} classes, "
-            f"{d['num_samples']} samples, {size_text(d['size_bytes'])}"
+            f"{d['num_samples']} samples, {human_bytes(d['size_bytes'])}"
         )
     else:
         api.request("DELETE", f"/v1/datasets/{args.id}")
@@ -481,14 +471,7 @@ def cmd_retry(api: Api, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--url", default=argparse.SUPPRESS, help=f"server base URL (env NORMBENCH_URL; default {DEFAULT_URL})"
-    )
-    common.add_argument("--api-key", default=argparse.SUPPRESS, help="API key nb_... (env NORMBENCH_API_KEY)")
-    common.add_argument(
-        "--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for each HTTP answer (default 30)"
-    )
+    common = _common_options()
     parser = argparse.ArgumentParser(
         prog="normbench",
         parents=[common],
@@ -498,7 +481,30 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_submit(sub, common)
+    _add_job_reports(sub, common)
+    _add_datasets(sub, common)
+    _add_job_actions(sub, common)
+    return parser
 
+
+Subparsers = argparse._SubParsersAction  # argparse's own type for what add_subparsers returns
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """--url, --api-key and --timeout, accepted before or after the command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url", default=argparse.SUPPRESS, help=f"server base URL (env NORMBENCH_URL; default {DEFAULT_URL})"
+    )
+    common.add_argument("--api-key", default=argparse.SUPPRESS, help="API key nb_... (env NORMBENCH_API_KEY)")
+    common.add_argument(
+        "--timeout", type=float, default=argparse.SUPPRESS, help="seconds to wait for each HTTP answer (default 30)"
+    )
+    return common
+
+
+def _add_submit(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     submit = sub.add_parser(
         "submit",
         parents=[common],
@@ -528,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     submit.set_defaults(func=cmd_submit)
 
+
+def _add_job_reports(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    """status, results and report: what a submitted job did."""
     status = sub.add_parser("status", parents=[common], help="status and progress of a job")
     status.add_argument("job", metavar="JOB")
     status.add_argument("--json", action="store_true", help="the job as JSON")
@@ -550,18 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--open", action="store_true", help="open it in a web browser")
     report.set_defaults(func=cmd_report)
 
-    datasets = sub.add_parser("datasets", parents=[common], help="list, upload or delete datasets")
-    dsub = datasets.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ls = dsub.add_parser("ls", parents=[common], help="datasets you can use")
-    ls.add_argument("--json", action="store_true", help="as JSON")
-    up = dsub.add_parser("upload", parents=[common], help="upload a .npz, .zip of class folders, or .csv")
-    up.add_argument("file", metavar="FILE")
-    up.add_argument("--name", help="display name (default: the file name)")
-    up.add_argument("--label-column", help="CSV: the column holding labels (default label)")
-    rm = dsub.add_parser("rm", parents=[common], help="delete a dataset no job uses")
-    rm.add_argument("id", metavar="ID")
-    datasets.set_defaults(func=cmd_datasets)
 
+def _add_job_actions(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    """jobs ls, cancel and retry."""
     jobs = sub.add_parser("jobs", parents=[common], help="list your jobs")
     jsub = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
     jls = jsub.add_parser("ls", parents=[common], help="your jobs, newest first")
@@ -575,7 +575,20 @@ def build_parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", parents=[common], help="queue a finished job's failed and cancelled runs again")
     retry.add_argument("job", metavar="JOB")
     retry.set_defaults(func=cmd_retry)
-    return parser
+
+
+def _add_datasets(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    datasets = sub.add_parser("datasets", parents=[common], help="list, upload or delete datasets")
+    dsub = datasets.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = dsub.add_parser("ls", parents=[common], help="datasets you can use")
+    ls.add_argument("--json", action="store_true", help="as JSON")
+    up = dsub.add_parser("upload", parents=[common], help="upload a .npz, .zip of class folders, or .csv")
+    up.add_argument("file", metavar="FILE")
+    up.add_argument("--name", help="display name (default: the file name)")
+    up.add_argument("--label-column", help="CSV: the column holding labels (default label)")
+    rm = dsub.add_parser("rm", parents=[common], help="delete a dataset no job uses")
+    rm.add_argument("id", metavar="ID")
+    datasets.set_defaults(func=cmd_datasets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,198 +2,39 @@
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
-from sqlalchemy.exc import OperationalError, ProgrammingError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi_offline import FastAPIOffline
 
+from app.api.lifespan import lifespan_for
+from app.api.middleware import install_middleware
 from app.api.router import api_router
-from app.config import Settings, check_bind_safety, get_settings, is_loopback
-from app.db import session_scope
+from app.config import Settings, get_settings
 from app.errors import install_error_handlers
-from app.services.builtin import ensure_builtin_datasets
-from app.storage import open_storage
-
-log = logging.getLogger(__name__)
 
 DESCRIPTION = (
     "NormBench tells you, with evidence, which normalization layer to use for your data at the batch "
     "size you can afford. Upload a dataset, submit a job comparing BatchNorm, GroupNorm and other "
     "variants over batch sizes and seeds on one fixed budget, poll it, and read the results."
 )
-
-UPLOAD_PATH = "/v1/datasets"
-MULTIPART_SLACK = 64 * 1024  # multipart boundaries, part headers and the two short form fields
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _send_error(send: Send, status: int, kind: str, detail: str) -> None:
-    body = json.dumps({"error": kind, "detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),  # the client may still be sending: tell it to stop
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-class BodyLimitMiddleware:
-    """Caps every request body while it is being received, before anything is spooled or parsed.
-
-    A dataset upload may carry `max_upload_bytes` (plus multipart framing); any other request
-    `max_request_bytes`. An honest Content-Length over the cap is answered 413 without reading a
-    byte; a body without one (chunked) or one that lies is cut off with 413 as soon as the running
-    count passes the cap. The upload's partial temporary file is closed (and so removed) by the form
-    parser when the read fails.
-    """
-
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
-
-    def _limit(self, scope: Scope) -> tuple[int, str]:
-        if scope["method"] == "POST" and scope["path"].rstrip("/") == UPLOAD_PATH:
-            cap = self.settings.max_upload_bytes
-            return cap + MULTIPART_SLACK, f"the upload is over the limit of {_mib(cap)} (NORMBENCH_MAX_UPLOAD_BYTES)"
-        cap = self.settings.max_request_bytes
-        return cap, f"the request body is over the limit of {_mib(cap)} (NORMBENCH_MAX_REQUEST_BYTES)"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit, detail = self._limit(scope)
-        detail += "; upload a smaller file or a subset of the data"
-        length = _content_length(scope)
-        if length is not None and length > limit:
-            await _send_error(send, 413, "payload_too_large", detail)
-            return
-        received = 0
-        exceeded = False
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    exceeded = True
-                    raise _BodyTooLarge
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if exceeded and not started:
-                return  # whatever the app made of the aborted read, the answer is our 413
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except Exception:
-            if not (exceeded and not started):
-                raise
-        if exceeded and not started:
-            await _send_error(send, 413, "payload_too_large", detail)
-
-
-class LoopbackOnlyWithoutKeys:
-    """Defence in depth for keys-off mode: refuse a request that arrived on a non-loopback address.
-
-    The start-up check (`check_bind_safety`) needs to know the bind address; this catches a server
-    started some other way (e.g. gunicorn -b 0.0.0.0). Servers that do not report an IP address
-    (the test client, Unix sockets) are not judged.
-    """
-
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
-        self.app = app
-        self.settings = settings
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        server = scope.get("server")
-        if (
-            scope["type"] == "http"
-            and not self.settings.require_api_keys
-            and server
-            and _is_ip(str(server[0]))
-            and not is_loopback(str(server[0]))
-        ):
-            await _send_error(
-                send,
-                403,
-                "forbidden",
-                "this server runs without API keys (NORMBENCH_REQUIRE_API_KEYS=false), so it answers only on "
-                "loopback; set NORMBENCH_REQUIRE_API_KEYS=true to serve other addresses",
-            )
-            return
-        await self.app(scope, receive, send)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
-        return False
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n} bytes"
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+DOCS_ASSETS_URL = "/docs-assets"  # Swagger UI and ReDoc files, served from the fastapi-offline package
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        try:
-            check_bind_safety(settings)
-        except RuntimeError as e:
-            log.error("%s", e)
-            raise
-        try:
-            with session_scope(settings.resolved_database_url) as session:
-                ensure_builtin_datasets(session, open_storage(settings.resolved_storage_url))
-        except (OperationalError, ProgrammingError) as e:
-            raise RuntimeError(
-                f"database at {settings.resolved_database_url!r} is not ready ({type(e).__name__}); "
-                "run `alembic upgrade head` first"
-            ) from e
-        yield
-
-    app = FastAPI(title="NormBench", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # FastAPIOffline: /docs and /redoc load their scripts from this server, not a CDN, so they work offline.
+    # validatorUrl None: Swagger UI would otherwise send the spec to an online validator for its badge.
+    app = FastAPIOffline(
+        title="NormBench",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan_for(settings),
+        static_url=DOCS_ASSETS_URL,
+        swagger_ui_parameters={"validatorUrl": None},
+    )
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(api_router)
-    # Added last = outermost: the body cap applies before any other middleware or route sees the body.
-    app.add_middleware(LoopbackOnlyWithoutKeys, settings=settings)
-    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    install_middleware(app, settings)
     return app
 
 

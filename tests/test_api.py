@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select
@@ -170,6 +172,26 @@ def test_openapi_describes_every_field(client: TestClient) -> None:
     ]
     assert missing == []
     assert client.get("/docs").status_code == 200
+
+
+def test_docs_pages_load_only_assets_this_server_serves(client: TestClient) -> None:
+    """/docs (Swagger UI) and /redoc work without internet: no CDN, every file they name is served here."""
+    for page, kinds in (("/docs", {"javascript", "css", "png"}), ("/redoc", {"javascript", "png"})):
+        resp = client.get(page)
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+        html = resp.text
+        assert "http://" not in html and "https://" not in html, f"{page} names another origin"
+        assets = re.findall(r'(?:src|href)="([^"]*)"', html)
+        spec_urls = re.findall(r"""(?:url: '|spec-url=")([^'"]*)""", html)
+        assert spec_urls == ["/openapi.json"], page
+        served = set()
+        for url in assets:
+            assert url.startswith("/") and not url.startswith("//"), f"{page} loads {url!r} from elsewhere"
+            asset = client.get(url)
+            assert asset.status_code == 200 and asset.content, url
+            served |= {k for k in kinds if k in asset.headers["content-type"]}
+        assert served == kinds, f"{page} is missing some of {kinds}: {assets}"
+    assert client.get("/openapi.json").status_code == 200
 
 
 def test_gn_group_sweep_expands_into_variants(client: TestClient) -> None:

@@ -338,6 +338,8 @@ def test_the_cli_imports_no_service_code() -> None:
     code = "import sys, app.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in ('app', 'sqlalchemy', 'fastapi', 'torch')))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.replace("'", '"')) == ["app", "app.cli"]
+    imported = json.loads(proc.stdout.replace("'", '"'))
+    # The torch-free core (run states, the byte formatter) is plain Python the CLI may share; nothing else.
+    assert [m for m in imported if m != "app.core" and not m.startswith("app.core.")] == ["app", "app.cli"]
     proc = subprocess.run([sys.executable, "-m", "app.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "submit" in proc.stdout and "variant forms" in proc.stdout

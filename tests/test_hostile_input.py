@@ -32,8 +32,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import create_engine, func, select
 
+from app.api.middleware import MULTIPART_SLACK
 from app.config import Settings
-from app.main import MULTIPART_SLACK, create_app
+from app.main import create_app
 from app.tables import Dataset, Job, Run
 from tests.conftest import ROOT, stored_files
 from tests.factories import job_spec, npz_bytes, pattern_images, upload
@@ -201,7 +202,7 @@ def test_upload_with_an_honest_content_length_over_the_cap_is_413_before_reading
         before = state(h.settings)
         status, body, pulled = _asgi_upload(h.settings, [(b"content-length", str(2 * 2**30).encode())], 2 * 2**30)
         assert status == 413 and body["error"] == "payload_too_large"
-        assert "1 MiB" in body["detail"] and "NORMBENCH_MAX_UPLOAD_BYTES" in body["detail"]
+        assert "1.0 MiB" in body["detail"] and "NORMBENCH_MAX_UPLOAD_BYTES" in body["detail"]
         assert pulled == 0, "the body was read although its Content-Length is over the cap"
         h.assert_nothing_left(before)
 

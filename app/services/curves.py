@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from app.repositories.runs import ordered_runs
 from app.schemas.results import AggregatePointOut, CellCurve, CurveAggregate, Curves, CurveSeries
 from app.schemas.runs import MetricPointOut
 from app.services import statistics as st
@@ -15,10 +16,10 @@ from app.tables import Job, MetricPoint, Run
 
 
 def _runs(session: Session, job: Job, run_id: str | None = None) -> list[Run]:
-    stmt = select(Run).where(Run.job_id == job.id)
+    stmt = ordered_runs(job.id)
     if run_id is not None:
         stmt = stmt.where(Run.id == run_id)
-    return list(session.scalars(stmt.order_by(Run.batch_size, Run.variant_index, Run.seed)))
+    return list(session.scalars(stmt))
 
 
 def downsample(points: list[MetricPointOut], max_points: int) -> list[MetricPointOut]:
@@ -37,7 +38,6 @@ def build_curves(
 ) -> Curves:
     """One series per run with points; `offset`/`limit` pick a window of each series (in step order)
     before downsampling, so a very long series can be read page by page at full resolution."""
-    runs = _runs(session, job, run_id)
     scope = (
         select(MetricPoint.run_id)
         .join(Run, Run.id == MetricPoint.run_id)
@@ -48,43 +48,48 @@ def build_curves(
     totals: dict[str, int] = {
         rid: n for rid, n in session.execute(scope.add_columns(func.count()).group_by(MetricPoint.run_id))
     }
-    if offset or limit is not None:
-        rank = func.row_number().over(partition_by=MetricPoint.run_id, order_by=MetricPoint.step).label("rank")
-        inner = scope.add_columns(MetricPoint.step, MetricPoint.epoch, MetricPoint.value, rank).subquery()
-        stmt = select(inner.c.run_id, inner.c.step, inner.c.epoch, inner.c.value).where(inner.c.rank > offset)
-        if limit is not None:
-            stmt = stmt.where(inner.c.rank <= offset + limit)
-        stmt = stmt.order_by(inner.c.run_id, inner.c.step)
-    else:
-        stmt = scope.add_columns(MetricPoint.step, MetricPoint.epoch, MetricPoint.value).order_by(
-            MetricPoint.run_id, MetricPoint.step
-        )
     window: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
-    for rid, step, epoch, value in session.execute(stmt):
+    for rid, step, epoch, value in session.execute(_window(scope, offset, limit)):
         window[rid].append((step, epoch, value))
-    series = []
-    for r in runs:
-        total = totals.get(r.id, 0)
-        if not total:
-            continue
-        rows = window.get(r.id, [])
-        finite = [MetricPointOut(step=s, epoch=e, value=v) for s, e, v in rows if math.isfinite(v)]
-        end = offset + len(rows)
-        series.append(
-            CurveSeries(
-                run_id=r.id,
-                variant=r.variant,
-                batch_size=r.batch_size,
-                seed=r.seed,
-                total_points=total,
-                window_points=len(rows),
-                next_offset=end if end < total else None,
-                nonfinite_points=len(rows) - len(finite),
-                points=downsample(finite, max_points) if max_points else finite,
-            )
-        )
+    series = [
+        _series(r, totals[r.id], window.get(r.id, []), offset, max_points)
+        for r in _runs(session, job, run_id)
+        if totals.get(r.id)
+    ]
     return Curves(
         job_id=job.id, metric=metric, max_points=max_points or None, offset=offset, limit=limit, series=series
+    )
+
+
+def _window(scope: Select[str], offset: int, limit: int | None) -> Select[str, int, float, float]:
+    """(run id, step, epoch, value) of each run's points `offset`..`offset + limit` in step order."""
+    if not offset and limit is None:
+        return scope.add_columns(MetricPoint.step, MetricPoint.epoch, MetricPoint.value).order_by(
+            MetricPoint.run_id, MetricPoint.step
+        )
+    rank = func.row_number().over(partition_by=MetricPoint.run_id, order_by=MetricPoint.step).label("rank")
+    inner = scope.add_columns(MetricPoint.step, MetricPoint.epoch, MetricPoint.value, rank).subquery()
+    stmt = select(inner.c.run_id, inner.c.step, inner.c.epoch, inner.c.value).where(inner.c.rank > offset)
+    if limit is not None:
+        stmt = stmt.where(inner.c.rank <= offset + limit)
+    return stmt.order_by(inner.c.run_id, inner.c.step)
+
+
+def _series(
+    run: Run, total: int, rows: list[tuple[int, float, float]], offset: int, max_points: int | None
+) -> CurveSeries:
+    finite = [MetricPointOut(step=s, epoch=e, value=v) for s, e, v in rows if math.isfinite(v)]
+    end = offset + len(rows)
+    return CurveSeries(
+        run_id=run.id,
+        variant=run.variant,
+        batch_size=run.batch_size,
+        seed=run.seed,
+        total_points=total,
+        window_points=len(rows),
+        next_offset=end if end < total else None,
+        nonfinite_points=len(rows) - len(finite),
+        points=downsample(finite, max_points) if max_points else finite,
     )
 
 

@@ -307,9 +307,34 @@ def accuracy_chart(
     """
     bss = sorted(set(batch_sizes))
     legend_w = max([text_width(shorten(v), 12) for v in variants] + [60]) + 60
-    frame_left, frame_top = 72.0, 66.0
-    frame_w = width - frame_left - legend_w - 24
-    frame_h = height - frame_top - 78
+    frame, ticks = _accuracy_frame(bss, cells, width - 72 - legend_w - 24, height - 66 - 78)
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    description = (
+        f"Mean final validation accuracy over seeds for each variant at each batch size; error bars show the "
+        f"{error_label}. Hollow markers: some seeds diverged, failed or are unfinished; a cross: no seed has a result."
+    )
+    parts = _svg_open("accuracy-vs-batch", width, height, title, description)
+    _heading(parts, title, subtitle, 2)
+    _y_axis(parts, frame, ticks, step, y_label, grid=True)
+    _batch_size_axis(parts, frame, bss)
+    if not any(c.mean is not None for c in cells.values()):
+        empty_note(parts, frame, "No finished runs yet — the chart fills in as runs finish")
+    drawn = [_accuracy_series(parts, frame, variants, i, bss, cells, error_label) for i in range(len(variants))]
+    _variant_legend(parts, frame, variants)
+    notes = [f"Mean over seeds; error bars: {error_label}."]
+    if any(d.hollow for d in drawn):
+        notes.append("Hollow marker: some seeds diverged, failed or are unfinished.")
+    if any(d.cross for d in drawn):
+        notes.append("✕: no seed has a result.")
+    parts.append(_text(2, height - 10, " ".join(notes), size=11, fill=MUTED))
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _accuracy_frame(
+    bss: Sequence[int], cells: Mapping[tuple[str, int], CellPoint], frame_w: float, frame_h: float
+) -> tuple[Frame, list[float]]:
+    """The plot area: log2(batch size) across, accuracy up, padded around every mean and interval end."""
     values = [
         v
         for c in cells.values()
@@ -320,18 +345,12 @@ def accuracy_chart(
     span = max(hi - lo, 1.0)
     lo, hi = lo - 0.06 * span, hi + 0.06 * span
     y0, y1, ticks = clamp_ticks(*nice_ticks(max(lo, 0.0), min(hi, 100.0), 6), 0.0, 100.0)  # intervals may poke past
-    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
     logs = [math.log2(b) for b in bss] if bss else [0.0]
     pad = 0.45 if len(logs) > 1 else 1.0
-    frame = Frame(frame_left, frame_top, frame_w, frame_h, min(logs) - pad, max(logs) + pad, y0, y1)
+    return Frame(72.0, 66.0, frame_w, frame_h, min(logs) - pad, max(logs) + pad, y0, y1), ticks
 
-    description = (
-        f"Mean final validation accuracy over seeds for each variant at each batch size; error bars show the "
-        f"{error_label}. Hollow markers: some seeds diverged, failed or are unfinished; a cross: no seed has a result."
-    )
-    parts = _svg_open("accuracy-vs-batch", width, height, title, description)
-    _heading(parts, title, subtitle, 2)
-    _y_axis(parts, frame, ticks, step, y_label, grid=True)
+
+def _batch_size_axis(parts: list[str], frame: Frame, bss: Sequence[int]) -> None:
     _x_axis_line(parts, frame)
     for b in bss:
         x = frame.px(math.log2(b))
@@ -342,65 +361,93 @@ def accuracy_chart(
     parts.append(
         _text(frame.left + frame.width / 2, frame.bottom + 42, "batch size (log₂ scale)", size=12, anchor="middle")
     )
-    if not any(c.mean is not None for c in cells.values()):
-        empty_note(parts, frame, "No finished runs yet — the chart fills in as runs finish")
 
-    k = len(variants)
-    dodge = min(9.0, 48.0 / max(k, 1))
-    any_hollow = any_cross = False
-    for i, v in enumerate(variants):
-        style = variant_style(i)
-        off = (i - (k - 1) / 2) * dodge
-        parts.append(f'<g class="series" data-series="{_attr(v)}" data-colour="{style.colour}">')
-        segments: list[list[tuple[float, float]]] = [[]]
-        marks: list[str] = []
-        for b in bss:
-            c = cells.get((v, b))
-            x = frame.px(math.log2(b)) + off
-            if c is None or c.mean is None:
-                if segments[-1]:
-                    segments.append([])
-                if c is not None and c.n_total and c.pending < c.n_total:
-                    any_cross = True
-                    why = f"{c.diverged} of {c.n_total} seeds diverged" if c.diverged else "no seed finished"
-                    y = frame.bottom - 10 - 13 * i
-                    marks.append(f"<g><title>{escape(f'{v} at batch {b}: no result ({why})')}</title>")
-                    marks.append(cross(x, y, 4.5, style.colour) + "</g>")
-                continue
-            y = frame.py(c.mean)
-            segments[-1].append((x, y))
-            tip = f"{v} at batch {b}: {c.mean:.1f}%"
-            if c.low is not None and c.high is not None:
-                tip += f" ({error_label} {c.low:.1f} to {c.high:.1f})"
-                ylo, yhi = frame.py(max(c.low, y0)), frame.py(min(c.high, y1))
-                # a cap marks an end inside the axis; a bar cut by the axis limit has none there
-                caps = "".join(
-                    f"M{_f(x - 4)} {_f(frame.py(end))}H{_f(x + 4)}" for end in (c.low, c.high) if y0 <= end <= y1
-                )
-                marks.append(
-                    f'<path d="M{_f(x)} {_f(ylo)}V{_f(yhi)}{caps}" stroke="{style.colour}" stroke-width="1.6" '
-                    'fill="none"/>'
-                )
-            tip += f", {c.n} of {c.n_total} seeds"
-            if c.diverged:
-                tip += f", {c.diverged} diverged"
-            if c.pending:
-                tip += f", {c.pending} still running or queued"
-            hollow = c.n < c.n_total
-            any_hollow = any_hollow or hollow
-            marks.append(f"<g><title>{escape(tip)}</title>{marker(style.marker, x, y, 5, style.colour, hollow)}</g>")
-        dash = f' stroke-dasharray="{style.dash}"' if style.dash else ""
-        for seg in segments:
-            if len(seg) > 1:
-                d = "M" + "L".join(f"{_f(a)} {_f(b)}" for a, b in seg)
-                parts.append(
-                    f'<path d="{d}" fill="none" stroke="{style.colour}" stroke-width="2.4" '
-                    f'stroke-linejoin="round"{dash}/>'
-                )
-        parts.extend(marks)
-        parts.append("</g>")
 
-    # legend on the right
+@dataclass
+class _Drawn:
+    """What a series drew that the chart's footnote must explain."""
+
+    hollow: bool = False
+    cross: bool = False
+
+
+def _accuracy_series(
+    parts: list[str],
+    frame: Frame,
+    variants: Sequence[str],
+    i: int,
+    bss: Sequence[int],
+    cells: Mapping[tuple[str, int], CellPoint],
+    error_label: str,
+) -> _Drawn:
+    """The i-th variant: its line (broken at cells without a result), error bars and markers."""
+    v, k, style = variants[i], len(variants), variant_style(i)
+    off = (i - (k - 1) / 2) * min(9.0, 48.0 / max(k, 1))  # dodge: bars of one batch size side by side
+    parts.append(f'<g class="series" data-series="{_attr(v)}" data-colour="{style.colour}">')
+    segments: list[list[tuple[float, float]]] = [[]]
+    marks: list[str] = []
+    drawn = _Drawn()
+    for b in bss:
+        c = cells.get((v, b))
+        x = frame.px(math.log2(b)) + off
+        if c is None or c.mean is None:
+            if segments[-1]:
+                segments.append([])
+            if c is not None and c.n_total and c.pending < c.n_total:
+                drawn.cross = True
+                marks.extend(_no_result_mark(v, b, c, x, frame.bottom - 10 - 13 * i, style))
+            continue
+        y = frame.py(c.mean)
+        segments[-1].append((x, y))
+        if c.low is not None and c.high is not None:
+            marks.append(_error_bar(frame, x, c.low, c.high, style))
+        hollow = c.n < c.n_total
+        drawn.hollow = drawn.hollow or hollow
+        tip = _cell_tip(v, b, c, error_label)
+        marks.append(f"<g><title>{escape(tip)}</title>{marker(style.marker, x, y, 5, style.colour, hollow)}</g>")
+    dash = f' stroke-dasharray="{style.dash}"' if style.dash else ""
+    for seg in segments:
+        if len(seg) > 1:
+            d = "M" + "L".join(f"{_f(a)} {_f(b)}" for a, b in seg)
+            parts.append(
+                f'<path d="{d}" fill="none" stroke="{style.colour}" stroke-width="2.4" stroke-linejoin="round"{dash}/>'
+            )
+    parts.extend(marks)
+    parts.append("</g>")
+    return drawn
+
+
+def _no_result_mark(v: str, b: int, c: CellPoint, x: float, y: float, style: VariantStyle) -> list[str]:
+    why = f"{c.diverged} of {c.n_total} seeds diverged" if c.diverged else "no seed finished"
+    return [
+        f"<g><title>{escape(f'{v} at batch {b}: no result ({why})')}</title>",
+        cross(x, y, 4.5, style.colour) + "</g>",
+    ]
+
+
+def _error_bar(frame: Frame, x: float, low: float, high: float, style: VariantStyle) -> str:
+    ylo, yhi = frame.py(max(low, frame.y0)), frame.py(min(high, frame.y1))
+    # a cap marks an end inside the axis; a bar cut by the axis limit has none there
+    caps = "".join(
+        f"M{_f(x - 4)} {_f(frame.py(end))}H{_f(x + 4)}" for end in (low, high) if frame.y0 <= end <= frame.y1
+    )
+    return f'<path d="M{_f(x)} {_f(ylo)}V{_f(yhi)}{caps}" stroke="{style.colour}" stroke-width="1.6" fill="none"/>'
+
+
+def _cell_tip(v: str, b: int, c: CellPoint, error_label: str) -> str:
+    tip = f"{v} at batch {b}: {c.mean:.1f}%"
+    if c.low is not None and c.high is not None:
+        tip += f" ({error_label} {c.low:.1f} to {c.high:.1f})"
+    tip += f", {c.n} of {c.n_total} seeds"
+    if c.diverged:
+        tip += f", {c.diverged} diverged"
+    if c.pending:
+        tip += f", {c.pending} still running or queued"
+    return tip
+
+
+def _variant_legend(parts: list[str], frame: Frame, variants: Sequence[str]) -> None:
+    """A vertical legend right of the plot area."""
     lx, ly = frame.right + 28, frame.top + 6
     parts.append('<g class="legend">')
     parts.append(_text(lx, ly, "variant", size=11, fill=MUTED, weight="bold"))
@@ -411,14 +458,6 @@ def accuracy_chart(
         parts.append(_text(lx + 34, y, shorten(v), size=13, baseline="middle"))
         parts.append("</g>")
     parts.append("</g>")
-    notes = [f"Mean over seeds; error bars: {error_label}."]
-    if any_hollow:
-        notes.append("Hollow marker: some seeds diverged, failed or are unfinished.")
-    if any_cross:
-        notes.append("✕: no seed has a result.")
-    parts.append(_text(2, height - 10, " ".join(notes), size=11, fill=MUTED))
-    parts.append("</svg>")
-    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,7 +489,46 @@ def curves_chart(
     top = legend_bottom + 14
     height = top + rows * panel_height + (rows - 1) * gap_y + 52
     panel_w = (width - left_margin - right_margin - (cols - 1) * gap_x) / cols
+    axes = _curve_axes(curves, percent)
 
+    description = (
+        "Training curves per batch size: for each variant the mean across seeds as a line and the spread "
+        "across seeds as a shaded band."
+    )
+    parts = _svg_open("curves", width, height, title, description)
+    _heading(parts, title, subtitle, 2)
+    parts.extend(parts_head)
+    for idx, b in enumerate(bss):
+        r, c = divmod(idx, cols)
+        left, panel_top = left_margin + c * (panel_w + gap_x), top + r * (panel_height + gap_y)
+        frame = Frame(left, panel_top, panel_w, panel_height - 28, axes.x0, axes.x1, axes.y0, axes.y1)
+        labels = (y_label if c == 0 else None, x_label)
+        _curves_panel(parts, frame, idx, b, variants, curves, axes, labels)
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class _CurveAxes:
+    """The data range every panel of a curves chart shares, and its ticks."""
+
+    x0: float
+    x1: float
+    xticks: list[float]
+    y0: float
+    y1: float
+    yticks: list[float]
+
+    @property
+    def xstep(self) -> float:
+        return self.xticks[1] - self.xticks[0] if len(self.xticks) > 1 else 1.0
+
+    @property
+    def ystep(self) -> float:
+        return self.yticks[1] - self.yticks[0] if len(self.yticks) > 1 else 1.0
+
+
+def _curve_axes(curves: Mapping[tuple[str, int], Sequence[BandPoint]], percent: bool) -> _CurveAxes:
     ys = [
         v
         for pts in curves.values()
@@ -465,83 +543,75 @@ def curves_chart(
         y0, y1, yticks = clamp_ticks(*nice_ticks(max(ylo - ypad, 0.0), min(yhi + ypad, 100.0), 5), 0.0, 100.0)
     else:
         y0, y1, yticks = nice_ticks(ylo - ypad, yhi + ypad, 5)
-    ystep = yticks[1] - yticks[0] if len(yticks) > 1 else 1.0
     x0, x1, xticks = nice_ticks(min([0.0, *xs]), max(xs) if xs else 1.0, 5)
-    xstep = xticks[1] - xticks[0] if len(xticks) > 1 else 1.0
+    return _CurveAxes(x0, x1, xticks, y0, y1, yticks)
 
-    description = (
-        "Training curves per batch size: for each variant the mean across seeds as a line and the spread "
-        "across seeds as a shaded band."
+
+def _curves_panel(
+    parts: list[str],
+    frame: Frame,
+    idx: int,
+    b: int,
+    variants: Sequence[str],
+    curves: Mapping[tuple[str, int], Sequence[BandPoint]],
+    axes: _CurveAxes,
+    labels: tuple[str | None, str],
+) -> None:
+    """The panel of one batch size: its axes, then a band and a mean line per variant, clipped to the frame."""
+    y_label, x_label = labels
+    clip = f"clip-curves-{idx}"
+    parts.append(f'<g class="panel" data-batch-size="{b}">')
+    parts.append(
+        f'<clipPath id="{clip}"><rect x="{_f(frame.left)}" y="{_f(frame.top)}" '
+        f'width="{_f(frame.width)}" height="{_f(frame.height)}"/></clipPath>'
     )
-    parts = _svg_open("curves", width, height, title, description)
-    _heading(parts, title, subtitle, 2)
-    parts.extend(parts_head)
-    for idx, b in enumerate(bss):
-        r, c = divmod(idx, cols)
-        frame = Frame(
-            left_margin + c * (panel_w + gap_x),
-            top + r * (panel_height + gap_y),
-            panel_w,
-            panel_height - 28,
-            x0,
-            x1,
-            y0,
-            y1,
-        )
-        clip = f"clip-curves-{idx}"
-        parts.append(f'<g class="panel" data-batch-size="{b}">')
+    parts.append(_text(frame.left, frame.top - 10, f"batch size {b}", size=13, weight="bold"))
+    _y_axis(parts, frame, axes.yticks, axes.ystep, y_label, grid=True)
+    _x_axis_line(parts, frame)
+    for t in axes.xticks:
+        x = frame.px(t)
         parts.append(
-            f'<clipPath id="{clip}"><rect x="{_f(frame.left)}" y="{_f(frame.top)}" '
-            f'width="{_f(frame.width)}" height="{_f(frame.height)}"/></clipPath>'
+            f'<line x1="{_f(x)}" y1="{_f(frame.bottom)}" x2="{_f(x)}" y2="{_f(frame.bottom + 4)}" stroke="{AXIS}"/>'
         )
-        parts.append(_text(frame.left, frame.top - 10, f"batch size {b}", size=13, weight="bold"))
-        _y_axis(parts, frame, yticks, ystep, y_label if c == 0 else None, grid=True)
-        _x_axis_line(parts, frame)
-        for t in xticks:
-            x = frame.px(t)
-            parts.append(
-                f'<line x1="{_f(x)}" y1="{_f(frame.bottom)}" x2="{_f(x)}" y2="{_f(frame.bottom + 4)}" stroke="{AXIS}"/>'
-            )
-            parts.append(_text(x, frame.bottom + 17, tick_label(t, xstep), size=11, anchor="middle", fill=MUTED))
-        parts.append(_text(frame.left + frame.width / 2, frame.bottom + 36, x_label, size=12, anchor="middle"))
-        drawn = 0
-        for i, v in enumerate(variants):
-            pts = [p for p in curves.get((v, b), ()) if math.isfinite(p.mean) and math.isfinite(p.x)]
-            if not pts:
-                continue
+        parts.append(_text(x, frame.bottom + 17, tick_label(t, axes.xstep), size=11, anchor="middle", fill=MUTED))
+    parts.append(_text(frame.left + frame.width / 2, frame.bottom + 36, x_label, size=12, anchor="middle"))
+    drawn = 0
+    for i, v in enumerate(variants):
+        pts = [p for p in curves.get((v, b), ()) if math.isfinite(p.mean) and math.isfinite(p.x)]
+        if pts:
             drawn += 1
-            style = variant_style(i)
-            parts.append(
-                f'<g class="series" data-series="{_attr(v)}" data-batch-size="{b}" data-colour="{style.colour}" '
-                f'clip-path="url(#{clip})">'
-            )
-            parts.append(f"<title>{escape(f'{v} at batch {b}')}</title>")
-            for run in _band_runs(pts):
-                upper = " L".join(
-                    f"{_f(frame.px(p.x))} {_f(frame.py(p.mean if p.upper is None else p.upper))}" for p in run
-                )
-                lower = " L".join(
-                    f"{_f(frame.px(p.x))} {_f(frame.py(p.mean if p.lower is None else p.lower))}" for p in reversed(run)
-                )
-                parts.append(
-                    f'<path class="band" d="M{upper} L{lower} Z" fill="{style.colour}" fill-opacity="0.16" '
-                    'stroke="none"/>'
-                )
-            dash = f' stroke-dasharray="{style.dash}"' if style.dash else ""
-            if len(pts) == 1:
-                parts.append(marker(style.marker, frame.px(pts[0].x), frame.py(pts[0].mean), 3.5, style.colour))
-            else:
-                d = "M" + " L".join(f"{_f(frame.px(p.x))} {_f(frame.py(p.mean))}" for p in pts)
-                parts.append(
-                    f'<path class="mean" d="{d}" fill="none" stroke="{style.colour}" stroke-width="2" '
-                    f'stroke-linejoin="round"{dash}/>'
-                )
-            parts.append("</g>")
-        if not drawn:
-            empty_note(parts, frame, "no points yet")
-        parts.append("</g>")
-    parts.append("</svg>")
-    return "\n".join(parts)
+            _curve_series(parts, frame, clip, v, b, variant_style(i), pts)
+    if not drawn:
+        empty_note(parts, frame, "no points yet")
+    parts.append("</g>")
+
+
+def _curve_series(
+    parts: list[str], frame: Frame, clip: str, v: str, b: int, style: VariantStyle, pts: Sequence[BandPoint]
+) -> None:
+    parts.append(
+        f'<g class="series" data-series="{_attr(v)}" data-batch-size="{b}" data-colour="{style.colour}" '
+        f'clip-path="url(#{clip})">'
+    )
+    parts.append(f"<title>{escape(f'{v} at batch {b}')}</title>")
+    for run in _band_runs(pts):
+        upper = " L".join(f"{_f(frame.px(p.x))} {_f(frame.py(p.mean if p.upper is None else p.upper))}" for p in run)
+        lower = " L".join(
+            f"{_f(frame.px(p.x))} {_f(frame.py(p.mean if p.lower is None else p.lower))}" for p in reversed(run)
+        )
+        parts.append(
+            f'<path class="band" d="M{upper} L{lower} Z" fill="{style.colour}" fill-opacity="0.16" stroke="none"/>'
+        )
+    dash = f' stroke-dasharray="{style.dash}"' if style.dash else ""
+    if len(pts) == 1:
+        parts.append(marker(style.marker, frame.px(pts[0].x), frame.py(pts[0].mean), 3.5, style.colour))
+    else:
+        d = "M" + " L".join(f"{_f(frame.px(p.x))} {_f(frame.py(p.mean))}" for p in pts)
+        parts.append(
+            f'<path class="mean" d="{d}" fill="none" stroke="{style.colour}" stroke-width="2" '
+            f'stroke-linejoin="round"{dash}/>'
+        )
+    parts.append("</g>")
 
 
 def _band_runs(points: Sequence[BandPoint]) -> list[list[BandPoint]]:

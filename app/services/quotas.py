@@ -16,17 +16,9 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.core.run_states import ACTIVE
+from app.core.units import human_bytes
 from app.errors import QuotaExceeded
 from app.tables import Dataset, Run
-
-
-def human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def lock_owner(session: Session, owner: str, what: str) -> None:

@@ -26,6 +26,7 @@ from app.core.run_states import RunStatus
 from app.schemas.results import CellCurve, CellSummary, ComparisonOut, Results
 from app.services import jobs as jobs_service
 from app.services.curves import build_curve_aggregate
+from app.services.jobs import JobState
 from app.services.plots import BandPoint, CellPoint, accuracy_chart, curves_chart, variant_style
 from app.services.results import build_results, job_runs
 from app.tables import Dataset, Job
@@ -256,63 +257,78 @@ def render_report(session: Session, job: Job, options: PageOptions | None = None
     opts = options or PageOptions()
     state = jobs_service.job_state(session, job)
     results = build_results(session, job, state.status, baseline=opts.baseline)
-    runs = job_runs(session, job)
-    dataset = session.get(Dataset, job.dataset_id)
     title = _job_title(job)
     base = f"/v1/jobs/{e(job.id)}"
     colour_of = {v: variant_style(i).colour for i, v in enumerate(results.variants)}
+    out = _page_head(title, refresh=opts.refresh if not results.complete else 0)
+    out += _header(job, session.get(Dataset, job.dataset_id), state, results, opts.refresh, base)
+    # the answer first: headline, the accuracy chart and the glance table
+    out += [
+        '<section class="card" id="accuracy">',
+        f'<p class="headline">{_headline(results)}</p>',
+        accuracy_svg(session, job, opts.interval, results=results),
+        "</section>",
+        _glance_table(results, colour_of),
+    ]
+    out += _verdicts(results)
+    out += ['<section class="card" id="curves">', curves_svg(session, job, "val_acc", opts.band), "</section>"]
+    out += [
+        _comparisons_table(results),
+        _sensitivity_table(results),
+        _statistics_table(results, colour_of),
+        _runs_table(results),
+    ]
+    out += _spec(job, base)
+    out.append(_environment(job_runs(session, job)))
+    out.append(
+        f"<footer>Generated {e(_when(datetime.now(UTC)))} by NormBench from the rows in its database; "
+        f'the same numbers as <a href="{base}/results">/results</a>. Colours: Okabe–Ito palette; every variant also '
+        "has its own marker shape.</footer>"
+    )
+    out.append("</main></body></html>")
+    return "\n".join(out)
 
-    out: list[str] = [
+
+def _page_head(title: str, refresh: int) -> list[str]:
+    """Up to the opening of `<main>`; `refresh` > 0 reloads the page every so many seconds."""
+    out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
     ]
-    if not results.complete and opts.refresh > 0:
-        out.append(f'<meta http-equiv="refresh" content="{int(opts.refresh)}">')
+    if refresh > 0:
+        out.append(f'<meta http-equiv="refresh" content="{int(refresh)}">')
     out.append(f"<title>{e(title)} · NormBench report</title>")
     out.append(f"<style>{CSS}</style></head><body><main>")
+    return out
 
-    # header ----------------------------------------------------------------------------------
+
+def _header(job: Job, dataset: Dataset | None, state: JobState, results: Results, refresh: int, base: str) -> list[str]:
+    """The summary card: name and status, what was compared on what, when, progress, and links to the data."""
     spec = job.spec
-    model = spec.get("model") or {}
-    model_txt = describe_model(model)
+    model_txt = describe_model(spec.get("model") or {})
     epochs = (job.budget or {}).get("epochs", (spec.get("budget") or {}).get("epochs"))
     status_colour = STATUS_COLOURS.get(state.status, "#6e7781")
-    out.append('<header class="card" id="summary">')
-    out.append('<div class="kicker">NormBench report · which normalization layer at which batch size?</div>')
-    out.append(
-        f'<h1><span class="job-name">{e(title)}</span>'
-        f'<span class="badge" style="background:{status_colour}" data-status="{e(state.status)}">'
-        f"{e(state.status)}</span></h1>"
-    )
     dataset_txt = job.dataset_id
     if dataset is not None and dataset.name:
         dataset_txt = dataset.name if dataset.id in dataset.name else f"{dataset.name} ({dataset.id})"
-    seeds = spec.get("seeds", [])
-    out.append(
+    out = [
+        '<header class="card" id="summary">',
+        '<div class="kicker">NormBench report · which normalization layer at which batch size?</div>',
+        f'<h1><span class="job-name">{e(_job_title(job))}</span>'
+        f'<span class="badge" style="background:{status_colour}" data-status="{e(state.status)}">'
+        f"{e(state.status)}</span></h1>",
         f'<p class="meta">Dataset <b>{e(dataset_txt)}</b> · model <b>{e(model_txt or "default")}</b> · '
         f"<b>{len(results.variants)}</b> variants × <b>{len(results.batch_sizes)}</b> batch sizes × "
-        f"<b>{len(seeds)}</b> seeds = <b>{state.runs_total}</b> runs · budget <b>{e(epochs)}</b> epochs per run · "
-        f"baseline <b>{e(results.baseline or '—')}</b></p>"
-    )
-    out.append(
+        f"<b>{len(spec.get('seeds', []))}</b> seeds = <b>{state.runs_total}</b> runs · budget <b>{e(epochs)}</b> "
+        f"epochs per run · baseline <b>{e(results.baseline or '—')}</b></p>",
         f'<p class="meta">Job <code>{e(job.id)}</code> · submitted {e(_when(job.created_at))}'
         + (f" · started {e(_when(state.started_at))}" if state.started_at else "")
         + (f" · finished {e(_when(state.finished_at))}" if state.finished_at else "")
-        + "</p>"
-    )
+        + "</p>",
+    ]
     if not results.complete:
-        frac = max(0.0, min(1.0, state.fraction))
-        out.append(
-            f'<div class="progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
-            f'aria-valuenow="{round(100 * frac)}" data-progress="{frac:.4f}"><div style="width:{100 * frac:.1f}%"></div></div>'
-        )
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(state.counts.items()))
-        refresh = f"; this page reloads every {int(opts.refresh)} s" if opts.refresh > 0 else ""
-        out.append(
-            f'<p class="small">{state.runs_finished} of {state.runs_total} runs finished ({e(counts)}) · '
-            f"{100 * frac:.0f}% of all training steps done{refresh}. Numbers below are partial.</p>"
-        )
+        out += _progress(state, refresh)
     out.append(
         '<div class="links">Data: '
         f'<a href="{base}/results">results JSON</a><a href="{base}/curves/aggregate?metric=val_acc">curves JSON</a>'
@@ -322,20 +338,26 @@ def render_report(session: Session, job: Job, options: PageOptions | None = None
         f'<a href="{base}/plots/curves.svg?metric=val_loss">loss curves.svg</a></div>'
     )
     out.append("</header>")
+    return out
 
-    # the answer: headline, the accuracy chart and the glance table ---------------------------
-    out.append('<section class="card" id="accuracy">')
-    out.append(f'<p class="headline">{_headline(results)}</p>')
-    out.append(accuracy_svg(session, job, opts.interval, results=results))
-    out.append("</section>")
-    out.append(_glance_table(results, colour_of))
 
-    # verdicts --------------------------------------------------------------------------------
-    out.append('<section class="card" id="verdicts"><h2>Verdicts</h2>')
+def _progress(state: JobState, refresh: int) -> list[str]:
+    frac = max(0.0, min(1.0, state.fraction))
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(state.counts.items()))
+    reloads = f"; this page reloads every {int(refresh)} s" if refresh > 0 else ""
+    return [
+        f'<div class="progress" role="progressbar" aria-valuemin="0" aria-valuemax="100" '
+        f'aria-valuenow="{round(100 * frac)}" data-progress="{frac:.4f}"><div style="width:{100 * frac:.1f}%"></div></div>',
+        f'<p class="small">{state.runs_finished} of {state.runs_total} runs finished ({e(counts)}) · '
+        f"{100 * frac:.0f}% of all training steps done{reloads}. Numbers below are partial.</p>",
+    ]
+
+
+def _verdicts(results: Results) -> list[str]:
+    out = ['<section class="card" id="verdicts"><h2>Verdicts</h2>']
     if results.verdicts:
         out.append('<ul class="verdicts">')
-        for v in results.verdicts:
-            out.append(f'<li class="{_verdict_class(v)}">{e(v)}</li>')
+        out.extend(f'<li class="{_verdict_class(v)}">{e(v)}</li>' for v in results.verdicts)
         out.append("</ul>")
     else:
         out.append('<p class="small">No verdicts yet: they appear once runs finish.</p>')
@@ -348,37 +370,21 @@ def render_report(session: Session, job: Job, options: PageOptions | None = None
         out.extend(f"<li>{e(n)}</li>" for n in results.notes)
         out.append("</ul></div>")
     out.append("</section>")
+    return out
 
-    # training curves -------------------------------------------------------------------------
-    out.append('<section class="card" id="curves">')
-    out.append(curves_svg(session, job, "val_acc", opts.band))
-    out.append("</section>")
 
-    # tables ----------------------------------------------------------------------------------
-    out.append(_comparisons_table(results))
-    out.append(_sensitivity_table(results))
-    out.append(_statistics_table(results, colour_of))
-    out.append(_runs_table(results))
-
-    # spec and environment --------------------------------------------------------------------
-    out.append('<section class="card" id="spec"><h2>Job spec</h2>')
-    out.append(f"<pre>{e(compact_json(drop_nulls(spec)))}</pre>")
-    out.append(
+def _spec(job: Job, base: str) -> list[str]:
+    out = [
+        '<section class="card" id="spec"><h2>Job spec</h2>',
+        f"<pre>{e(compact_json(drop_nulls(job.spec)))}</pre>",
         f'<p class="small">Unset (null) parameters are left out here; <a href="{base}">GET /v1/jobs/{e(job.id)}</a> '
-        "returns the spec as stored.</p>"
-    )
+        "returns the spec as stored.</p>",
+    ]
     if job.budget:
         out.append("<h3>Resolved budget (identical for every run)</h3>")
         out.append(f"<pre>{e(compact_json(job.budget))}</pre>")
     out.append("</section>")
-    out.append(_environment(runs))
-    out.append(
-        f"<footer>Generated {e(_when(datetime.now(UTC)))} by NormBench from the rows in its database; "
-        f'the same numbers as <a href="{base}/results">/results</a>. Colours: Okabe–Ito palette; every variant also '
-        "has its own marker shape.</footer>"
-    )
-    out.append("</main></body></html>")
-    return "\n".join(out)
+    return out
 
 
 def describe_model(model: object) -> str:

@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import OwnerDep, SessionDep, SettingsDep
 from app.schemas.common import ERROR_RESPONSES, ErrorBody
+from app.schemas.events import describe_events
 from app.services import events
 from app.services import jobs as service
 
@@ -20,7 +21,7 @@ DESCRIPTION = f"""Server-Sent Events (`text/event-stream`) with the progress of 
 {events.POLL_SECONDS:g} s. Each event has an `id:` (1, 2, 3... within the connection), an `event:` name and a
 one-line JSON `data:`. Accuracies are fractions 0..1; values that are not finite are `null`.
 
-{events.describe_events()}
+{describe_events()}
 
 Order: a run's `run_started` comes before its `epoch_done` events (epochs ascending), which come before its
 `run_finished`; `job_finished` is the last event, after every `run_finished`, and the server then closes the

@@ -1,0 +1,43 @@
+"""What the API does when it starts: refuse an unsafe bind, then make sure the database is migrated and
+holds the built-in datasets."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
+from app.config import Settings, check_bind_safety
+from app.db import session_scope
+from app.services.builtin import ensure_builtin_datasets
+from app.storage import open_storage
+
+log = logging.getLogger(__name__)
+
+
+def start_up(settings: Settings) -> None:
+    try:
+        check_bind_safety(settings)
+    except RuntimeError as e:
+        log.error("%s", e)
+        raise
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            ensure_builtin_datasets(session, open_storage(settings.resolved_storage_url))
+    except (OperationalError, ProgrammingError) as e:
+        raise RuntimeError(
+            f"database at {settings.resolved_database_url!r} is not ready ({type(e).__name__}); "
+            "run `alembic upgrade head` first"
+        ) from e
+
+
+def lifespan_for(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        start_up(settings)
+        yield
+
+    return lifespan
