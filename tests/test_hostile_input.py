@@ -18,6 +18,7 @@ import struct
 import tempfile
 import threading
 import time
+import tracemalloc
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -34,7 +35,9 @@ from sqlalchemy import create_engine, func, select
 
 from app.api.middleware import MULTIPART_SLACK
 from app.config import Settings
+from app.core.catalogue import MAX_CLASSES
 from app.main import create_app
+from app.services import datasets as datasets_service
 from app.tables import Dataset, Job, Run
 from tests.conftest import ROOT, stored_files
 from tests.factories import job_spec, npz_bytes, pattern_images, upload
@@ -142,6 +145,25 @@ def npy_with_header(shape: tuple[int, ...], descr: str = "|u1", payload: bytes =
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
     return buf.getvalue() + payload
+
+
+def npy_with_raw_header(header: str) -> bytes:
+    """A .npy member whose header text is `header`, whatever it holds (np.save writes only a plain dict)."""
+    text = header.encode("latin1")
+    text += b" " * (-(10 + len(text) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + b"\0" * 64
+
+
+@contextmanager
+def peak_memory() -> Iterator[list[int]]:
+    """The peak of Python and NumPy allocations (all threads) inside the block, as `[peak]` once it ends."""
+    out: list[int] = []
+    tracemalloc.start()
+    try:
+        yield out
+        out.append(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
 
 
 LABELS = np.array([0, 0, 1, 1, 2, 2], dtype=np.int64)
@@ -335,6 +357,30 @@ def test_npz_member_over_the_decompressed_cap_is_refused(harness: Any) -> None:
         h.refuse_upload("big.npz", buf.getvalue(), 422, "unpacks to", "more than the limit of 97.7 KiB")
 
 
+def test_npz_compression_bomb_is_refused_before_inflating(harness: Any) -> None:
+    """np.savez_compressed of zeros expands ~1000×: refused from the zip directory, API memory stays flat."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, x=np.zeros((64, 1024, 1024), np.uint8), y=np.arange(64) % 2)  # 64 MiB in ~65 KB
+    bomb = buf.getvalue()
+    assert len(bomb) < 2**20
+    with harness() as h, peak_memory() as peak:
+        h.refuse_upload("bomb.npz", bomb, 422, "array 'x' in 'bomb.npz' expands", "limit of 200×", "np.savez")
+    assert peak[0] < 16 * 2**20, f"checking a 64 MiB bomb allocated {peak[0] / 2**20:.1f} MiB"
+
+
+def test_npz_forged_header_message_names_no_python_internals(harness: Any) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        header = "{'descr': '|u1', 'fortran_order': False, 'shape': __import__('os').getpid()}"
+        zf.writestr("x.npy", npy_with_raw_header(header))
+        zf.writestr("y.npy", npy_with_header((6,), "<i8", LABELS.tobytes()))
+    with harness() as h:
+        detail = h.refuse_upload(
+            "forged.npz", buf.getvalue(), 422, "array 'x' has an unreadable .npy header", "np.save writes", "np.savez"
+        )
+    assert " at 0x" not in detail and "ast." not in detail, detail
+
+
 @pytest.mark.parametrize(
     ("arrays", "needles"),
     [
@@ -425,6 +471,22 @@ def test_zip_decompression_bomb_image_is_refused(harness: Any) -> None:
         h.refuse_upload("px.zip", make_zip(images), 422, "'a/1.png'", "pixels", "downscale")
 
 
+def test_zip_flat_colour_images_are_refused_before_decoding(harness: Any) -> None:
+    """Four 4096² PNGs of one colour (~50 KB each, 48 MiB decoded): refused from their headers, memory flat."""
+    flat = png(np.zeros((4096, 4096, 3), np.uint8))
+    images = {f"{c}/{i}.png": flat for c in "ab" for i in (1, 2)}
+    with harness() as h, peak_memory() as peak:
+        h.refuse_upload("flat.zip", make_zip(images), 422, "image 'a/1.png' expands", "limit of 200×")
+    assert peak[0] < 16 * 2**20, f"checking the images allocated {peak[0] / 2**20:.1f} MiB"
+
+
+def test_zip_decoded_pixels_are_counted_against_the_limit_before_decoding(harness: Any) -> None:
+    flat = png(np.full((256, 256, 3), 7, np.uint8))  # a few hundred bytes, 192 KiB decoded: under the ratio guard
+    images = {f"{c}/{i}.png": flat for c in "ab" for i in (1, 2)}
+    with harness(max_decompressed_bytes=500_000) as h:
+        h.refuse_upload("px.zip", make_zip(images), 422, "4 images of 256×256 with 3 channel(s) need 768.0 KiB")
+
+
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
 def test_zip_image_format_allowlist(harness: Any, fmt: str) -> None:
     x, _ = pattern_images(n_per_class=1, classes=1)
@@ -467,6 +529,53 @@ def test_csv_non_numeric_cell_names_row_and_column(harness: Any) -> None:
     text = "a,b,label\n1,2,0\n3,oops,1\n1,2,0\n3,4,1\n"
     with harness() as h:
         h.refuse_upload("c.csv", text.encode(), 422, "row 3, column 'b'", "'oops'")
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+def test_class_names_are_bounded_in_length(harness: Any) -> None:
+    long = "x" * 100_000  # under the CSV module's field limit, so the label reaches the name check
+    text = f"a,label\n1,{long}\n2,{long}\n3,b\n4,b\n"
+    with harness() as h:
+        h.refuse_upload("long.csv", text.encode(), 422, "class name 'xxxx", "100000 characters long", "limit of 200")
+        names = np.array(["a", "b", "c" * 201])
+        h.refuse_upload("long.npz", tiny_npz(class_names=names), 422, "201 characters long")
+
+
+def test_class_count_is_bounded(harness: Any) -> None:
+    over = MAX_CLASSES + 1
+    text = "a,label\n" + "".join(f"{i},{i}\n" for i in range(over))
+    with harness() as h:
+        h.refuse_upload("many.csv", text.encode(), 422, f"holds {over} classes", f"limit of {MAX_CLASSES}")
+        y = np.array([0, 0, 1, 1, 20_000, 20_000])
+        h.refuse_upload("big.npz", tiny_npz(y=y), 422, "largest label is 20000", "20001 classes", f"{MAX_CLASSES}")
+
+
+@pytest.mark.parametrize(
+    ("char", "needle"),
+    [
+        ("\u202e", "U+202E RIGHT-TO-LEFT OVERRIDE"),
+        ("\u2066", "U+2066 LEFT-TO-RIGHT ISOLATE"),
+        ("\x00", "NUL character"),
+        ("\x1b", "control character U+001B"),
+        ("\x85", "control character U+0085"),
+    ],
+    ids=["rlo", "lri", "nul", "escape", "c1"],
+)
+def test_control_and_bidi_characters_in_names_are_refused(harness: Any, char: str, needle: str) -> None:
+    names = np.array(["cat", f"d{char}og", "cow"])
+    with harness() as h:
+        h.refuse_upload("n.npz", tiny_npz(class_names=names), 422, "class name", needle)
+        h.refuse_upload("d.npz", tiny_npz(), 422, "dataset name", needle, name=f"cats{char}gpj.exe")
+        if char != "\x00":  # a NUL cannot travel in a zip entry name
+            images = {f"a{char}b/1.png": good_images()["a/1.png"], **good_images()}
+            h.refuse_upload("z.zip", make_zip(images), 422, "class name", needle)
+
+
+def test_file_name_used_as_the_dataset_name_is_checked_too(harness: Any) -> None:
+    with harness() as h:
+        h.refuse_upload("evil\u202egpj.npz", tiny_npz(), 422, "taken from the file name", "U+202E")
 
 
 # ----------------------------------------------------------------------------------------- job specs
@@ -560,7 +669,7 @@ def test_torch_weights_only_load_refuses_a_malicious_checkpoint(tmp_path: Path) 
 # ------------------------------------------------------------------------ values the database refuses
 
 
-def test_nul_characters_and_overlong_values_are_422_not_500(harness: Any) -> None:
+def test_nul_characters_and_overlong_values_are_422_not_500(harness: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Postgres cannot store NUL in text: every place a request string reaches a query answers 422."""
     with harness() as h:
         for path in ("/v1/jobs/a%00b", "/v1/runs/a%00b/metrics", "/v1/datasets/a%00b", "/v1/jobs/a%00b/export.csv"):
@@ -568,5 +677,7 @@ def test_nul_characters_and_overlong_values_are_422_not_500(harness: Any) -> Non
             assert resp.status_code == 422 and "NUL" in resp.json()["detail"], (path, resp.text)
         h.refuse_job(job_spec("digits\x00"), "NUL")
         h.refuse_job(job_spec("digits", name="job\x00"), "NUL")
-        # The dataset is validated and its blob stored before the row insert fails: the blob must go too.
+        h.refuse_upload("ok.npz", tiny_npz(), 422, "NUL", name="bad\x00name")  # refused before it is read
+        # Were a name to pass that check, the database's refusal comes after the blob is stored: it must go too.
+        monkeypatch.setattr(datasets_service, "_display_name", lambda name, filename: name or filename)
         h.refuse_upload("ok.npz", tiny_npz(), 422, "NUL", name="bad\x00name")
