@@ -216,6 +216,8 @@ def progress_line(job: dict[str, Any], width: int = 30) -> str:
 
 
 def cell_text(cell: dict[str, Any] | None) -> str:
+    """`mean ± h` (h: half-width of the 95% interval), `mean (low–high)` when the interval was clipped to
+    0–100%, `mean (no spread)` when every seed gave the same value (no interval can be formed)."""
     if cell is None:
         return "—"
     acc = cell["val_acc"]
@@ -224,15 +226,22 @@ def cell_text(cell: dict[str, Any] | None) -> str:
             return "pending"
         return "diverged" if cell.get("diverged") else "—"
     text = f"{acc['mean'] * 100:.1f}"
-    low, high = acc.get("ci95_low"), acc.get("ci95_high")
-    if low is not None and high is not None:
+    low, high, half = acc.get("ci95_low"), acc.get("ci95_high"), acc.get("ci95_half_width")
+    if acc.get("ci95_clipped") and low is not None and high is not None:
+        text += f" ({low * 100:.1f}–{high * 100:.1f})"
+    elif half is not None:
+        text += f" ± {half * 100:.1f}"
+    elif low is not None and high is not None:  # a server without `ci95_half_width`
         text += f" ± {(high - low) / 2 * 100:.1f}"
+    elif acc.get("n", 0) >= 2 and acc.get("std") == 0:
+        text += " (no spread)"
     if cell["n"] < cell["n_total"]:
         text += f" ({cell['n']}/{cell['n_total']})"
     return text
 
 
 def results_table(results: dict[str, Any]) -> str:
+    """The per-cell table, its footnotes, the verdicts and the "how to read this" text."""
     cells = {(c["variant"], c["batch_size"]): c for c in results["cells"]}
     seeds = max((c["n_total"] for c in results["cells"]), default=0)
     texts = {k: cell_text(c) for k, c in cells.items()}
@@ -246,7 +255,14 @@ def results_table(results: dict[str, Any]) -> str:
     ]
     for v in results["variants"]:
         lines.append(f"{v:<{first}}" + "".join(f"{texts.get((v, b), '—'):>{col}}" for b in results["batch_sizes"]))
+    accs = [c["val_acc"] for c in results["cells"]]
     footnotes = []
+    if any(a.get("ci95_clipped") for a in accs):
+        footnotes.append("(low–high): the 95% interval, clipped to 0–100% (accuracy cannot leave that range)")
+    if any("(no spread)" in t for t in texts.values()):
+        footnotes.append(
+            "(no spread): every seed gave the same value; the spread is zero and no interval can be formed"
+        )
     if any(c["n"] < c["n_total"] for c in results["cells"]):
         footnotes.append("(n/N): only n of N seeds have a final result (the rest diverged, failed or are pending)")
     if any(c.get("diverged") for c in results["cells"]):
@@ -258,6 +274,9 @@ def results_table(results: dict[str, Any]) -> str:
     verdicts = results.get("verdicts") or []
     if verdicts:
         lines += ["", "verdicts:"] + [f"  - {v}" for v in verdicts]
+    how = results.get("how_to_read") or []
+    if how:
+        lines += ["", "how to read this:"] + [f"  {line}" for line in how]
     return "\n".join(lines)
 
 

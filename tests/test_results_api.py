@@ -19,6 +19,7 @@ from statsmodels.stats.weightstats import ttost_paired
 
 from app.config import Settings
 from app.db import session_factory
+from app.services import statistics as st
 from app.tables import MetricPoint, Run, utcnow
 from tests.factories import job_spec
 from tests.test_statistics import holm_by_hand
@@ -341,3 +342,37 @@ def test_export_csv_for_a_job_and_a_run(
         "/v1/jobs/missing/curves/aggregate",
     ):
         assert client.get(path).status_code == 404, path
+
+
+def test_cli_table_uses_one_vocabulary(
+    client: TestClient, finished_job: tuple[str, dict[tuple[str, int, int], str]]
+) -> None:
+    from app.cli import cell_text, results_table
+
+    job_id, _ = finished_job
+    body = client.get(f"/v1/jobs/{job_id}/results").json()
+    table = results_table(body)
+    gn2 = next(c for c in body["cells"] if (c["variant"], c["batch_size"]) == ("gn(4)", 2))
+    assert cell_text(gn2) == f"{np.mean(FINAL[('gn(4)', 2)]) * 100:.1f} ± {gn2['val_acc']['ci95_half_width'] * 100:.1f}"
+    assert "mean ± half-width of the 95% t-interval" in table and "indistinguishable" not in table
+    assert table.split("how to read this:\n")[1].splitlines()[0] == "  " + body["how_to_read"][0]
+
+    def cell(values: list[float]) -> dict[str, Any]:
+        s = st.summarize(values, bounds=(0.0, 1.0))
+        acc = {
+            "mean": s.mean,
+            "std": s.std,
+            "n": s.n,
+            "ci95_low": s.ci_low,
+            "ci95_high": s.ci_high,
+            "ci95_half_width": s.half_width,
+            "ci95_clipped": s.clipped,
+        }
+        return {"variant": "bn", "batch_size": 2, "n": s.n, "n_total": s.n, "diverged": 0, "val_acc": acc}
+
+    assert cell_text(cell([0.995, 0.97, 1.0])) == "98.8 (94.8–100.0)"  # never "98.8 ± 4.0" (102.8%)
+    assert cell_text(cell([0.987, 0.987])) == "98.7 (no spread)"  # never "98.7 ± 0.0"
+    doc = {"cells": [cell([0.995, 0.97, 1.0])], "variants": ["bn"], "batch_sizes": [2]}
+    assert "(low–high): the 95% interval, clipped to 0–100%" in results_table(doc)
+    doc = {"cells": [cell([0.987, 0.987])], "variants": ["bn"], "batch_sizes": [2]}
+    assert "(no spread): every seed gave the same value" in results_table(doc)

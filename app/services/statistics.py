@@ -686,18 +686,21 @@ def verdicts(
 
 def how_to_read(margin: float, comparisons: int, drops: int, alpha: float = ALPHA) -> list[str]:
     """The short "how to read this" text the CLI and the report show under the verdicts."""
+    family = f"{comparisons} comparison{'s' if comparisons != 1 else ''} with a test"
+    if drops:
+        family += f" (and, separately, its {drops} batch-size drop{'s' if drops != 1 else ''})"
     return [
-        "± after a mean is the half-width of its 95% interval over seeds (Student t); accuracy intervals are "
-        "clipped to 0–100%, and a cell whose seeds all gave the same value shows no interval (zero spread is "
-        "not certainty).",
+        "± after a mean is the half-width of its 95% interval over seeds (Student t). Accuracy intervals are "
+        "clipped to 0–100%; a cell whose seeds all gave the same value has no interval (zero spread is not "
+        "certainty: more seeds would show the spread).",
         f"Every comparison ends in one of three verdicts: different (the paired t-test by seed is significant), "
-        f"equivalent within ±{margin:.1f} points (two one-sided tests, TOST), or inconclusive (neither: more "
-        "seeds are needed, and the sentence says about how many).",
-        f"p-values are Holm-adjusted over the job's {comparisons} comparison(s) (batch-size drops: {drops}), "
-        f"difference and equivalence tests together, so the chance of any false claim stays under "
-        f"{100 * alpha:g}%. The interval in each sentence is at the matching adjusted level (e.g. 97.5% CI), so "
-        "it excludes 0 when a difference is claimed, lies inside the margin when equivalence is, and does "
-        "neither when the verdict is inconclusive.",
+        f"equivalent within ±{margin:.1f} points (two one-sided tests, TOST: the difference is shown to be smaller "
+        "than the margin), or inconclusive (neither; the sentence says how many seeds would be needed).",
+        f"p-values are Holm-adjusted over the job's {family}, difference and equivalence tests together, so the "
+        f"chance of any false claim stays under {100 * alpha:g}%. The interval in each sentence is at the matching "
+        "adjusted level (e.g. 97.5% instead of 95%): it excludes 0 when a difference is claimed, lies inside the "
+        "margin when equivalence is, and does neither when the verdict is inconclusive. The JSON also keeps the "
+        "unadjusted 95% interval (`ci95_*`).",
         "Differences are in accuracy points (percentage points), paired by seed: the same seed gives the same "
         "initial weights and data order in every cell.",
     ]
