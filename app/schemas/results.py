@@ -170,7 +170,8 @@ class ComparisonOut(BaseModel):
     min_detectable_points: float | None = Field(
         None,
         description="Inconclusive comparisons only: the smallest true difference the paired t-test would detect "
-        "with 80% power at the current seeds, two-sided at `alpha_adjusted`, given the observed `std_points`.",
+        "with 80% power at the current seeds, two-sided at `alpha_adjusted`, given the observed `std_points` "
+        "(above 100 when no possible difference would be detectable; the verdict then says so).",
     )
     seeds_needed: int | None = Field(
         None,

@@ -292,6 +292,7 @@ class Decision:
     min_detectable: float | None  # inconclusive only: at the current seeds, power 0.8
     seeds_needed: int | None  # inconclusive only: to detect `margin`; None = more than MAX_SEEDS or no estimate
     clipped: bool = False  # the interval was cut to the possible range of the difference
+    limit: float | None = None  # the largest possible |difference| (100 for accuracy points)
 
     @property
     def verdict(self) -> Verdict:
@@ -341,7 +342,20 @@ def decide(
             low, high = max(low, -limit), min(high, limit)
         out.append(
             Decision(
-                claim, margin, p_adj, equivalence[i], p_eq_adj, level, low, high, m, alpha / m, mdd, seeds, clipped
+                claim,
+                margin,
+                p_adj,
+                equivalence[i],
+                p_eq_adj,
+                level,
+                low,
+                high,
+                m,
+                alpha / m,
+                mdd,
+                seeds,
+                clipped,
+                limit,
             )
         )
     return out
@@ -550,11 +564,14 @@ def power_text(d: Decision, n: int) -> str:
     """What more seeds would buy, for an inconclusive verdict with a variance estimate ('' without one)."""
     if d.min_detectable is None:
         return ""
-    text = f"with {_seeds(n)} the smallest difference detectable (80% power) is {_points(d.min_detectable)}"
+    if d.limit is not None and d.min_detectable > d.limit:
+        text = f"with {_seeds(n)} and this spread not even a {d.limit:g}-point difference is detectable (80% power)"
+    else:
+        text = f"with {_seeds(n)} the smallest difference detectable (80% power) is {_points(d.min_detectable)}"
     if d.seeds_needed is None:
         return f"{text}; more than {MAX_SEEDS} seeds would be needed to detect {_a_difference(d.margin)}"
     if d.seeds_needed <= n:
-        return f"{text}, so {_a_difference(d.margin)} would likely have shown: the true difference is probably small"
+        return f"{text}; the current seeds already give 80% power for {_a_difference(d.margin)}, yet neither verdict was reached"
     return f"{text}; ~{d.seeds_needed} seeds would be needed to detect {_a_difference(d.margin)}"
 
 
