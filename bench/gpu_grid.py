@@ -300,7 +300,7 @@ def grid_cfgs(args: argparse.Namespace, data: DeviceData) -> list[RunConfig]:
 def worker_packs(cfgs: list[RunConfig], size: int, mixed: bool) -> list[list[int]]:
     """The packs one worker with NORMBENCH_PACK_SIZE=size trains, one after another. The worker's way
     (mixed=False): the first queued run leads and its mates are runs of its batch size, its variant first
-    (`workers.runstore.claim_pack_mates`). mixed=True, the experiment: mates come from every batch size,
+    (`app.repositories.runs.claim_pack_mates`). mixed=True, the experiment: mates come from every batch size,
     its own first, then the others smallest first."""
     variant = {n: i for i, (n, _) in enumerate(VARIANTS)}
     queued, packs = list(range(len(cfgs))), []

@@ -1,0 +1,90 @@
+"""How a claimed run ended, recorded: its training outcome, or the exception that stopped it, classified
+as the design's failure classes (a lost claim, an unreachable database, out of memory, a data or code error)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from sqlalchemy.exc import OperationalError
+
+from app.config import Settings
+from app.core.run_states import RunStatus
+from app.db import session_scope
+from app.queue import publish_train_run
+from app.repositories.runs import Claim, StaleAttempt, finish_run, release_run
+from workers.engine import Outcome
+from workers.lease import LeaseLost
+
+log = logging.getLogger(__name__)
+
+# How a settled run ended when it did not reach a run status of its own (the task's return value).
+STALE = "stale"  # another attempt holds the run: this worker wrote nothing more
+LOST = "lost"  # the database was unreachable: the lease expires and the reconciler requeues the run
+RELEASED = "released"  # handed back to the queue and published again (shutdown, out of memory)
+INTERRUPTED = "interrupted"  # the engine's outcome for a run stopped by shutdown, checkpointed
+
+
+def settle(settings: Settings, claim: Claim, env: dict[str, Any], result: Outcome | BaseException) -> str:
+    """Record how one run ended (its outcome, or the exception that stopped it); returns a status word."""
+    if isinstance(result, Outcome):
+        return record_outcome(settings, claim, result, env)
+    if isinstance(result, StaleAttempt):
+        log.warning("run %s attempt %s was superseded; stopped without further writes", claim.run_id, claim.attempt)
+        return STALE
+    if isinstance(result, LeaseLost | OperationalError):
+        log.error("run %s attempt %s stopped: %s", claim.run_id, claim.attempt, result)
+        return LOST
+    if isinstance(result, torch.cuda.OutOfMemoryError):
+        return retry_or_fail(settings, claim, f"out of memory: {result}", env)
+    # A data or model error: fail the run with its message, no retry.
+    log.error("run %s failed", claim.run_id, exc_info=result)
+    try:
+        with session_scope(settings.resolved_database_url) as s:
+            error = f"{type(result).__name__}: {result}"
+            finish_run(s, claim.run_id, claim.attempt, RunStatus.FAILED, error=error, environment=env)
+    except OperationalError as e:
+        log.error("run %s attempt %s stopped: %s", claim.run_id, claim.attempt, e)
+        return LOST
+    return RunStatus.FAILED
+
+
+def record_outcome(settings: Settings, claim: Claim, outcome: Outcome, env: dict[str, Any]) -> str:
+    """A run the engine brought to an end: finished with its status, or (interrupted) handed back."""
+    log.info("run %s attempt %s trained to %s at step %s", claim.run_id, claim.attempt, outcome.status, outcome.steps)
+    if outcome.status == INTERRUPTED:
+        return release(settings, claim, outcome.error or INTERRUPTED)
+    with session_scope(settings.resolved_database_url) as s:
+        finish_run(
+            s,
+            claim.run_id,
+            claim.attempt,
+            RunStatus(outcome.status),
+            final_metrics=outcome.final_metrics or None,
+            error=outcome.error,
+            steps=outcome.steps,
+            samples=outcome.samples,
+            wall_time_s=outcome.wall_time_s,
+            environment=env,
+        )
+    return outcome.status
+
+
+def retry_or_fail(settings: Settings, claim: Claim, reason: str, env: dict[str, Any]) -> str:
+    """An infrastructure failure: another attempt while the cap allows, else the run fails with the reason."""
+    if claim.attempt < settings.max_attempts:
+        return release(settings, claim, reason)
+    with session_scope(settings.resolved_database_url) as s:
+        error = f"{reason} (after {claim.attempt} attempts)"
+        finish_run(s, claim.run_id, claim.attempt, RunStatus.FAILED, error=error, environment=env)
+    return RunStatus.FAILED
+
+
+def release(settings: Settings, claim: Claim, reason: str) -> str:
+    """Hand the run back to the queue and publish it, if this attempt still holds it."""
+    with session_scope(settings.resolved_database_url) as s:
+        released = release_run(s, claim.run_id, claim.attempt, reason)
+    if released:
+        publish_train_run(settings, claim.run_id)
+    return RELEASED
