@@ -23,7 +23,7 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from app.core.run_states import RunStatus
-from app.schemas.results import CellCurve, CellSummary, ComparisonOut, Results
+from app.schemas.results import CellCurve, CellSummary, ComparisonOut, Results, Stat
 from app.services import jobs as jobs_service
 from app.services.curves import build_curve_aggregate
 from app.services.jobs import JobState
@@ -185,8 +185,9 @@ STATUS_COLOURS: dict[str, str] = {
 OUTCOME_TEXT = {
     "better": ("▲ better", "good"),
     "worse": ("▼ worse", "bad"),
-    "indistinguishable": ("≈ no difference shown", "neutral"),
-    "identical": ("= identical", "neutral"),
+    "equivalent": ("≈ equivalent within ±δ", "good"),
+    "inconclusive": ("? inconclusive", "warn"),
+    "identical": ("= identical (no spread)", "neutral"),
     "constant": ("constant difference, untestable", "neutral"),
     "too_few": ("too few seeds", "warn"),
     "no_data": ("no data", "warn"),
@@ -271,6 +272,7 @@ def render_report(session: Session, job: Job, options: PageOptions | None = None
         _glance_table(results, colour_of),
     ]
     out += _verdicts(results)
+    out.append(how_to_read_box(results))
     out += ['<section class="card" id="curves">', curves_svg(session, job, "val_acc", opts.band), "</section>"]
     out += [
         _comparisons_table(results),
@@ -362,8 +364,9 @@ def _verdicts(results: Results) -> list[str]:
     else:
         out.append('<p class="small">No verdicts yet: they appear once runs finish.</p>')
     out.append(
-        '<p class="small">A difference is claimed only when the Holm-adjusted paired t-test gives p &lt; 0.05 '
-        "<em>and</em> the 95% interval of the difference excludes 0; otherwise the sentence says what is known.</p>"
+        '<p class="small">Three verdicts: <b>different</b> (Holm-adjusted paired t-test p &lt; 0.05; the adjusted '
+        "interval excludes 0), <b>equivalent within ±δ</b> (two one-sided tests in the same Holm family; the adjusted "
+        "interval lies inside ±δ) and <b>inconclusive</b> (neither; the sentence says how many seeds would tell).</p>"
     )
     if results.notes:
         out.append('<div class="notes"><b>Caveats</b><ul>')
@@ -433,7 +436,9 @@ def _when(ts: datetime | None) -> str:
 
 
 def _verdict_class(sentence: str) -> str:
-    if any(w in sentence for w in (" beats ", " trails ", " loses ", " points higher ")):
+    if any(
+        w in sentence for w in (" beats ", " trails ", " loses ", " points higher ", " equivalent within ", " keeps ")
+    ):
         return "claim"
     if any(w in sentence for w in ("diverged", "Partial", "Not enough", "Cannot")):
         return "warn"
@@ -519,11 +524,23 @@ def _glance_table(results: Results, colour_of: dict[str, str]) -> str:
         out.append("</tr>")
     out.append("</tbody></table>")
     out.append(
-        '<p class="small">Mean over seeds ± half-width of the 95% t-interval; n = seeds with a result. '
-        "Shaded: highest mean in the column. ▲/▼: significantly better/worse than the baseline at that batch size "
-        "(Holm-adjusted p &lt; 0.05 and the interval excludes 0); ≈: no difference shown.</p></section>"
+        '<p class="small">Mean over seeds ± half-width of the 95% t-interval (where the interval is clipped to '
+        "the possible range its ends are shown instead); n = seeds with a result. Shaded: highest mean in the "
+        "column. ▲/▼: different from the baseline at that batch size (Holm-adjusted p &lt; 0.05); ≈: equivalent "
+        "within ±δ; ?: inconclusive.</p></section>"
     )
     return "".join(out)
+
+
+def _interval_text(s: Stat) -> str:
+    """The cell's spread in the one vocabulary of the CLI: ± the 95% half-width, the clipped interval's ends, or
+    'no spread' when every seed gave the same value."""
+    if s.ci95_low is None or s.ci95_high is None:
+        return f'<div class="ci">{e(s.interval_note or "")}</div>' if s.interval_note else ""
+    if s.ci95_clipped:
+        return f'<div class="ci">95% CI {pct(s.ci95_low)}–{pct(s.ci95_high)}</div>'
+    half = s.ci95_half_width if s.ci95_half_width is not None else (s.ci95_high - s.ci95_low) / 2
+    return f'<div class="ci">± {100 * half:.1f}</div>'
 
 
 def _glance_cell(c: CellSummary, cmp: ComparisonOut | None, best: float | None, baseline: str | None) -> str:
@@ -535,8 +552,7 @@ def _glance_cell(c: CellSummary, cmp: ComparisonOut | None, best: float | None, 
         bits.append('<div class="v">—</div>')
     else:
         bits.append(f'<div class="v">{pct(s.mean)}</div>')
-        if s.ci95_low is not None and s.ci95_high is not None:
-            bits.append(f'<div class="ci">± {100 * (s.ci95_high - s.ci95_low) / 2:.1f}</div>')
+        bits.append(_interval_text(s))
     bits.append(f'<div class="n">n={c.n}/{c.n_total}</div>')
     if c.diverged:
         bits.append(f'<div class="div">{c.diverged} diverged</div>')
@@ -546,7 +562,8 @@ def _glance_cell(c: CellSummary, cmp: ComparisonOut | None, best: float | None, 
         text, klass = {
             "better": (f"▲ vs {baseline}", "good"),
             "worse": (f"▼ vs {baseline}", "bad"),
-            "indistinguishable": (f"≈ {baseline}", "neutral"),
+            "equivalent": (f"≈ {baseline} (±δ)", "good"),
+            "inconclusive": (f"? vs {baseline}", "warn"),
             "identical": (f"= {baseline}", "neutral"),
         }.get(cmp.outcome, ("", "neutral"))
         if text:
@@ -685,3 +702,11 @@ def _environment(runs: list[Any]) -> str:
         out.append('<p class="small warn">Runs trained in different environments: compare with care.</p>')
     out.append("</section>")
     return "".join(out)
+
+
+def how_to_read_box(results: Results) -> str:
+    """The "how to read this" box under the verdicts: the same text as the CLI's (`Results.how_to_read`)."""
+    if not results.how_to_read:
+        return ""
+    items = "".join(f"<li>{e(line)}</li>" for line in results.how_to_read)
+    return f'<section class="card" id="how-to-read"><h2>How to read this</h2><ul class="small">{items}</ul></section>'
