@@ -17,7 +17,11 @@ STATUS_CHECK = CheckConstraint("status IN (" + ", ".join(f"'{s.value}'" for s in
 
 class Run(Base):
     __tablename__ = "runs"
-    __table_args__ = (Index("ix_runs_job_id_status", "job_id", "status"), STATUS_CHECK)
+    __table_args__ = (
+        Index("ix_runs_job_id_status", "job_id", "status"),
+        Index("ix_runs_job_id_pack_key", "job_id", "pack_key"),
+        STATUS_CHECK,
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -44,3 +48,7 @@ class Run(Base):
     environment: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     error: Mapped[str | None] = mapped_column(Text)
     checkpoint_uri: Mapped[str | None] = mapped_column(String(1000))
+    # Runs with one pack key train together: a function of the job spec, so results never depend on scheduling.
+    pack_key: Mapped[str | None] = mapped_column(String(200))
+    publish_count: Mapped[int] = mapped_column(default=0, server_default="0")  # tasks sent; spaces out republishing
+    failure_class: Mapped[str | None] = mapped_column(String(16))  # infrastructure | data | resource | divergence

@@ -1,0 +1,33 @@
+"""runs.pack_key (deterministic pack composition), runs.publish_count (republish back-off),
+runs.failure_class (infrastructure / data / resource / divergence)
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-11-30 12:40:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0005"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("runs") as batch:
+        batch.add_column(sa.Column("pack_key", sa.String(length=200), nullable=True))
+        batch.add_column(sa.Column("publish_count", sa.Integer(), server_default="0", nullable=False))
+        batch.add_column(sa.Column("failure_class", sa.String(length=16), nullable=True))
+    op.create_index(op.f("ix_runs_job_id_pack_key"), "runs", ["job_id", "pack_key"])
+
+
+def downgrade() -> None:
+    op.drop_index(op.f("ix_runs_job_id_pack_key"), table_name="runs")
+    with op.batch_alter_table("runs") as batch:
+        batch.drop_column("failure_class")
+        batch.drop_column("publish_count")
+        batch.drop_column("pack_key")
