@@ -25,9 +25,10 @@ from sqlalchemy import create_engine, func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.config import Settings  # noqa: E402
+from app.devserver import alembic_config  # noqa: E402
 from app.main import create_app  # noqa: E402
 from app.tables import MetricPoint, Run  # noqa: E402
-from tests.conftest import PG_SERVER, WorkerProcess, alembic_config, drop_database, recreate_database, worker_env  # noqa: E402
+from tests.support import PG_SERVER, WorkerProcess, drop_database, recreate_database, worker_env  # noqa: E402
 
 FAST = {
     "NORMBENCH_LEASE_SECONDS": "2",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Starts the local PostgreSQL and Redis the test suite talks to, if they are down, and installs
-# the system tools the tests use (docker-compose 1.29 validates the compose file without an engine).
+# Starts the local PostgreSQL and Redis the test suite talks to, if they are down. The system tools the
+# tests use are installed by scripts/install-deps.sh (`make deps`).
 set -euo pipefail
 
 pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
@@ -28,21 +28,3 @@ for _ in $(seq 1 30); do pg_up && redis_up && break; sleep 1; done
 pg_up || { echo "PostgreSQL did not come up" >&2; exit 1; }
 redis_up || { echo "Redis did not come up" >&2; exit 1; }
 
-if ! command -v docker-compose >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing docker-compose (validates docker-compose.yml without an engine)"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
-  else
-    echo "docker-compose is missing: install Debian's docker-compose package (the deploy-file test needs it)" >&2
-    exit 1
-  fi
-fi
-if ! command -v chromium >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing chromium (the report test renders the report page in headless Chromium)"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-  else
-    echo "chromium is missing: install Debian's chromium package (the report test renders the page headless)" >&2
-    exit 1
-  fi
-fi

@@ -1,11 +1,8 @@
-"""Shared fixtures: the real Postgres and Redis, a migrated test database, real worker processes."""
+"""Shared fixtures: the real Postgres and Redis, a migrated test database, real worker processes. Tests that
+use the services are marked `services` here, so `make test-fast` can leave them out."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,36 +14,27 @@ from alembic import command
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.devserver import alembic_config, worker_command
+from app.devserver import alembic_config
 from app.main import create_app
+from app.tables import Base
+from tests.support import REDIS_URL, SESSION, WorkerProcess, drop_database, recreate_database, worker_env
 
 if TYPE_CHECKING:
     from workers.data import DeviceData
 
-ROOT = Path(__file__).resolve().parent.parent
-PG_SERVER = os.environ.get("NORMBENCH_TEST_PG", "postgres@127.0.0.1:5432")
-PG_ADMIN_URL = f"postgresql://{PG_SERVER}/test"
-# Per-session database and Redis key prefix, so test sessions running side by side never meet.
-SESSION = f"{os.getpid()}"
 TEST_DB = f"normbench_test_{SESSION}"
-PG_URL = f"postgresql+psycopg://{PG_SERVER}/{TEST_DB}"
-REDIS_URL = os.environ.get("NORMBENCH_TEST_REDIS", "redis://127.0.0.1:6379/15")
 KEY_PREFIX = f"nbtest{SESSION}:"
-TABLES = ("metric_points", "runs", "jobs", "datasets")
+# Children before parents, so TRUNCATE never trips over a foreign key.
+TABLES = tuple(t.name for t in reversed(Base.metadata.sorted_tables))
+# Every fixture that reaches Postgres, Redis or a worker; the others build on these.
+SERVICE_FIXTURES = frozenset({"pg_url", "redis_client", "worker"})
 
 
-def recreate_database(name: str) -> str:
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"postgresql+psycopg://{PG_SERVER}/{name}"
-
-
-def drop_database(name: str) -> None:
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test whose fixtures (direct or inherited) reach a service as `services`."""
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
 
 
 @pytest.fixture(scope="session")
@@ -90,46 +78,6 @@ def settings(pg_url: str, storage_dir: Path, redis_client: redis.Redis, tmp_path
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as c:
         yield c
-
-
-def stored_files(settings: Settings) -> list[Path]:
-    root = Path(settings.resolved_storage_url.removeprefix("file://"))
-    return sorted(p for p in root.rglob("*") if p.is_file())
-
-
-class WorkerProcess:
-    """A real `celery worker` process with its log in a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        cmd = worker_command("INFO", "--without-gossip", "--without-mingle")
-        self.log = log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{self.log_path.read_text()}")
-            if b"ready." in self.log_path.read_bytes():
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-
-
-def worker_env(**overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NORMBENCH_")}
-    env.update({"NORMBENCH_TORCH_THREADS": "1", "PYTHONUNBUFFERED": "1"}, **overrides)
-    return env
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,24 @@
-"""Small, learnable datasets generated in memory for tests, and helpers to submit and wait."""
+"""Small, learnable datasets generated in memory for tests, helpers to submit and wait, and finished
+training fabricated in the database (no worker)."""
 
 from __future__ import annotations
 
 import io
 import time
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import update
+
+from app.config import Settings
+from app.db import session_factory
+from app.repositories.runs import ordered_runs
+from app.tables import MetricPoint, Run, utcnow
 
 
 def pattern_images(
@@ -77,3 +86,37 @@ def wait_for_job(client: TestClient, job_id: str, timeout: float = 180) -> dict[
             return job  # type: ignore[no-any-return]
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} did not finish in {timeout}s: {job}")
+
+
+@dataclass
+class FakeRun:
+    """What training would have written for one run: its status, other columns of its row, its metric points."""
+
+    status: str
+    columns: dict[str, Any] = field(default_factory=dict)
+    points: list[tuple[str, int, float, float]] = field(default_factory=list)  # (name, step, epoch, value)
+
+    def per_epoch(self, name: str, steps_per_epoch: int, values: list[float]) -> FakeRun:
+        """Add `values` as the metric's epoch-end points from epoch 1 on."""
+        self.points += [(name, steps_per_epoch * (e + 1), float(e + 1), v) for e, v in enumerate(values)]
+        return self
+
+
+def finish_job(settings: Settings, job_id: str, fake: Callable[[Run, int], FakeRun]) -> dict[tuple[str, int, int], str]:
+    """Write what training would have written for every run of the job: `fake(run, position)` describes each
+    run, taken in report order (batch size, variant, seed). Every run gets a start time and, unless it is
+    still running, an end time. Returns the run ids by (variant label, batch size, seed)."""
+    ids: dict[tuple[str, int, int], str] = {}
+    with session_factory(settings.resolved_database_url)() as s:
+        for position, run in enumerate(s.scalars(ordered_runs(job_id)).all()):
+            ids[(run.variant, run.batch_size, run.seed)] = run.id
+            made = fake(run, position)
+            now = utcnow()
+            times = {"started_at": now} | ({} if made.status == "running" else {"finished_at": now})
+            s.execute(update(Run).where(Run.id == run.id).values(status=made.status, **(times | made.columns)))
+            s.add_all(
+                MetricPoint(run_id=run.id, name=name, step=step, epoch=epoch, value=value)
+                for name, step, epoch, value in made.points
+            )
+        s.commit()
+    return ids

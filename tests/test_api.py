@@ -10,8 +10,8 @@ from sqlalchemy import create_engine, func, select
 
 from app.config import Settings
 from app.tables import Dataset, Job, Run
-from tests.conftest import stored_files
 from tests.factories import image_npz, job_spec, npz_bytes, upload
+from tests.support import stored_files
 
 
 def count(settings: Settings, table: type) -> int:

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 from app.config import Settings, UnsafeBind, check_bind_safety, configured_bind_host, is_loopback
 from app.main import create_app
 from app.tables import ApiKey, Dataset, Job, MetricPoint, Run
-from tests.conftest import ROOT, stored_files, worker_env
 from tests.factories import image_npz, job_spec, npz_bytes, pattern_images
+from tests.support import ROOT, stored_files, worker_env
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

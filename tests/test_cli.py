@@ -22,8 +22,8 @@ from app.config import Settings
 from app.db import session_factory
 from app.main import create_app
 from app.services import keys
-from tests.conftest import ROOT, WorkerProcess
 from tests.factories import image_npz
+from tests.support import ROOT, WorkerProcess
 
 
 def serve(settings: Settings) -> Iterator[str]:

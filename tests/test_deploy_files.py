@@ -234,10 +234,11 @@ def test_dockerignore_keeps_local_state_out() -> None:
 # --- docker-compose itself -----------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_docker_compose_config_validates() -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.fail("docker-compose is not installed; run `make test` (it installs it) to validate docker-compose.yml")
+        pytest.fail("docker-compose is not installed; run `make deps` (it installs it) to validate docker-compose.yml")
     result = subprocess.run(
         [binary, "-f", str(COMPOSE_FILE), "config", "-q"],
         cwd=ROOT,

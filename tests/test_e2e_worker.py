@@ -7,8 +7,8 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import WorkerProcess
 from tests.factories import image_npz, image_zip, job_spec, upload, wait_for_job
+from tests.support import WorkerProcess
 
 pytestmark = pytest.mark.e2e
 

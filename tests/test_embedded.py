@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, worker_env
+from tests.support import ROOT, worker_env
 
 
 def free_port() -> int:

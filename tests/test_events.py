@@ -24,8 +24,8 @@ from app.services import events as events_service
 from app.services import keys
 from app.services.events import JobEventTracker
 from app.tables import Job, MetricPoint, Run, utcnow
-from tests.conftest import WorkerProcess
 from tests.factories import job_spec
+from tests.support import WorkerProcess
 from tests.test_cli import serve
 
 SPEC = job_spec(

@@ -22,8 +22,8 @@ from app.config import Settings
 from app.main import create_app
 from app.queue import publish_train_run
 from app.tables import MetricPoint
-from tests.conftest import WorkerProcess, worker_env
 from tests.factories import job_spec, wait_for_job
+from tests.support import WorkerProcess, worker_env
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e

@@ -39,8 +39,8 @@ from app.core.catalogue import MAX_CLASSES
 from app.main import create_app
 from app.services import datasets as datasets_service
 from app.tables import Dataset, Job, Run
-from tests.conftest import ROOT, stored_files
 from tests.factories import job_spec, npz_bytes, pattern_images, upload
+from tests.support import ROOT, stored_files
 
 State = tuple[list[Path], int, int, int]
 
@@ -259,7 +259,7 @@ def test_upload_over_the_cap_through_a_real_server_is_cut_off(harness: Any) -> N
             sent, response = 0, b""
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
                 sock.sendall(
-                    b"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                    b"POST /v1/datasets HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                     b"Content-Type: multipart/form-data; boundary=nbb\r\n\r\n"
                 )
                 sock.sendall(b"%x\r\n%s\r\n" % (len(MULTIPART_HEAD), MULTIPART_HEAD))

@@ -11,8 +11,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
+from app.devserver import alembic_config
 from app.tables import Base
-from tests.conftest import SESSION, alembic_config, drop_database, recreate_database
+from tests.support import SESSION, drop_database, recreate_database
 
 
 def pending_diff(url: str) -> list:
@@ -22,7 +23,7 @@ def pending_diff(url: str) -> list:
         return compare_metadata(ctx, Base.metadata)
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.services), "sqlite"])
 def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'empty.db'}"

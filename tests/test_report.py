@@ -22,14 +22,12 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
 
 from app.config import Settings
-from app.db import session_factory
 from app.main import create_app
 from app.services import plots
-from app.tables import MetricPoint, Run, utcnow
-from tests.factories import image_npz, job_spec, upload
+from app.tables import Run
+from tests.factories import FakeRun, finish_job, image_npz, job_spec, upload
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -87,68 +85,39 @@ def epoch_curve(final: float, batch_size: int, seed: int) -> list[float]:
 
 def fabricate(settings: Settings, job_id: str, leave_running: int = 0) -> None:
     """Write what training would have written: statuses, final metrics, environment, per-epoch points."""
+    finish_job(settings, job_id, lambda run, position: outcome(run, running=position < leave_running))
+
+
+def outcome(run: Run, running: bool) -> FakeRun:
     env = {"torch": "2.13.0+cpu", "python": "3.11.2", "device": "cpu", "threads": 1}
-    with session_factory(settings.resolved_database_url)() as s:
-        runs = list(s.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.batch_size, Run.seed)))
-        for i, run in enumerate(runs):
-            per_epoch = TRAIN_SAMPLES // run.batch_size
-            final = final_acc(run.variant, run.batch_size, run.seed)
-            curve = epoch_curve(final, run.batch_size, run.seed)
-            losses = [1.0 - a + 0.05 for a in curve]
-            if i < leave_running:
-                s.execute(
-                    update(Run)
-                    .where(Run.id == run.id)
-                    .values(status="running", steps_done=per_epoch * 3, started_at=utcnow(), environment=env)
-                )
-                add_points(s, run.id, per_epoch, "val_acc", curve[:3])
-                continue
-            if (run.variant, run.batch_size, run.seed) in DIVERGED:
-                s.execute(
-                    update(Run)
-                    .where(Run.id == run.id)
-                    .values(
-                        status="diverged",
-                        error="training loss became non-finite at step 2900 (epoch 4)",
-                        steps_done=per_epoch * 4,
-                        started_at=utcnow(),
-                        finished_at=utcnow(),
-                        environment=env,
-                    )
-                )
-                add_points(s, run.id, per_epoch, "val_acc", curve[:3])
-                add_points(s, run.id, per_epoch, "val_loss", [*losses[:3], float("nan")])
-                continue
-            s.execute(
-                update(Run)
-                .where(Run.id == run.id)
-                .values(
-                    status="succeeded",
-                    steps_done=per_epoch * EPOCHS,
-                    samples_seen=per_epoch * EPOCHS * run.batch_size,
-                    epochs_done=EPOCHS,
-                    started_at=utcnow(),
-                    finished_at=utcnow(),
-                    wall_time_s=3.0 + 40 / run.batch_size,
-                    environment=env,
-                    final_metrics={
-                        "val_acc": final,
-                        "val_loss": losses[-1],
-                        "train_loss": losses[-1] / 2,
-                        "images_per_s": 400.0 * run.batch_size,
-                    },
-                )
-            )
-            add_points(s, run.id, per_epoch, "val_acc", curve)
-            add_points(s, run.id, per_epoch, "val_loss", losses)
-        s.commit()
-
-
-def add_points(s: object, run_id: str, per_epoch: int, name: str, values: list[float]) -> None:
-    s.add_all(  # type: ignore[attr-defined]
-        MetricPoint(run_id=run_id, step=per_epoch * (e + 1), epoch=float(e + 1), name=name, value=v)
-        for e, v in enumerate(values)
-    )
+    per_epoch = TRAIN_SAMPLES // run.batch_size
+    final = final_acc(run.variant, run.batch_size, run.seed)
+    curve = epoch_curve(final, run.batch_size, run.seed)
+    losses = [1.0 - a + 0.05 for a in curve]
+    if running:
+        columns = {"steps_done": per_epoch * 3, "environment": env}
+        return FakeRun("running", columns).per_epoch("val_acc", per_epoch, curve[:3])
+    if (run.variant, run.batch_size, run.seed) in DIVERGED:
+        error = "training loss became non-finite at step 2900 (epoch 4)"
+        return (
+            FakeRun("diverged", {"error": error, "steps_done": per_epoch * 4, "environment": env})
+            .per_epoch("val_acc", per_epoch, curve[:3])
+            .per_epoch("val_loss", per_epoch, [*losses[:3], float("nan")])
+        )
+    columns = {
+        "steps_done": per_epoch * EPOCHS,
+        "samples_seen": per_epoch * EPOCHS * run.batch_size,
+        "epochs_done": EPOCHS,
+        "wall_time_s": 3.0 + 40 / run.batch_size,
+        "environment": env,
+        "final_metrics": {
+            "val_acc": final,
+            "val_loss": losses[-1],
+            "train_loss": losses[-1] / 2,
+            "images_per_s": 400.0 * run.batch_size,
+        },
+    }
+    return FakeRun("succeeded", columns).per_epoch("val_acc", per_epoch, curve).per_epoch("val_loss", per_epoch, losses)
 
 
 @pytest.fixture
@@ -372,8 +341,8 @@ def live_server(settings: Settings) -> Iterator[str]:
 def chromium(profile: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
         pytest.fail(
-            f"headless Chromium is missing ({CHROMIUM}): run `make test`, which installs Debian's `chromium` "
-            "package (scripts/ensure-services.sh), or `apt-get install -y chromium`"
+            f"headless Chromium is missing ({CHROMIUM}): run `make deps`, which installs Debian's `chromium` "
+            "package (scripts/install-deps.sh), or `apt-get install -y chromium`"
         )
     cmd = [
         CHROMIUM if Path(CHROMIUM).exists() else str(shutil.which("chromium")),
@@ -395,6 +364,7 @@ def chromium(profile: Path, *args: str, timeout: float = 120) -> subprocess.Comp
     return proc
 
 
+@pytest.mark.system
 def test_report_renders_in_headless_chromium(
     client: TestClient, settings: Settings, live_server: str, tmp_path: Path
 ) -> None:

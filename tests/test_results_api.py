@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from scipy import stats
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 from statsmodels.stats.power import TTestPower
 from statsmodels.stats.weightstats import ttost_paired
 
 from app.config import Settings
 from app.db import session_factory
 from app.services import statistics as st
-from app.tables import MetricPoint, Run, utcnow
-from tests.factories import job_spec
+from app.tables import MetricPoint, Run
+from tests.factories import FakeRun, finish_job, job_spec
 from tests.test_statistics import holm_by_hand
 
 EPOCHS = 3
@@ -35,7 +34,8 @@ FINAL: dict[tuple[str, int], list[float | None]] = {
     ("bn", 32): [None, None, 0.98],
     ("gn(4)", 32): [0.97, 0.98, 0.975],
 }
-STEP_POINTS = 1000  # train_loss_step points of the (gn(4), 2, seed 0) run
+STEP_POINTS = 1000  # train_loss_step points of the STEP_RUN
+STEP_RUN = ("gn(4)", 2, 0)
 
 
 def epoch_curve(final: float) -> list[float]:
@@ -45,64 +45,42 @@ def epoch_curve(final: float) -> list[float]:
 
 def finish_runs(settings: Settings, job_id: str, leave_running: int = 0) -> dict[tuple[str, int, int], str]:
     """Write what training would have written; returns run ids by (variant, batch size, seed)."""
-    ids: dict[tuple[str, int, int], str] = {}
-    with session_factory(settings.resolved_database_url)() as s:
-        runs = list(s.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.batch_size, Run.variant, Run.seed)))
-        for i, run in enumerate(runs):
-            ids[(run.variant, run.batch_size, run.seed)] = run.id
-            final = FINAL[(run.variant, run.batch_size)][run.seed]
-            steps = EPOCHS * (1600 // run.batch_size)
-            per_epoch = steps // EPOCHS
-            if i < leave_running:
-                s.execute(update(Run).where(Run.id == run.id).values(status="running", steps_done=per_epoch))
-                add_points(s, run.id, per_epoch, "val_acc", [0.5])
-                continue
-            if final is None:
-                s.execute(
-                    update(Run)
-                    .where(Run.id == run.id)
-                    .values(
-                        status="diverged",
-                        error="training loss became non-finite at step 900 (epoch 2)",
-                        steps_done=per_epoch + 5,
-                        finished_at=utcnow(),
-                    )
-                )
-                add_points(s, run.id, per_epoch, "val_acc", [0.3])
-                add_points(s, run.id, per_epoch, "val_loss", [2.0, float("inf")])
-                continue
-            s.execute(
-                update(Run)
-                .where(Run.id == run.id)
-                .values(
-                    status="succeeded",
-                    steps_done=steps,
-                    samples_seen=steps * run.batch_size,
-                    epochs_done=EPOCHS,
-                    finished_at=utcnow(),
-                    final_metrics={"val_acc": final, "val_loss": 1 - final, "train_loss": 0.1, "images_per_s": 100.0},
-                )
-            )
-            add_points(s, run.id, per_epoch, "val_acc", epoch_curve(final))
-            add_points(s, run.id, per_epoch, "val_loss", [1.2 - final, 0.9 - final, 1 - final])
-        s.commit()
-    gn_run = ids[("gn(4)", 2, 0)]
-    with session_factory(settings.resolved_database_url)() as s:
-        losses = [2.0 - i / STEP_POINTS for i in range(STEP_POINTS)]
-        losses[400] = 9.0  # a spike a downsampler must keep
-        losses[700] = -1.0
-        s.add_all(
-            MetricPoint(run_id=gn_run, step=i + 1, epoch=(i + 1) / 10, name="train_loss_step", value=v)
-            for i, v in enumerate(losses)
+
+    def fake(run: Run, position: int) -> FakeRun:
+        made = outcome(run, running=position < leave_running)
+        if (run.variant, run.batch_size, run.seed) == STEP_RUN:
+            losses = [2.0 - i / STEP_POINTS for i in range(STEP_POINTS)]
+            losses[400] = 9.0  # a spike a downsampler must keep
+            losses[700] = -1.0
+            made.points += [("train_loss_step", i + 1, (i + 1) / 10, v) for i, v in enumerate(losses)]
+        return made
+
+    return finish_job(settings, job_id, fake)
+
+
+def outcome(run: Run, running: bool) -> FakeRun:
+    final = FINAL[(run.variant, run.batch_size)][run.seed]
+    steps = EPOCHS * (1600 // run.batch_size)
+    per_epoch = steps // EPOCHS
+    if running:
+        return FakeRun("running", {"steps_done": per_epoch}).per_epoch("val_acc", per_epoch, [0.5])
+    if final is None:
+        error = "training loss became non-finite at step 900 (epoch 2)"
+        return (
+            FakeRun("diverged", {"error": error, "steps_done": per_epoch + 5})
+            .per_epoch("val_acc", per_epoch, [0.3])
+            .per_epoch("val_loss", per_epoch, [2.0, float("inf")])
         )
-        s.commit()
-    return ids
-
-
-def add_points(s: Session, run_id: str, per_epoch: int, name: str, values: list[float]) -> None:
-    s.add_all(
-        MetricPoint(run_id=run_id, step=per_epoch * (e + 1), epoch=float(e + 1), name=name, value=v)
-        for e, v in enumerate(values)
+    columns = {
+        "steps_done": steps,
+        "samples_seen": steps * run.batch_size,
+        "epochs_done": EPOCHS,
+        "final_metrics": {"val_acc": final, "val_loss": 1 - final, "train_loss": 0.1, "images_per_s": 100.0},
+    }
+    return (
+        FakeRun("succeeded", columns)
+        .per_epoch("val_acc", per_epoch, epoch_curve(final))
+        .per_epoch("val_loss", per_epoch, [1.2 - final, 0.9 - final, 1 - final])
     )
 
 
