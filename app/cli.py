@@ -4,7 +4,7 @@
     normbench submit my_data.npz --variants bn,gn:8/16/32 --batch-sizes 2,4,8 --seeds 3 --epochs 10
     normbench status JOB · normbench results JOB --format table|json|csv · normbench report JOB [--open]
     normbench datasets ls | upload FILE [--name N] [--label-column C] | rm ID
-    normbench jobs ls · normbench cancel JOB · normbench retry JOB
+    normbench jobs ls · normbench cancel JOB · normbench retry JOB · normbench extend JOB --seeds N
 
 It talks to the server over HTTP only (it imports nothing of the service): the base URL comes from
 `--url` or NORMBENCH_URL (default http://127.0.0.1:8000), an API key from `--api-key` or
@@ -486,6 +486,24 @@ def cmd_retry(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+def extend_body(text: str) -> dict[str, Any]:
+    """`2` → two more seeds (the smallest the job lacks); `5,6` → those seeds."""
+    if "," in text:
+        return {"seeds": int_list_arg(text)}
+    try:
+        return {"add_seeds": int(text)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number of seeds nor a list like 3,4") from None
+
+
+def cmd_extend(api: Api, args: argparse.Namespace) -> int:
+    job = api.json("POST", f"/v1/jobs/{args.job}/extend", json=args.seeds)
+    seeds = ", ".join(map(str, job["spec"]["seeds"]))
+    err(f"job {job['id']} now has seeds {seeds}; the new runs are queued (`normbench status {job['id']}` to follow)")
+    print(progress_line(job))
+    return 0
+
+
 # ------------------------------------------------------------------------------------ the parser
 
 
@@ -580,7 +598,7 @@ def _add_job_reports(sub: Subparsers[argparse.ArgumentParser], common: argparse.
 
 
 def _add_job_actions(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    """jobs ls, cancel and retry."""
+    """jobs ls, cancel, retry and extend."""
     jobs = sub.add_parser("jobs", parents=[common], help="list your jobs")
     jsub = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
     jls = jsub.add_parser("ls", parents=[common], help="your jobs, newest first")
@@ -594,6 +612,17 @@ def _add_job_actions(sub: Subparsers[argparse.ArgumentParser], common: argparse.
     retry = sub.add_parser("retry", parents=[common], help="queue a finished job's failed and cancelled runs again")
     retry.add_argument("job", metavar="JOB")
     retry.set_defaults(func=cmd_retry)
+
+    extend = sub.add_parser("extend", parents=[common], help="add seeds to a job (same budget and contract)")
+    extend.add_argument("job", metavar="JOB")
+    extend.add_argument(
+        "--seeds",
+        type=extend_body,
+        required=True,
+        metavar="N|S1,S2",
+        help="how many seeds to add (the smallest the job lacks), or a comma-separated list of new seeds",
+    )
+    extend.set_defaults(func=cmd_extend)
 
 
 def _add_datasets(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:

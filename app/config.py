@@ -73,11 +73,12 @@ class Settings(BaseSettings):
     )
     checkpoint_every_epochs: int = Field(1, ge=1, description="Checkpoint a run every this many epochs.")
     pack_size: int = Field(
-        0,
-        ge=0,
+        4,
+        ge=1,
         le=256,
-        description="Runs a worker trains together in one process (same job and batch size; each keeps its own "
-        "lease, metrics, checkpoints and outcome). 0 = automatic: 32 on a CUDA device, 4 on CPU.",
+        description="The API's default `pack_size` for a job whose spec leaves it unset, recorded in the job's spec "
+        "at submit: runs of one batch size and variant that a worker trains together, stacked, in one process "
+        "(each keeps its own lease, metrics, checkpoints and outcome). 32 suits GPU workers, 4 CPU ones.",
     )
     fault_abort_job_name: str | None = Field(
         None, description="Fault-injection hook for tests: the worker process dies abruptly while training this job."

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -90,6 +90,16 @@ def install_error_handlers(app: FastAPI) -> None:
             "remove control characters and shorten it"
         )
         return JSONResponse(_body("invalid_request", detail), status_code=422)
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(_: Request, exc: IntegrityError) -> JSONResponse:
+        # The safety net for a race the services do not name themselves (they lock, or turn it into a 409 with
+        # their own words): a concurrent request deleted what this one refers to, or still uses what it deletes.
+        detail = (
+            "the request conflicts with a change made at the same time (something it refers to was deleted, or "
+            "something it deletes is in use); nothing was changed: reload and try again"
+        )
+        return JSONResponse(_body("conflict", detail), status_code=409)
 
     @app.exception_handler(OperationalError)
     async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:

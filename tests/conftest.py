@@ -89,8 +89,6 @@ def worker(pg_url: str, storage_dir: Path, redis_client: redis.Redis, tmp_path_f
         NORMBENCH_BROKER_KEY_PREFIX=KEY_PREFIX,
         NORMBENCH_STORAGE_URL=storage_dir.as_uri(),
         NORMBENCH_HOME=str(log_dir / "home"),
-        # One run per task, so tests can reason about which run starts when; packing has its own tests.
-        NORMBENCH_PACK_SIZE="1",
     )
     proc = WorkerProcess(env, log_dir / "worker.log")
     try:

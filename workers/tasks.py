@@ -1,5 +1,5 @@
-"""The Celery task: claim a run (and, with NORMBENCH_PACK_SIZE > 1, up to that many compatible queued runs
-of its job to train in one pack), train the claimed runs through the engine and settle each one."""
+"""The Celery task: claim a run with the rest of its pack (the runs that share its `pack_key`, planned at
+submit), train the claimed runs through the engine as one pack and settle each one."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings, get_settings
 from app.core.run_states import CANCELLED_BEFORE_START, RunStatus
 from app.db import session_scope
 from app.queue import TRAIN_RUN_TASK
-from app.repositories.runs import Claim, claim_pack_mates, claim_run, finish_run
+from app.repositories.runs import Claim, claim_pack, finish_run
 from app.schemas.jobs import JobSpec
 from app.storage import Storage, open_storage
 from app.tables import Dataset, Job, Run
@@ -68,37 +69,21 @@ def run_config(run: Run, spec: JobSpec, budget: dict[str, int]) -> RunConfig:
     )
 
 
-def pack_size(settings: Settings, device: torch.device) -> int:
-    """Runs trained together per task: NORMBENCH_PACK_SIZE, or 32 on a GPU and 4 on a CPU, where
-    packing K=4 seeds gives 1.7–2× the model-steps/s of one run at batch 2 (bench/RESULTS.md)."""
-    if settings.pack_size > 0:
-        return settings.pack_size
-    return 32 if device.type == "cuda" else 4
-
-
 @celery_app.task(name=TRAIN_RUN_TASK)
 def train_run(run_id: str) -> str:
     settings = get_settings()
     device = pick_device()
     with session_scope(settings.resolved_database_url) as s:
-        claim = claim_run(s, run_id, worker_name(), settings.lease_seconds, settings.max_attempts)
-    if claim is None:
+        claims = claim_pack(s, run_id, worker_name(), settings.lease_seconds, settings.max_attempts)
+    if not claims:
         log.info("run %s is not claimable (finished, cancelled or held by a live worker)", run_id)
         return SKIPPED
-    claims = [claim]
-    size = pack_size(settings, device)
-    if size > 1:
-        try:
-            with session_scope(settings.resolved_database_url) as s:
-                claims += claim_pack_mates(s, run_id, worker_name(), settings.lease_seconds, size - 1)
-        except Exception:  # train the run alone; queued mates stay queued for other tasks
-            log.exception("could not claim pack mates for run %s", run_id)
-        if len(claims) > 1:
-            log.info("run %s packed with %s", run_id, ", ".join(c.run_id for c in claims[1:]))
+    if len(claims) > 1:
+        log.info("run %s packed with %s", run_id, ", ".join(c.run_id for c in claims if c.run_id != run_id))
     heartbeat = Heartbeat(settings, claims)
     heartbeat.start()
     try:
-        return _train_claimed(settings, claims, heartbeat, device)
+        return _train_claimed(settings, claims, heartbeat, device, run_id)
     finally:
         heartbeat.done.set()
 
@@ -142,17 +127,37 @@ def _load_claimed(settings: Settings, claims: list[Claim], device: torch.device)
         job = _row(s, Job, runs[0].job_id)  # claimed runs are all of one job
         dataset = _row(s, Dataset, job.dataset_id)
         spec = JobSpec.model_validate(job.spec)
+        planned = _planned_sizes(s, job.id, {r.pack_key for r in runs if r.pack_key is not None})
         claimed = []
         for claim, run in zip(claims, runs, strict=True):
             cfg = run_config(run, spec, job.budget)
-            claimed.append(ClaimedRun(claim, cfg, {**environment(device), "precision": cfg.precision}))
+            env = {**environment(device), "precision": cfg.precision}
+            # The pack planned at submit; the engine adds the one that actually ran (`pack_runs`), which is
+            # smaller when a run was requeued alone (a lost lease, a retry): the report points those out.
+            env["pack_planned"] = planned.get(run.pack_key, 1) if run.pack_key else 1
+            claimed.append(ClaimedRun(claim, cfg, env))
         fault = settings.fault_abort_job_name
         abort = fault is not None and job.name == fault
         return claimed, JobInputs(dataset.storage_uri, dataset.sha256, job.cancel_requested, abort)
 
 
-def _train_claimed(settings: Settings, claims: list[Claim], heartbeat: Heartbeat, device: torch.device) -> str:
-    """Train the claimed runs (the task's own run first) as one pack and settle each; returns how the first ended."""
+def _planned_sizes(session: Session, job_id: str, pack_keys: set[str]) -> dict[str, int]:
+    """How many runs each of these packs of the job was planned with."""
+    if not pack_keys:
+        return {}
+    rows = session.execute(
+        select(Run.pack_key, func.count())
+        .where(Run.job_id == job_id, Run.pack_key.in_(pack_keys))
+        .group_by(Run.pack_key)
+    )
+    return {str(key): int(n) for key, n in rows}
+
+
+def _train_claimed(
+    settings: Settings, claims: list[Claim], heartbeat: Heartbeat, device: torch.device, run_id: str
+) -> str:
+    """Train the claimed runs as one pack, in the pack's planned order, and settle each; returns how the
+    task's own run (`run_id`) ended."""
     storage = open_storage(settings.resolved_storage_url)
     try:
         runs, inputs = _load_claimed(settings, claims, device)
@@ -164,12 +169,12 @@ def _train_claimed(settings: Settings, claims: list[Claim], heartbeat: Heartbeat
         budget = json.dumps(runs[0].cfg.budget, sort_keys=True)
         data = _cached_data(str(storage.fetch(inputs.dataset_uri)), inputs.dataset_sha256, budget, str(device))
     except Exception as e:  # nothing trained yet: settle every claimed run the same way
-        statuses = [settle(settings, c, environment(device), e) for c in claims]
-        return statuses[0]
+        statuses = {c.run_id: settle(settings, c, environment(device), e) for c in claims}
+        return statuses[run_id]
     live = _prepare(settings, storage, runs, heartbeat, device, inputs.abort)
     if live:
         _train_pack(settings, live, heartbeat, data, device)
-    return runs[0].status or RunStatus.FAILED
+    return next((r.status for r in runs if r.claim.run_id == run_id), None) or RunStatus.FAILED
 
 
 def _prepare(

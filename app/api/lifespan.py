@@ -1,8 +1,10 @@
-"""What the API does when it starts: refuse an unsafe bind, then make sure the database is migrated and
-holds the built-in datasets."""
+"""What the API does when it starts: refuse an unsafe bind (configured, or already bound, and once the server
+has bound its socket, the real one), then make sure the database is migrated and holds the built-in datasets."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -10,6 +12,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
+from app.api.bind_check import BindVerdict, check_sockets_at_start, watch_new_sockets
 from app.config import Settings, check_bind_safety
 from app.db import session_scope
 from app.services.builtin import ensure_builtin_datasets
@@ -18,9 +21,10 @@ from app.storage import open_storage
 log = logging.getLogger(__name__)
 
 
-def start_up(settings: Settings) -> None:
+def start_up(settings: Settings) -> BindVerdict:
     try:
         check_bind_safety(settings)
+        verdict = check_sockets_at_start(settings)
     except RuntimeError as e:
         log.error("%s", e)
         raise
@@ -32,12 +36,20 @@ def start_up(settings: Settings) -> None:
             f"database at {settings.resolved_database_url!r} is not ready ({type(e).__name__}); "
             "run `alembic upgrade head` first"
         ) from e
+    return verdict
 
 
 def lifespan_for(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        start_up(settings)
-        yield
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        verdict = start_up(settings)
+        app.state.bind_verdict = verdict  # read by LoopbackOnlyWithoutKeys on every request
+        watcher = asyncio.create_task(watch_new_sockets(settings, verdict))
+        try:
+            yield
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     return lifespan

@@ -1,14 +1,16 @@
-"""Raw ASGI middlewares that guard every request before FastAPI sees it: the body-size cap and the
-loopback-only rule of keys-off mode."""
+"""Raw ASGI middlewares that guard every request before FastAPI sees it: the body-size cap, the
+loopback-only rule of keys-off mode, and its guards against browsers (Host allow-list, cross-site writes)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.bind_check import BindVerdict
 from app.config import Settings, is_loopback
 from app.core.units import human_bytes
 
@@ -115,27 +117,144 @@ class LoopbackOnlyWithoutKeys:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         server = scope.get("server")
-        if (
-            scope["type"] == "http"
-            and not self.settings.require_api_keys
-            and server
-            and _is_ip(str(server[0]))
-            and not is_loopback(str(server[0]))
-        ):
+        if scope["type"] == "http" and not self.settings.require_api_keys and server and _is_ip(str(server[0])):
+            if not is_loopback(str(server[0])):
+                await _send_error(
+                    send,
+                    403,
+                    "forbidden",
+                    "this server runs without API keys (NORMBENCH_REQUIRE_API_KEYS=false), so it answers only on "
+                    "loopback; set NORMBENCH_REQUIRE_API_KEYS=true to serve other addresses",
+                )
+                return
+            # Arrived on loopback, but the socket may be bound to all interfaces (0.0.0.0): judge what is bound.
+            unsafe = _bind_verdict(scope).judge(self.settings)
+            if unsafe:
+                await _send_error(send, 403, "forbidden", unsafe)
+                return
+        await self.app(scope, receive, send)
+
+
+def _bind_verdict(scope: Scope) -> BindVerdict:
+    """The app's verdict on its listening sockets (made at start-up; made here for an app run without one)."""
+    state = scope["app"].state
+    if getattr(state, "bind_verdict", None) is None:
+        state.bind_verdict = BindVerdict()
+    return state.bind_verdict  # type: ignore[no-any-return]
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+class BrowserGuard:
+    """Keys off, every request acts as the one owner, so a browser is the attack path: a page elsewhere can
+    make the user's browser send requests to 127.0.0.1. Two checks stop it.
+
+    - DNS rebinding: a page on `evil.example` whose name is re-pointed at 127.0.0.1 sends `Host: evil.example`.
+      Only the names in NORMBENCH_ALLOWED_HOSTS are answered (default with keys off: loopback names); others
+      get 400. With keys on the check applies only when NORMBENCH_ALLOWED_HOSTS is set. A server that reports
+      no IP address (the in-process test client, a Unix socket) is judged only against an explicit list.
+    - Cross-site writes (CSRF): a POST/PUT/PATCH/DELETE whose `Origin` is neither the API's own (the `Host`
+      it was sent to) nor in NORMBENCH_ALLOWED_ORIGINS, or that has no `Origin` but a `Sec-Fetch-Site` of
+      `cross-site`/`same-site`, gets 403. Clients that send neither (curl, the CLI, scripts) pass. With keys
+      on nothing is ambient (a browser never attaches the bearer key by itself), so this check is off.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        host = headers.get("host")
+        if host is not None and self._judges_host(scope) and not self._host_allowed(host):
             await _send_error(
                 send,
-                403,
-                "forbidden",
-                "this server runs without API keys (NORMBENCH_REQUIRE_API_KEYS=false), so it answers only on "
-                "loopback; set NORMBENCH_REQUIRE_API_KEYS=true to serve other addresses",
+                400,
+                "bad_host",
+                f"this server does not answer to the host name {host[:100]!r} (a guard against DNS rebinding); "
+                "use http://127.0.0.1:PORT or http://localhost:PORT, or add the name to NORMBENCH_ALLOWED_HOSTS",
             )
             return
+        if not self.settings.require_api_keys and scope["method"] not in SAFE_METHODS:
+            refusal = self._cross_site(headers)
+            if refusal:
+                await _send_error(send, 403, "cross_site_request", refusal)
+                return
         await self.app(scope, receive, send)
+
+    def _judges_host(self, scope: Scope) -> bool:
+        if self.settings.allowed_hosts is not None:
+            return True
+        server = scope.get("server")
+        return not self.settings.require_api_keys and server is not None and _is_ip(str(server[0]))
+
+    def _host_allowed(self, host: str) -> bool:
+        name = _host_name(host)
+        if self.settings.allowed_hosts is None:
+            return self.settings.require_api_keys or is_loopback(name)
+        for entry in map(_host_name, self.settings.allowed_hosts):
+            if entry in ("*", name) or (entry.startswith(".") and (name.endswith(entry) or name == entry[1:])):
+                return True
+        return False
+
+    def _cross_site(self, headers: dict[str, str]) -> str | None:
+        origin = headers.get("origin")
+        fix = (
+            "send it from the NormBench page itself, from a tool that sends no Origin (curl, the CLI), or add the "
+            "page's origin to NORMBENCH_ALLOWED_ORIGINS"
+        )
+        if origin is not None:
+            if self._origin_allowed(origin, headers.get("host")):
+                return None
+            return f"a request that changes data came from another site (Origin {origin[:100]!r}); {fix}"
+        site = headers.get("sec-fetch-site", "").lower()
+        if site in ("cross-site", "same-site"):
+            return f"a request that changes data came from another site (Sec-Fetch-Site: {site}); {fix}"
+        return None
+
+    def _origin_allowed(self, origin: str, host: str | None) -> bool:
+        normal = _origin_key(origin)
+        if normal is None:
+            return False  # `null` (sandboxed frames, file:// pages) or malformed
+        if any(_origin_key(o) == normal for o in self.settings.allowed_origins):
+            return True
+        if host is None:
+            return False
+        own = _origin_key(f"{normal[0]}://{host}")
+        return own is not None and own[1:] == normal[1:]  # the API's own host and port (scheme may differ behind TLS)
+
+
+def _host_name(host: str) -> str:
+    """`Host` header value → lower-case name without port or brackets: `[::1]:8000` → `::1`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def _origin_key(origin: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) with the scheme's default port filled in; None for `null` or a malformed origin."""
+    try:
+        parts = urlsplit(origin.strip().lower())
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname.rstrip("."), port or DEFAULT_PORTS.get(parts.scheme, 0)
 
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:
     """Add the guards; call after everything else is set up."""
     # Added last = outermost: the body cap applies before any other middleware or route sees the body.
+    app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(LoopbackOnlyWithoutKeys, settings=settings)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
 

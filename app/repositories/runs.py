@@ -1,6 +1,6 @@
 """The runs table's queries and every change of a run's status, one named function per transition.
 
-    claim           queued (or running with an expired lease) → running, attempt + 1
+    claim pack      queued (or running with an expired lease) → running, attempt + 1, a whole pack at once
     renew           running → running, lease extended
     record progress running → running, progress, points and checkpoint stored
     finish          running → succeeded | failed | diverged | cancelled
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm.util import AliasedClass
 
 from app.core.progress import Point, Progress
 from app.core.run_states import (
@@ -91,53 +92,37 @@ def _claim_values(worker: str, lease_seconds: float, now: datetime) -> dict[str,
     }
 
 
-def claim_run(session: Session, run_id: str, worker: str, lease_seconds: float, max_attempts: int) -> Claim | None:
-    """Take a queued run, or a running one whose lease expired; bump its attempt (the fencing token)."""
+def claim_pack(session: Session, run_id: str, worker: str, lease_seconds: float, max_attempts: int) -> list[Claim]:
+    """Take `run_id` and every other claimable run of its pack (its job's runs with its `pack_key`) in one
+    conditional update, or nothing when `run_id` itself is not claimable. Claimable: queued, or running
+    with an expired lease and attempts left (its worker was lost). Each run's attempt (its fencing token)
+    is bumped and it gets its own lease. One statement takes the whole pack, so two workers never split
+    one: a concurrent claimer waits on the row locks, then finds the runs running and takes none. A run
+    without a pack key (made before packs were planned) is claimed alone. The claims come in the pack's
+    planned order (seed, then variant), so a pack trains the same way whoever claimed it."""
     now = utcnow()
-    takeover = _expired(now) & (Run.attempt < max_attempts)
-    row = session.execute(
-        update(Run)
-        .where(Run.id == run_id, (Run.status == RunStatus.QUEUED) | takeover)
-        .values(**_claim_values(worker, lease_seconds, now))
-        .returning(Run.attempt, Run.checkpoint_uri)
-    ).first()
-    session.commit()
-    return None if row is None else Claim(run_id, int(row[0]), row[1])
-
-
-def claim_pack_mates(session: Session, run_id: str, worker: str, lease_seconds: float, limit: int) -> list[Claim]:
-    """Claim up to `limit` more queued runs that can train in one pack with `run_id` (already claimed):
-    the same job and batch size. Runs of `run_id`'s own variant come first (they stack into one vmap
-    group), then the job's other variants in spec order, seeds in order. Each claim bumps that run's
-    attempt and takes its own lease, exactly as `claim_run` does for a queued run; the conditional
-    update (and SKIP LOCKED on Postgres) means two workers never claim the same run."""
-    if limit <= 0:
-        return []
-    lead = session.execute(select(Run.job_id, Run.batch_size, Run.variant).where(Run.id == run_id)).first()
+    lead = session.execute(select(Run.job_id, Run.pack_key).where(Run.id == run_id)).first()
     if lead is None:
-        return []
-    job_id, batch_size, variant = lead
-    pick = (
-        select(Run.id)
-        .where(Run.job_id == job_id, Run.batch_size == batch_size, Run.status == RunStatus.QUEUED, Run.id != run_id)
-        .order_by((Run.variant == variant).desc(), Run.variant_index, Run.seed, Run.id)
-        .limit(limit)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        pick = pick.with_for_update(skip_locked=True)  # held until commit: a concurrent claimer skips them
-    ids = list(session.scalars(pick))
-    if not ids:
         session.commit()
         return []
+    job_id, pack_key = lead
+    same_pack = (Run.id == run_id) if pack_key is None else (Run.job_id == job_id) & (Run.pack_key == pack_key)
+    leader = aliased(Run)
+    lead_claimable = exists().where(leader.id == run_id, _claimable(leader, now, max_attempts))
     rows = session.execute(
         update(Run)
-        .where(Run.id.in_(ids), Run.status == RunStatus.QUEUED)
-        .values(**_claim_values(worker, lease_seconds, utcnow()))
-        .returning(Run.id, Run.attempt, Run.checkpoint_uri)
+        .where(same_pack, _claimable(Run, now, max_attempts), lead_claimable)
+        .values(**_claim_values(worker, lease_seconds, now))
+        .returning(Run.id, Run.attempt, Run.checkpoint_uri, Run.seed, Run.variant_index)
     ).all()
     session.commit()
-    claimed = {str(r[0]): Claim(str(r[0]), int(r[1]), r[2]) for r in rows}
-    return [claimed[i] for i in ids if i in claimed]
+    return [Claim(str(r[0]), int(r[1]), r[2]) for r in sorted(rows, key=lambda r: (r[3], r[4], r[0]))]
+
+
+def _claimable(run: type[Run] | AliasedClass[Run], now: datetime, max_attempts: int) -> ColumnElement[bool]:
+    """Queued, or running under a lease that expired with attempts left (its worker was lost)."""
+    expired = (run.status == RunStatus.RUNNING) & (run.lease_expires_at < now) & (run.attempt < max_attempts)
+    return (run.status == RunStatus.QUEUED) | expired
 
 
 # --- renew and record progress -----------------------------------------------------------------------

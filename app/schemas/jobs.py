@@ -157,6 +157,16 @@ class JobSpec(Strict):
         "two one-sided tests show the difference lies inside ±δ, `different` when the paired test shows a "
         "difference, `inconclusive` otherwise (with the seeds needed to detect δ).",
     )
+    pack_size: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Runs that train together, stacked, in one worker process: the runs of one batch size and "
+        "variant (`bn_precise` trains as `bn`), taken in seed order, this many at a time. Packing speeds up "
+        "small-batch training, and a run's last float digits depend on its pack, so the packs are fixed here, "
+        "at submit, and a job gives the same numbers however many workers run it. Unset: the server's "
+        "NORMBENCH_PACK_SIZE (4 unless configured), recorded in the stored spec. 1 trains every run alone.",
+    )
 
     @field_validator("batch_sizes")
     @classmethod
@@ -189,6 +199,23 @@ class JobSpec(Strict):
     def expanded_variants(self) -> list[VariantSpec]:
         """Variants with every `groups`/`group_size` sweep expanded, in spec order."""
         return [v for variant in self.variants for v in variant.expand()]
+
+
+class ExtendRequest(Strict):
+    """More seeds for a job: the same variants, batch sizes, budget and contract."""
+
+    seeds: list[int] | None = Field(
+        None, min_length=1, max_length=20, description="Seeds to add; each must be new to the job."
+    )
+    add_seeds: int | None = Field(
+        None, ge=1, le=20, description="How many seeds to add: the smallest non-negative seeds the job lacks."
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ExtendRequest:
+        if (self.seeds is None) == (self.add_seeds is None):
+            raise ValueError("give exactly one of `seeds` (a list of new seeds) and `add_seeds` (how many)")
+        return self
 
 
 class RunCounts(BaseModel):

@@ -6,9 +6,10 @@ import hashlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -74,7 +75,7 @@ def create_dataset(
         raise QuotaExceeded(
             f"your datasets already use {human_bytes(used)}, your quota is "
             f"{human_bytes(settings.max_dataset_bytes_per_owner)} (NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); "
-            "delete datasets you no longer need (DELETE /v1/datasets/{id})"
+            + quotas.what_to_delete(session, owner)
         )
     session.rollback()  # end the read transaction; the quota check below takes the lock in a fresh one
     dataset_id = new_id()
@@ -160,21 +161,41 @@ def list_datasets(session: Session, owner: str) -> list[Dataset]:
     return list(session.scalars(stmt))
 
 
-def get_dataset(session: Session, owner: str, dataset_id: str) -> Dataset:
-    row = session.scalars(select(Dataset).where(Dataset.id == dataset_id, visible_to(owner))).first()
+def _find(session: Session, owner: str, dataset_id: str, lock: Literal["share", "update"] | None = None) -> Dataset:
+    stmt = select(Dataset).where(Dataset.id == dataset_id, visible_to(owner))
+    if lock is not None:
+        stmt = stmt.with_for_update(read=lock == "share")  # held until commit (Postgres; SQLite serialises writers)
+    row = session.scalars(stmt).first()
     if row is None:
         raise NotFound(f"dataset '{dataset_id}' not found; GET /v1/datasets lists the ones you can use")
     return row
 
 
+def get_dataset(session: Session, owner: str, dataset_id: str, *, for_use: bool = False) -> Dataset:
+    """One dataset the owner can see, or 404. `for_use`: a job is about to refer to it, so hold a shared row
+    lock until commit: a concurrent delete waits for the job, then sees it and refuses; a job submitted
+    while a delete holds the row waits for it, then finds no dataset."""
+    return _find(session, owner, dataset_id, "share" if for_use else None)
+
+
 def delete_dataset(session: Session, storage: Storage, owner: str, dataset_id: str) -> None:
-    row = get_dataset(session, owner, dataset_id)
+    """Delete a dataset no job uses. The row is locked first, so a job submitted meanwhile either commits
+    before the check (and the delete is refused) or waits and then finds no dataset."""
+    row = _find(session, owner, dataset_id, "update")
     if row.builtin:
         raise Conflict(f"dataset '{dataset_id}' is built in and cannot be deleted")
-    in_use = session.scalar(select(Job.id).where(Job.dataset_id == dataset_id).limit(1))
-    if in_use is not None:
-        raise Conflict(f"dataset '{dataset_id}' is used by job '{in_use}'; delete its jobs first")
+    users = list(session.scalars(select(Job.id).where(Job.dataset_id == dataset_id).order_by(Job.created_at)))
+    if users:
+        shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+        raise Conflict(
+            f"dataset '{dataset_id}' is used by {len(users)} job(s) ({shown}); delete its jobs first "
+            "(DELETE /v1/jobs/{id}, or `normbench jobs rm JOB`), then the dataset"
+        )
     uri = row.storage_uri
     session.delete(row)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # a job that refers to it committed in between (SQLite, or an unlocked path)
+        session.rollback()
+        raise Conflict(f"dataset '{dataset_id}' was just used by a new job; delete its jobs first") from None
     storage.delete(uri)

@@ -3,11 +3,14 @@ of runs, jobs and datasets in the Prometheus text format."""
 
 from __future__ import annotations
 
+import hmac
+
 from sqlalchemy import Select, func, select, text
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.core.run_states import RunStatus
+from app.errors import NotFound, Unauthorized
 from app.queue import broker_reachable
 from app.tables import Dataset, Job, Run, utcnow
 
@@ -24,6 +27,21 @@ def readiness_checks(session: Session, settings: Settings) -> dict[str, str]:
         checks["database"] = f"unreachable: {type(e).__name__}"
     checks["broker"] = "ok" if broker_reachable(settings) else "unreachable"
     return checks
+
+
+def check_metrics_access(settings: Settings, bearer: str | None) -> None:
+    """The metrics count every owner's runs, jobs and datasets: public only where NORMBENCH_METRICS_PUBLIC says
+    so (default: keys off, which is loopback only); otherwise for the admin token alone, compared in constant time."""
+    if settings.resolved_metrics_public:
+        return
+    expected = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    if not expected:
+        raise NotFound(
+            "metrics are not public on this server (they count every owner's data): set NORMBENCH_ADMIN_TOKEN and "
+            "scrape with `Authorization: Bearer <token>`, or set NORMBENCH_METRICS_PUBLIC=true"
+        )
+    if not hmac.compare_digest((bearer or "").encode(), expected.encode()):
+        raise Unauthorized("GET /metrics needs `Authorization: Bearer <NORMBENCH_ADMIN_TOKEN>`")
 
 
 def _count(session: Session, stmt: Select[int]) -> int:

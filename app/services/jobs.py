@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -16,7 +18,7 @@ from app.core.run_states import TERMINAL, RunStatus
 from app.errors import Conflict, InvalidSpec, NotFound
 from app.queue import publish_train_run
 from app.repositories import runs as run_repo
-from app.schemas.jobs import JobSpec
+from app.schemas.jobs import ExtendRequest, JobSpec
 from app.services import quotas
 from app.services.datasets import get_dataset
 from app.tables import Dataset, Job, Run, utcnow
@@ -84,29 +86,60 @@ def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) 
     arch, budget = _validate(spec, dataset, settings)
     stored_spec = spec.model_dump(mode="json")
     stored_spec["model"]["arch"] = arch
+    stored_spec["pack_size"] = spec.pack_size or settings.pack_size  # fixed now: the packs are part of the job
     job = Job(owner=owner, dataset_id=dataset.id, name=spec.name, spec=stored_spec, budget=budget)
     session.add(job)
     session.flush()
-    runs = [
-        Run(
-            job_id=job.id,
-            owner=owner,
-            variant=catalogue.variant_label(v.norm, v.params()),
-            variant_index=vi,
-            norm=v.norm,
-            norm_params={k: val for k, val in v.params().items() if val is not None},
-            batch_size=b,
-            seed=s,
-            status=RunStatus.QUEUED,
-        )
-        for b in spec.batch_sizes
-        for s in spec.seeds
-        for vi, v in enumerate(spec.expanded_variants())
-    ]
+    runs = expand_runs(job, spec, spec.seeds, stored_spec["pack_size"])
     session.add_all(runs)
     session.commit()
     publish_committed(session, settings, [r.id for r in runs])
     return job
+
+
+def training_key(norm: str, params: dict[str, Any]) -> str:
+    """Variants with one training key train the same computation, so they share packs: `bn_precise` trains
+    exactly as `bn` (only its evaluation statistics differ). The torch-free twin of
+    `workers.packing.train_signature`, which groups a pack's runs into vmapped groups the same way."""
+    params = {k: v for k, v in params.items() if v is not None}
+    if norm == "bn_precise":
+        norm = "bn"
+        params.pop("precise_samples", None)
+    return catalogue.variant_label(norm, params)
+
+
+def expand_runs(job: Job, spec: JobSpec, seeds: list[int], pack_size: int) -> list[Run]:
+    """The runs of `seeds` (variants × batch sizes × seeds), each with its pack key: the runs of one batch
+    size and training key, in seed order (then variant order), `pack_size` at a time. A function of the
+    spec alone, so which runs share a pack never depends on which worker claims what when. Each pack's
+    key names its batch size, training key and first run; keys are unique within the job (seeds are)."""
+    variants = list(enumerate(spec.expanded_variants()))
+    runs: list[Run] = []
+    for b in spec.batch_sizes:
+        by_key: dict[str, list[Run]] = {}
+        for s in sorted(seeds):
+            for vi, v in variants:
+                params = {k: val for k, val in v.params().items() if val is not None}
+                run = Run(
+                    job_id=job.id,
+                    owner=job.owner,
+                    variant=catalogue.variant_label(v.norm, v.params()),
+                    variant_index=vi,
+                    norm=v.norm,
+                    norm_params=params,
+                    batch_size=b,
+                    seed=s,
+                    status=RunStatus.QUEUED,
+                )
+                by_key.setdefault(training_key(v.norm, params), []).append(run)
+        for key, members in by_key.items():
+            for start in range(0, len(members), pack_size):
+                pack = members[start : start + pack_size]
+                first = pack[0]
+                for run in pack:
+                    run.pack_key = f"b{b}/{key}/s{first.seed}v{first.variant_index}"
+                runs += pack
+    return runs
 
 
 def publish_committed(session: Session, settings: Settings, run_ids: list[str]) -> None:
@@ -225,3 +258,55 @@ def retry_job(session: Session, settings: Settings, owner: str, job_id: str) -> 
     session.commit()
     publish_committed(session, settings, run_ids)
     return job
+
+
+def extend_job(session: Session, settings: Settings, owner: str, job_id: str, request: ExtendRequest) -> Job:
+    """Add seeds to a job: one run per variant and batch size for each new seed, on the same budget and
+    contract, queued and published. The new runs pack among themselves (their own pack keys: a pack that
+    already trained is not reopened), and the stored spec lists the new seeds after the old ones.
+    404 for a job that is not the caller's (or was deleted), 409 for a cancelled one (its new runs would be
+    cancelled too: retry it first), 422 for seeds the job already has or a job that would outgrow its limits."""
+    job = get_job(session, owner, job_id)
+    session.execute(select(Job.id).where(Job.id == job.id).with_for_update())  # one extend at a time per job
+    session.refresh(job)
+    if job.cancel_requested:
+        raise Conflict(
+            f"job '{job.id}' was cancelled (or is being deleted), so runs added to it would be cancelled too: "
+            f"POST /v1/jobs/{job.id}/retry resumes it, then extend it"
+        )
+    spec = JobSpec.model_validate(job.spec)
+    new_seeds = _new_seeds(spec.seeds, request)
+    try:
+        extended = JobSpec.model_validate({**job.spec, "seeds": [*spec.seeds, *new_seeds]})
+    except ValidationError as e:
+        problems = (f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}" for err in e.errors())
+        raise InvalidSpec("; ".join(problems)) from None
+    dataset = get_dataset(session, owner, job.dataset_id)
+    _validate(extended, dataset, settings)  # the run and sample ceilings, for the job as extended
+    if not run_repo.count_active(session, job.id):
+        quotas.check_active_jobs(session, settings, owner)  # a finished job becomes active again
+    job.spec = {**job.spec, "seeds": extended.seeds}
+    runs = expand_runs(job, extended, new_seeds, spec.pack_size or settings.pack_size)
+    session.add_all(runs)
+    session.commit()
+    publish_committed(session, settings, [r.id for r in runs])
+    return job
+
+
+def _new_seeds(current: list[int], request: ExtendRequest) -> list[int]:
+    """The seeds an extend request adds: its own list, checked against the job's, or the smallest unused ones."""
+    if request.seeds is None:
+        taken, seed = set(current), 0
+        out: list[int] = []
+        while len(out) < (request.add_seeds or 0):
+            if seed not in taken:
+                out.append(seed)
+            seed += 1
+        return out
+    repeated = sorted({s for s in request.seeds if s in current or request.seeds.count(s) > 1})
+    if repeated:
+        raise InvalidSpec(
+            f"seeds {repeated} are already in the job (it has {sorted(current)}) or listed twice: give new seeds, "
+            "or `add_seeds` to pick unused ones"
+        )
+    return list(request.seeds)

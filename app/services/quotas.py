@@ -18,7 +18,7 @@ from app.config import Settings
 from app.core.run_states import ACTIVE
 from app.core.units import human_bytes
 from app.errors import QuotaExceeded
-from app.tables import Dataset, Run
+from app.tables import Dataset, Job, Run
 
 
 def lock_owner(session: Session, owner: str, what: str) -> None:
@@ -40,8 +40,29 @@ def check_dataset_bytes(session: Session, settings: Settings, owner: str, new_by
         raise QuotaExceeded(
             f"storing this dataset ({human_bytes(new_bytes)}) would bring your datasets to {human_bytes(used + new_bytes)}, "
             f"over your quota of {human_bytes(limit)} (NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); "
-            "delete datasets you no longer need (DELETE /v1/datasets/{id})"
+            + what_to_delete(session, owner)
         )
+
+
+def what_to_delete(session: Session, owner: str, shown: int = 3) -> str:
+    """The end of a dataset-quota 429: the owner's largest datasets, and how to free one that jobs still use."""
+    rows = session.execute(
+        select(Dataset.id, Dataset.name, Dataset.size_bytes, func.count(Job.id))
+        .outerjoin(Job, Job.dataset_id == Dataset.id)
+        .where(Dataset.owner == owner)
+        .group_by(Dataset.id, Dataset.name, Dataset.size_bytes)
+        .order_by(Dataset.size_bytes.desc(), Dataset.id)
+        .limit(shown)
+    ).all()
+    largest = ", ".join(
+        f"{name!r} ({dataset_id}, {human_bytes(size)}{f', used by {jobs} job(s)' if jobs else ''})"
+        for dataset_id, name, size, jobs in rows
+    )
+    return (
+        (f"your largest datasets: {largest}. " if largest else "")
+        + "Delete datasets you no longer need (DELETE /v1/datasets/{id}); one that jobs use can be deleted once "
+        "those jobs are (DELETE /v1/jobs/{id} also deletes their runs, metrics and checkpoints)"
+    )
 
 
 def active_jobs(session: Session, owner: str) -> int:
@@ -57,5 +78,6 @@ def check_active_jobs(session: Session, settings: Settings, owner: str) -> None:
     if n >= limit:
         raise QuotaExceeded(
             f"you have {n} jobs with queued or running runs; the limit is {limit} at a time "
-            "(NORMBENCH_MAX_ACTIVE_JOBS_PER_OWNER): wait for one to finish or cancel one (POST /v1/jobs/{id}/cancel)"
+            "(NORMBENCH_MAX_ACTIVE_JOBS_PER_OWNER): wait for one to finish, cancel one (POST /v1/jobs/{id}/cancel) "
+            "or delete one you no longer need (DELETE /v1/jobs/{id})"
         )

@@ -679,11 +679,17 @@ def _runs_table(results: Results) -> str:
     return "".join(out)
 
 
+# How a run was scheduled, not what it ran on: left out when environments are compared. Pack composition
+# is planned at submit; a run that trained in another pack than planned is listed on its own.
+PACKING_FIELDS = frozenset({"engine", "pack_runs", "pack_planned", "largest_group", "resumed_from_step"})
+
+
 def _environment(runs: list[Any]) -> str:
     envs: Counter[str] = Counter()
     for r in runs:
         if r.environment:
-            envs[json.dumps(r.environment, sort_keys=True, default=str)] += 1
+            machine = {k: v for k, v in r.environment.items() if k not in PACKING_FIELDS}
+            envs[json.dumps(machine, sort_keys=True, default=str)] += 1
     out = ['<section class="card" id="environment"><h2>Environment</h2>']
     if not envs:
         out.append('<p class="small">No run has reported its environment yet.</p></section>')
@@ -700,7 +706,42 @@ def _environment(runs: list[Any]) -> str:
     out.append("</tbody></table>")
     if len(rows) > 1:
         out.append('<p class="small warn">Runs trained in different environments: compare with care.</p>')
+    out.append(_packs(runs))
     out.append("</section>")
+    return "".join(out)
+
+
+def _packs(runs: list[Any]) -> str:
+    """How the runs were packed: the planned pack sizes, and every run that trained in a different pack."""
+    sizes = Counter(Counter(r.pack_key for r in runs if r.pack_key).values())
+    if not sizes:
+        return ""
+    planned = ", ".join(
+        f"{n} pack{'s' * (n != 1)} of {size} run{'s' * (size != 1)}" for size, n in sorted(sizes.items(), reverse=True)
+    )
+    out = [
+        f'<p class="small">Runs of one batch size and variant train together in packs planned at submit: {planned}. '
+        "A run's float rounding depends on its pack, so packs are fixed by the spec: the same job gives the same "
+        "numbers on the same machine and software, however many workers run it.</p>"
+    ]
+    moved = [
+        r
+        for r in runs
+        if r.environment
+        and "pack_planned" in r.environment  # recorded since packs are planned at submit
+        and r.environment.get("pack_runs") not in (None, r.environment["pack_planned"])
+    ]
+    if moved:
+        items = "".join(
+            f"<li>{e(r.variant)} at batch {r.batch_size}, seed {r.seed}: trained in a pack of "
+            f"{r.environment['pack_runs']}, planned {e(r.environment.get('pack_planned', '?'))}</li>"
+            for r in moved
+        )
+        out.append(
+            f'<p class="small warn">{len(moved)} run{"s" * (len(moved) != 1)} trained in a different pack than planned '
+            "(requeued alone after a lost worker, or retried): their numbers can differ from a rerun's by float "
+            f'rounding, which over a long training can grow to seed-to-seed size:</p><ul class="small">{items}</ul>'
+        )
     return "".join(out)
 
 

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import OwnerDep, SessionDep, SettingsDep
 from app.schemas.common import ERROR_RESPONSES
-from app.schemas.jobs import JobList, JobOut, JobProgress, JobSpec, RunCounts
+from app.schemas.jobs import ExtendRequest, JobList, JobOut, JobProgress, JobSpec, RunCounts
 from app.schemas.results import CurveAggregate, Curves, Results
 from app.schemas.runs import RunOut
 from app.services import jobs as service
@@ -88,6 +88,27 @@ def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
 )
 def retry_job(job_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep) -> JobOut:
     return job_out(session, service.retry_job(session, settings, owner, job_id))
+
+
+@router.post(
+    "/{job_id}/extend",
+    status_code=202,
+    response_model=JobOut,
+    responses=ERRORS,
+    summary="Add seeds to a job",
+    description="One more run per variant and batch size for each new seed, on the job's budget and contract; "
+    "the new runs are queued at once and train in packs of their own, and the job's spec lists the new seeds. "
+    'Body: `{"seeds": [3, 4]}` (new seeds) or `{"add_seeds": 2}` (the smallest unused ones). For an '
+    "`inconclusive` comparison the results suggest how many seeds would detect δ. 422 for a seed the job already "
+    "has or a job that would exceed the run or sample limits; 409 for a cancelled job (retry it first); "
+    "404 for another owner's job.",
+)
+def extend_job(
+    job_id: str, body: ExtendRequest, session: SessionDep, settings: SettingsDep, owner: OwnerDep, response: Response
+) -> JobOut:
+    job = service.extend_job(session, settings, owner, job_id, body)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_out(session, job)
 
 
 @router.get("/{job_id}/runs", response_model=list[RunOut], responses=ERRORS, summary="The runs of a job")
