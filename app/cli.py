@@ -4,7 +4,7 @@
     normbench submit my_data.npz --variants bn,gn:8/16/32 --batch-sizes 2,4,8 --seeds 3 --epochs 10
     normbench status JOB · normbench results JOB --format table|json|csv · normbench report JOB [--open]
     normbench datasets ls | upload FILE [--name N] [--label-column C] | rm ID
-    normbench jobs ls · normbench cancel JOB · normbench retry JOB · normbench extend JOB --seeds N
+    normbench jobs ls | rm JOB · normbench cancel JOB · normbench retry JOB · normbench extend JOB --seeds N
 
 It talks to the server over HTTP only (it imports nothing of the service): the base URL comes from
 `--url` or NORMBENCH_URL (default http://127.0.0.1:8000), an API key from `--api-key` or
@@ -451,7 +451,31 @@ def cmd_datasets(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+def remove_job(api: Api, job_id: str, timeout: float = 300.0) -> None:
+    """DELETE the job; while its running runs are still stopping (the server cancelled them and answered 409),
+    wait for them and delete again."""
+    deadline = time.monotonic() + timeout
+    retried = told = False
+    while True:
+        try:
+            api.request("DELETE", f"/v1/jobs/{job_id}")
+            return
+        except CliError:
+            running = api.json("GET", f"/v1/jobs/{job_id}")["progress"]["counts"].get("running", 0)
+            if (not running and retried) or time.monotonic() > deadline:
+                raise
+            if running and not told:
+                err(f"job {job_id}: cancelled; waiting for its {running} running run(s) to stop")
+                told = True
+            retried = True
+            time.sleep(1.0)
+
+
 def cmd_jobs(api: Api, args: argparse.Namespace) -> int:
+    if args.action == "rm":
+        remove_job(api, args.job)
+        err(f"deleted job {args.job} with its runs, metrics and checkpoints")
+        return 0
     items = api.json("GET", "/v1/jobs")["items"]
     if args.json:
         print(json.dumps(items, indent=2))
@@ -598,11 +622,15 @@ def _add_job_reports(sub: Subparsers[argparse.ArgumentParser], common: argparse.
 
 
 def _add_job_actions(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    """jobs ls, cancel, retry and extend."""
+    """jobs ls and rm, cancel, retry and extend."""
     jobs = sub.add_parser("jobs", parents=[common], help="list your jobs")
     jsub = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
     jls = jsub.add_parser("ls", parents=[common], help="your jobs, newest first")
     jls.add_argument("--json", action="store_true", help="as JSON")
+    jrm = jsub.add_parser(
+        "rm", parents=[common], help="delete a job with its runs, metrics and checkpoints (cancels it first)"
+    )
+    jrm.add_argument("job", metavar="JOB")
     jobs.set_defaults(func=cmd_jobs)
 
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a job's unfinished runs")

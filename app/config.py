@@ -11,9 +11,10 @@ import os
 import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TRAIN_QUEUE = "train"
 
@@ -45,7 +46,25 @@ class Settings(BaseSettings):
     bind_host: str | None = Field(
         None,
         description="Address the API listens on, for the loopback check when keys are off "
-        "(default: uvicorn's --host, else 127.0.0.1).",
+        "(default: uvicorn's --host, else 127.0.0.1). Checked at start-up together with the --host given and, "
+        "once the server is listening, with the addresses it actually bound.",
+    )
+    # NoDecode: a comma-separated list in the environment (`a.example,b.example`), not JSON.
+    allowed_hosts: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="Host names the API answers to (the `Host` header, port ignored; `*` any, `.example.org` the "
+        "domain and its subdomains), comma-separated; others get 400 (DNS-rebinding guard). Unset: loopback names "
+        "only (localhost, 127.0.0.1, [::1]) when keys are off, any host when keys are on.",
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Keys off: browser origins (`https://ui.example:8443`) besides the API's own that may send "
+        "POST/PUT/PATCH/DELETE, comma-separated; other cross-site requests get 403 (CSRF guard).",
+    )
+    metrics_public: bool | None = Field(
+        None,
+        description="Serve GET /metrics without a token. Unset: public when keys are off (loopback only), else "
+        "only with `Authorization: Bearer <NORMBENCH_ADMIN_TOKEN>`.",
     )
     max_request_bytes: int = Field(1 * 2**20, description="Largest request body other than a dataset upload.")
     max_decompressed_bytes: int = Field(
@@ -84,6 +103,17 @@ class Settings(BaseSettings):
         None, description="Fault-injection hook for tests: the worker process dies abruptly while training this job."
     )
 
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def resolved_metrics_public(self) -> bool:
+        return (not self.require_api_keys) if self.metrics_public is None else self.metrics_public
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'normbench.db').resolve()}"
@@ -116,32 +146,44 @@ class UnsafeBind(RuntimeError):
 
 def is_loopback(host: str) -> bool:
     host = host.strip().strip("[]")
-    if host.lower() == "localhost":
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False  # a hostname other than localhost, or "" (all interfaces)
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None  # ::ffff:127.0.0.1
+    return (mapped or ip).is_loopback
+
+
+def configured_bind_hosts(settings: Settings, argv: list[str] | None = None) -> list[str]:
+    """Every address this process was told to listen on: NORMBENCH_BIND_HOST, and uvicorn's `--host` (the last
+    one given, which is the one uvicorn uses), else UVICORN_HOST, else uvicorn's default 127.0.0.1."""
+    args = sys.argv if argv is None else argv
+    cli: str | None = None
+    for i, arg in enumerate(args):
+        if arg == "--host" and i + 1 < len(args):
+            cli = args[i + 1]
+        elif arg.startswith("--host="):
+            cli = arg.split("=", 1)[1]
+    hosts = [settings.bind_host] if settings.bind_host else []
+    if cli is not None or not hosts:
+        hosts.append(cli if cli is not None else os.environ.get("UVICORN_HOST", "127.0.0.1"))
+    return hosts
 
 
 def configured_bind_host(settings: Settings, argv: list[str] | None = None) -> str:
-    """Where this process listens: NORMBENCH_BIND_HOST, else uvicorn's `--host` (its default 127.0.0.1)."""
-    if settings.bind_host:
-        return settings.bind_host
-    args = sys.argv if argv is None else argv
-    for i, arg in enumerate(args):
-        if arg == "--host" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--host="):
-            return arg.split("=", 1)[1]
-    return os.environ.get("UVICORN_HOST", "127.0.0.1")
+    """The configured address to judge: the first non-loopback one of `configured_bind_hosts`, else the first."""
+    hosts = configured_bind_hosts(settings, argv)
+    return next((h for h in hosts if not is_loopback(h)), hosts[0])
 
 
 def check_bind_safety(settings: Settings, host: str | None = None) -> None:
     """Refuse to serve without API keys anywhere but loopback.
 
-    Called at API start-up (app.main) with `configured_bind_host`; a launcher that knows its bind
-    address (app.devserver) can call it with that address before starting anything.
+    Called at API start-up (app.api.lifespan) with `configured_bind_host`, and with every address the
+    process really listens on (app.api.bind_check); a launcher that knows its bind address
+    (app.devserver) can call it with that address before starting anything.
     """
     host = configured_bind_host(settings) if host is None else host
     if settings.require_api_keys or is_loopback(host):

@@ -80,7 +80,7 @@ def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) 
     # In the transaction that inserts the job: the per-owner lock holds until commit.
     quotas.check_active_jobs(session, settings, owner)
     try:
-        dataset = get_dataset(session, owner, spec.dataset_id)
+        dataset = get_dataset(session, owner, spec.dataset_id, for_use=True)  # locked: no delete can race the job
     except NotFound as e:
         raise InvalidSpec(f"dataset_id: {e.detail}") from None
     arch, budget = _validate(spec, dataset, settings)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from app.api.deps import OwnerDep, SessionDep, SettingsDep
+from app.api.deps import OwnerDep, SessionDep, SettingsDep, StorageDep
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import ExtendRequest, JobList, JobOut, JobProgress, JobSpec, RunCounts
 from app.schemas.results import CurveAggregate, Curves, Results
@@ -16,6 +16,7 @@ from app.schemas.runs import RunOut
 from app.services import jobs as service
 from app.services.curves import build_curve_aggregate, build_curves
 from app.services.export import CSV_MEDIA_TYPE, CSV_RESPONSE, content_disposition, stream_metrics_csv
+from app.services.job_deletion import delete_job as delete_job_and_runs
 from app.services.results import build_results, job_runs
 from app.tables import Job
 
@@ -70,6 +71,20 @@ def list_jobs(session: SessionDep, owner: OwnerDep) -> JobList:
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS, summary="Status and progress of a job")
 def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
     return job_out(session, service.get_job(session, owner, job_id))
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    responses=ERRORS,
+    summary="Delete a job with its runs, metric points and checkpoints",
+    description="Frees the job's dataset for deletion. Unfinished runs are cancelled first; while some are still "
+    "running (cancellation lands within seconds) the answer is 409 and the job is left cancelling: delete it again "
+    "once they have stopped. Another owner's job is a 404.",
+)
+def delete_job(job_id: str, session: SessionDep, storage: StorageDep, owner: OwnerDep) -> Response:
+    delete_job_and_runs(session, storage, owner, job_id)
+    return Response(status_code=204)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=ERRORS, summary="Cancel a job's unfinished runs")
