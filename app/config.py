@@ -99,6 +99,36 @@ class Settings(BaseSettings):
         "at submit: runs of one batch size and variant that a worker trains together, stacked, in one process "
         "(each keeps its own lease, metrics, checkpoints and outcome). 32 suits GPU workers, 4 CPU ones.",
     )
+    db_pool_size: int = Field(
+        12,
+        ge=2,
+        description="Database connections per process in the main pool (fixed size, no overflow). The API gives "
+        "FastAPI's thread pool exactly this many threads, so no request thread ever waits for a connection.",
+    )
+    poll_threads: int = Field(
+        4,
+        ge=1,
+        description="Threads, each with a connection of a separate small pool, reserved for status polls and "
+        "event-stream polls, so other traffic cannot starve them. (Both sizes are read from the environment "
+        "when a process first connects.)",
+    )
+    db_wait_seconds: float = Field(
+        5.0, gt=0, description="A status poll that waits this long for a database thread is answered 503 + Retry-After."
+    )
+    rate_limit_per_second: float = Field(
+        100.0,
+        ge=0,
+        description="Requests per second each API key (keys off: the one local owner) may make to /v1, "
+        "per API process, as a token bucket refilled at this rate; 0 turns the rate limit off. Over it: 429 "
+        "with Retry-After, answered before any database work.",
+    )
+    rate_limit_burst: int = Field(1000, ge=1, description="Token-bucket size: requests one key may make at once.")
+    rate_limit_in_flight: int = Field(
+        32,
+        ge=1,
+        description="Requests of one key being handled at once (until their response starts; an open event "
+        "stream does not count); more get 429 with Retry-After, so one key cannot queue ahead of everyone else.",
+    )
     fault_abort_job_name: str | None = Field(
         None, description="Fault-injection hook for tests: the worker process dies abruptly while training this job."
     )

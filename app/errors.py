@@ -6,7 +6,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.db import DatabaseBusy
+
+BUSY_RETRY_AFTER = "2"  # seconds; a pool or thread wait that timed out clears within a poll or two
 
 
 class DomainError(Exception):
@@ -105,6 +110,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
         detail = "the database is unreachable; retry in a few seconds (GET /readyz shows when it is back)"
         return JSONResponse(_body("unavailable", detail), status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(PoolTimeout)
+    @app.exception_handler(DatabaseBusy)
+    async def _busy(_: Request, exc: Exception) -> JSONResponse:
+        # Every pooled connection (or every database thread) stayed busy for the whole wait: the server is
+        # overloaded, not broken, so the answer is "try again shortly", never a 500.
+        detail = "the server is busy (all database connections are in use); retry after the Retry-After seconds"
+        return JSONResponse(_body("unavailable", detail), status_code=503, headers={"Retry-After": BUSY_RETRY_AFTER})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -17,7 +17,8 @@ from app.services import keys
 from app.storage import Storage, open_storage
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
+    # async: FastAPI would run a plain `def` dependency in a worker thread, a hop per request for an attribute.
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
@@ -55,6 +56,11 @@ def get_owner(settings: SettingsDep, session: SessionDep, credentials: BearerDep
     Keys off (the loopback-only embedded default): everyone is `settings.default_owner`.
     Keys on: the owner of a valid, unrevoked API key; anything else is a 401.
     """
+    return resolve_owner(settings, session, credentials)
+
+
+def resolve_owner(settings: Settings, session: Session, credentials: HTTPAuthorizationCredentials | None) -> str:
+    """`get_owner` for code that runs in its own database thread (the async hot paths)."""
     if not settings.require_api_keys:
         return settings.default_owner
     return keys.authenticate(session, credentials.credentials if credentials else None)

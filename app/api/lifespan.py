@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from app.api.bind_check import BindVerdict, check_sockets_at_start, watch_new_sockets
 from app.config import Settings, check_bind_safety
-from app.db import session_scope
+from app.db import session_scope, size_thread_pools
 from app.services.builtin import ensure_builtin_datasets
 from app.storage import open_storage
 
@@ -44,6 +44,8 @@ def lifespan_for(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContext
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         verdict = start_up(settings)
         app.state.bind_verdict = verdict  # read by LoopbackOnlyWithoutKeys on every request
+        # Threads sized to the DB pool, so a request never holds a thread while waiting for a connection.
+        size_thread_pools(settings.resolved_database_url, settings.db_wait_seconds)
         watcher = asyncio.create_task(watch_new_sockets(settings, verdict))
         try:
             yield

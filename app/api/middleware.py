@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.bind_check import BindVerdict
+from app.api.rate_limit import RateLimitMiddleware
 from app.config import Settings, is_loopback
 from app.core.units import human_bytes
 
@@ -254,6 +255,7 @@ def _origin_key(origin: str) -> tuple[str, str, int] | None:
 def install_middleware(app: FastAPI, settings: Settings) -> None:
     """Add the guards; call after everything else is set up."""
     # Added last = outermost: the body cap applies before any other middleware or route sees the body.
+    app.add_middleware(RateLimitMiddleware, settings=settings)  # innermost: refused requests spend no tokens
     app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(LoopbackOnlyWithoutKeys, settings=settings)
     app.add_middleware(BodyLimitMiddleware, settings=settings)

@@ -1,22 +1,26 @@
 """Live progress of a job as Server-Sent Events, derived by polling the database.
 
-Postgres is the only source: every `POLL_SECONDS` one short session reads the job's runs (and the
-per-epoch metric points of runs that moved) and the tracker emits what changed since its last look:
+Postgres is the only source. One poller per job and process, shared by all of the job's open streams,
+reads the job's runs (and the per-epoch metric points of runs that moved) every `POLL_SECONDS` in one short
+read session, and its tracker turns what changed since the last look into events:
 
     run_started   a run was claimed by a worker (again, with a higher `attempt`, after a retry)
     epoch_done    a run recorded an epoch's val_acc / val_loss / train_loss
     run_finished  a run reached a terminal state
     job_finished  every run is terminal; the stream then ends
 
-A fresh stream starts from the job's history (for each run in order: run_started, its epochs,
-run_finished), so a client that connects late, or reconnects, sees the whole picture; event ids
-count the events of one connection. The tracker is plain synchronous code, so tests and the
-route share it; `event_stream` wraps it for the ASGI server.
+The poller keeps the events in the order found; a stream starts from the beginning of that log (the job's
+history: a poller's first poll gives, for each run in order, run_started, its epochs, run_finished), so a
+client that connects late, or reconnects, sees the whole picture; event ids count the events of one
+connection. Between polls no stream holds a thread or a database connection. The tracker is plain
+synchronous code, so tests and the route share it; `event_stream` wraps it for the ASGI server.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,17 +28,20 @@ from dataclasses import dataclass
 from functools import partial
 
 import anyio
+from anyio.lowlevel import RunVar
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.run_states import TERMINAL, RunStatus
-from app.db import session_factory
+from app.db import read_with_retry, run_in_db_thread
 from app.repositories.runs import ordered_runs
 from app.schemas.events import EpochDone, JobFinished, RunFinished, RunStarted
 from app.services.jobs import job_state
 from app.services.results import finite_or_none
 from app.tables import Job, MetricPoint, Run
+
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 15.0
@@ -177,17 +184,94 @@ class JobEventTracker:
 
 
 def poll_once(tracker: JobEventTracker, database_url: str) -> list[Event]:
-    """One poll in its own short session (run in a worker thread: the driver blocks)."""
-    session = session_factory(database_url)()
-    try:
-        return tracker.poll(session)
-    finally:
-        session.close()
+    """One poll in its own short read session (run in a poll thread: the driver blocks)."""
+    return read_with_retry(database_url, tracker.poll)
 
 
 def format_event(event_id: int, event: Event) -> str:
-    data = json.dumps(event.data.model_dump(mode="json"), separators=(",", ":"), allow_nan=False)
-    return f"id: {event_id}\nevent: {event.name}\ndata: {data}\n\n"
+    return _format(event_id, event.name, _data_json(event))
+
+
+def _data_json(event: Event) -> str:
+    return json.dumps(event.data.model_dump(mode="json"), separators=(",", ":"), allow_nan=False)
+
+
+def _format(event_id: int, name: str, data: str) -> str:
+    return f"id: {event_id}\nevent: {name}\ndata: {data}\n\n"
+
+
+class JobPoller:
+    """The one poller of a job in this process, shared by all of the job's open streams.
+
+    It keeps the job's events, in the order they were found, as an append-only log; each stream sends the
+    log from its start (the job's history) and then whatever is appended. Polls happen only while streams are
+    waiting, one at a time, at most one per poll interval, each in a poll thread with a connection of the
+    read pool for the length of the poll; between polls no stream holds a thread or a connection. The stream
+    that finds a poll due runs it; the others wait for its result.
+    """
+
+    def __init__(self, database_url: str, job_id: str) -> None:
+        self.database_url = database_url
+        self.tracker = JobEventTracker(job_id)
+        self.log: list[tuple[str, str]] = []  # (event name, data JSON)
+        self.started = 0  # polls begun
+        self.finished = 0  # polls ended (with or without success)
+        self.polling = False
+        self.last_start = -math.inf
+        self.subscribers = 0
+        self._changed = anyio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.tracker.done
+
+    async def wait_for_news(self, poll_every: float, max_wait: float) -> None:
+        """Return after the next poll ends (running it here when it is due and nobody else is) or `max_wait`."""
+        now = time.monotonic()
+        if not self.polling and not self.done and now - self.last_start >= poll_every:
+            await self._poll()
+            return
+        changed = self._changed
+        wait = max_wait if self.polling else min(max_wait, self.last_start + poll_every - now)
+        with anyio.move_on_after(max(0.0, wait)):
+            await changed.wait()
+
+    async def _poll(self) -> None:
+        self.polling = True
+        self.started += 1
+        self.last_start = time.monotonic()
+        try:
+            # Shielded: once begun, a poll's events reach the log even if the stream that runs it goes away.
+            with anyio.CancelScope(shield=True):
+                events = await run_in_db_thread(partial(poll_once, self.tracker, self.database_url))
+                self.log.extend((e.name, _data_json(e)) for e in events)
+        except Exception:
+            # The database is down or busy: every stream keeps its connection (heartbeats) and the next poll
+            # tries again; nothing the tracker had not sent is lost (it only marks what it returned).
+            log.warning("polling job %s for events failed", self.tracker.job_id, exc_info=True)
+        finally:
+            self.polling = False
+            self.finished += 1
+            self._changed.set()
+            self._changed = anyio.Event()
+
+
+# Per event loop: a poller's anyio.Event belongs to the loop it was made in.
+_pollers: RunVar[dict[tuple[str, str], JobPoller]] = RunVar("normbench_job_pollers")
+
+
+def _registry() -> dict[tuple[str, str], JobPoller]:
+    try:
+        return _pollers.get()
+    except LookupError:
+        registry: dict[tuple[str, str], JobPoller] = {}
+        _pollers.set(registry)
+        return registry
+
+
+def active_pollers() -> int:
+    """Pollers alive in this event loop (for tests)."""
+    return len(_registry())
 
 
 async def event_stream(
@@ -199,23 +283,40 @@ async def event_stream(
     poll_seconds: float | None = None,
     heartbeat_seconds: float | None = None,
 ) -> AsyncIterator[str]:
-    """The `text/event-stream` body: history, then changes every poll, until the job finishes,
-    the client goes away, or (with `follow=False`) after the first poll."""
+    """The `text/event-stream` body: history, then changes as the job's shared poller finds them, until the
+    job finishes, the client goes away, or (with `follow=False`) after a poll that began once it had joined."""
     poll_every = POLL_SECONDS if poll_seconds is None else poll_seconds
     heartbeat_every = HEARTBEAT_SECONDS if heartbeat_seconds is None else heartbeat_seconds
-    tracker = JobEventTracker(job_id)
-    next_id = 0
-    yield f"retry: {RETRY_MS}\n: events of job {job_id}\n\n"
-    last_write = time.monotonic()
-    while True:
-        events = await anyio.to_thread.run_sync(partial(poll_once, tracker, database_url))
-        for event in events:
-            next_id += 1
-            yield format_event(next_id, event)
-            last_write = time.monotonic()
-        if tracker.done or not follow or await is_disconnected():
-            return
-        if time.monotonic() - last_write >= heartbeat_every:
-            yield ": heartbeat\n\n"
-            last_write = time.monotonic()
-        await anyio.sleep(poll_every)
+    registry = _registry()
+    key = (database_url, job_id)
+    poller = registry.get(key)
+    if poller is None:
+        poller = registry[key] = JobPoller(database_url, job_id)
+    poller.subscribers += 1
+    # Only a poll that begins after this point can vouch for "nothing more has happened" (snapshot, end).
+    joined = poller.started
+    sent = 0
+    try:
+        yield f"retry: {RETRY_MS}\n: events of job {job_id}\n\n"
+        last_write = time.monotonic()
+        while True:
+            if sent < len(poller.log):
+                chunk = "".join(_format(i + 1, *poller.log[i]) for i in range(sent, len(poller.log)))
+                sent = len(poller.log)
+                yield chunk
+                last_write = time.monotonic()
+            # A finished job's log is complete; a snapshot needs a poll that began after it joined.
+            if poller.done or (not follow and poller.finished > joined):
+                if sent == len(poller.log):
+                    return
+                continue
+            if await is_disconnected():
+                return
+            if time.monotonic() - last_write >= heartbeat_every:
+                yield ": heartbeat\n\n"
+                last_write = time.monotonic()
+            await poller.wait_for_news(poll_every, max(0.01, heartbeat_every - (time.monotonic() - last_write)))
+    finally:
+        poller.subscribers -= 1
+        if poller.subscribers == 0 and registry.get(key) is poller:
+            del registry[key]

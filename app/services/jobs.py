@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, Row, Select, Text, bindparam, cast, func, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -181,7 +183,12 @@ class JobState:
 
 
 def job_state(session: Session, job: Job) -> JobState:
-    rows = session.execute(
+    return state_from_counts(session.execute(_run_counts(job.id)).all(), job.budget, job.cancel_requested)
+
+
+def _run_counts(job_id: str) -> Select[str, int, int, int, datetime | None, datetime | None]:
+    """Per (status, batch size): runs, steps done, first start, last finish (ix_runs_job_id_status)."""
+    return (
         select(
             Run.status,
             Run.batch_size,
@@ -190,16 +197,73 @@ def job_state(session: Session, job: Job) -> JobState:
             func.min(Run.started_at),
             func.max(Run.finished_at),
         )
-        .where(Run.job_id == job.id)
+        .where(Run.job_id == job_id)
         .group_by(Run.status, Run.batch_size)
-    ).all()
+    )
+
+
+@dataclass(frozen=True)
+class JobStatusRow:
+    """The job columns a status poll shows, as read by `read_job_status` (the spec still JSON text)."""
+
+    id: str
+    name: str | None
+    dataset_id: str
+    spec_json: str
+    budget: dict[str, Any]
+    created_at: datetime
+
+
+# Built once: constructing a statement of this size costs more CPU than running it.
+_STATUS_QUERY = (
+    select(
+        Job.id,
+        Job.name,
+        Job.dataset_id,
+        cast(Job.spec, Text),
+        cast(Job.budget, Text),
+        Job.cancel_requested,
+        Job.created_at,
+        Run.status,
+        Run.batch_size,
+        func.count(Run.id),
+        func.sum(Run.steps_done),
+        func.min(Run.started_at),
+        func.max(Run.finished_at),
+    )
+    .select_from(Job)
+    .outerjoin(Run, Run.job_id == Job.id)
+    .where(Job.id == bindparam("job_id"), Job.owner == bindparam("owner"))
+    .group_by(Job.id, Run.status, Run.batch_size)
+)
+
+
+def read_job_status(session: Session | Connection, owner: str, job_id: str) -> tuple[JobStatusRow, JobState]:
+    """The status poll's read, one statement: the job's columns beside its run counts per (status, batch size)
+    (the job by primary key, its runs by ix_runs_job_id_status). The spec and budget come back as text, so each
+    is parsed once rather than once per count row; nothing is loaded into an ORM session."""
+    rows = session.execute(_STATUS_QUERY, {"job_id": job_id, "owner": owner}).all()
+    if not rows:
+        raise NotFound(f"job '{job_id}' not found; GET /v1/jobs lists your jobs")
+    first = rows[0]
+    budget = json.loads(first[4])
+    job = JobStatusRow(
+        id=first[0], name=first[1], dataset_id=first[2], spec_json=first[3], budget=budget, created_at=first[6]
+    )
+    counts = [r[7:] for r in rows if r[7] is not None]  # a job without runs joins one all-NULL row
+    return job, state_from_counts(counts, budget, first[5])
+
+
+def state_from_counts(
+    rows: Sequence[Row[Any]] | Sequence[tuple[Any, ...]], budget: dict[str, Any], cancel_requested: bool
+) -> JobState:
     counts: dict[str, int] = {}
     done_steps = all_steps = 0
     started: list[datetime] = []
     finished: list[datetime] = []
     for status, batch_size, n, steps, first_start, last_finish in rows:
         counts[status] = counts.get(status, 0) + n
-        run_steps = total_steps(job.budget, batch_size)
+        run_steps = total_steps(budget, batch_size)
         all_steps += run_steps * n
         done_steps += run_steps * n if status in TERMINAL else min(int(steps or 0), run_steps * n)
         if first_start:
@@ -209,7 +273,7 @@ def job_state(session: Session, job: Job) -> JobState:
     total = sum(counts.values())
     finished_runs = sum(n for s, n in counts.items() if s in TERMINAL)
     return JobState(
-        status=_derive_status(counts, total, finished_runs, job.cancel_requested),
+        status=_derive_status(counts, total, finished_runs, cancel_requested),
         counts=counts,
         runs_total=total,
         runs_finished=finished_runs,
@@ -281,7 +345,7 @@ def extend_job(session: Session, settings: Settings, owner: str, job_id: str, re
     except ValidationError as e:
         problems = (f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}" for err in e.errors())
         raise InvalidSpec("; ".join(problems)) from None
-    dataset = get_dataset(session, owner, job.dataset_id)
+    dataset = get_dataset(session, owner, job.dataset_id, for_use=True)
     _validate(extended, dataset, settings)  # the run and sample ceilings, for the job as extended
     if not run_repo.count_active(session, job.id):
         quotas.check_active_jobs(session, settings, owner)  # a finished job becomes active again

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
-from app.api.deps import OwnerDep, SessionDep, SettingsDep
+from app.api.deps import BearerDep, SettingsDep, resolve_owner
+from app.db import read_with_retry, run_in_db_thread
 from app.schemas.common import ERROR_RESPONSES, ErrorBody
 from app.schemas.events import describe_events
 from app.services import events
@@ -18,15 +21,16 @@ router = APIRouter(prefix="/v1/jobs", tags=["events"])
 EVENT_STREAM_MEDIA_TYPE = "text/event-stream"
 
 DESCRIPTION = f"""Server-Sent Events (`text/event-stream`) with the progress of a job, read from the database every
-{events.POLL_SECONDS:g} s. Each event has an `id:` (1, 2, 3... within the connection), an `event:` name and a
+{events.POLL_SECONDS:g} s (once per job for all of its open streams). Each event has an `id:` (1, 2, 3... within the connection), an `event:` name and a
 one-line JSON `data:`. Accuracies are fractions 0..1; values that are not finite are `null`.
 
 {describe_events()}
 
 Order: a run's `run_started` comes before its `epoch_done` events (epochs ascending), which come before its
 `run_finished`; `job_finished` is the last event, after every `run_finished`, and the server then closes the
-stream. A job that already finished gets its whole history (per run in order: `run_started`, its epochs,
-`run_finished`), then `job_finished`, then the end of the stream.
+stream. A stream starts with the job's history so far (the events in the order the server found them; for a
+job that already finished and has no other open stream: per run in order `run_started`, its epochs,
+`run_finished`), then `job_finished` if the job has finished, then the end of the stream.
 
 Reconnecting: every stream starts from the job's history, so a client that reconnects (an `EventSource`
 does so by itself after `retry:` {events.RETRY_MS} ms) receives the history again rather than resuming after its
@@ -59,12 +63,11 @@ STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
     summary="Live progress of a job as Server-Sent Events",
     description=DESCRIPTION,
 )
-def job_events(
+async def job_events(
     job_id: str,
     request: Request,
-    session: SessionDep,
     settings: SettingsDep,
-    owner: OwnerDep,
+    credentials: BearerDep,
     follow: Annotated[
         bool,
         Query(
@@ -73,12 +76,14 @@ def job_events(
         ),
     ] = True,
 ) -> StreamingResponse:
-    job = service.get_job(session, owner, job_id)
-    # The stream polls with short sessions of its own; hand this one's connection back now rather
-    # than holding it for as long as the client listens.
-    session.close()
+    # async: the key and ownership check takes a poll thread for one short read; the stream itself then holds
+    # no thread and no connection (its job's shared poller reads for every stream of the job).
+    def check(session: Session) -> str:
+        return service.get_job(session, resolve_owner(settings, session, credentials), job_id).id
+
+    job = await run_in_db_thread(partial(read_with_retry, settings.resolved_database_url, check))
     return StreamingResponse(
-        events.event_stream(settings.resolved_database_url, job.id, request.is_disconnected, follow=follow),
+        events.event_stream(settings.resolved_database_url, job, request.is_disconnected, follow=follow),
         media_type=EVENT_STREAM_MEDIA_TYPE,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

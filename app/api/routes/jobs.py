@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.orm import Session
 
-from app.api.deps import OwnerDep, SessionDep, SettingsDep, StorageDep
+from app.api.deps import BearerDep, OwnerDep, SessionDep, SettingsDep, StorageDep, resolve_owner
+from app.config import Settings
+from app.db import read_with_retry, run_in_db_thread
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import ExtendRequest, JobList, JobOut, JobProgress, JobSpec, RunCounts
 from app.schemas.results import CurveAggregate, Curves, Results
@@ -18,6 +22,7 @@ from app.services.curves import build_curve_aggregate, build_curves
 from app.services.export import CSV_MEDIA_TYPE, CSV_RESPONSE, content_disposition, stream_metrics_csv
 from app.services.job_deletion import delete_job as delete_job_and_runs
 from app.services.results import build_results, job_runs
+from app.services.results_cache import cache as results_cache
 from app.tables import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -25,14 +30,17 @@ ERRORS = ERROR_RESPONSES
 
 
 def job_out(session: Session, job: Job) -> JobOut:
-    state = service.job_state(session, job)
+    return job_out_from(job, JobSpec.model_validate(job.spec), service.job_state(session, job))
+
+
+def job_out_from(job: Job | service.JobStatusRow, spec: JobSpec, state: service.JobState) -> JobOut:
     base = f"/v1/jobs/{job.id}"
     return JobOut(
         id=job.id,
         name=job.name,
         dataset_id=job.dataset_id,
         status=state.status,  # type: ignore[arg-type]
-        spec=JobSpec.model_validate(job.spec),
+        spec=spec,
         budget=job.budget,
         progress=JobProgress(
             runs_total=state.runs_total,
@@ -69,8 +77,19 @@ def list_jobs(session: SessionDep, owner: OwnerDep) -> JobList:
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS, summary="Status and progress of a job")
-def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
-    return job_out(session, service.get_job(session, owner, job_id))
+async def get_job(job_id: str, settings: SettingsDep, credentials: BearerDep) -> Response:
+    # Every client polls this. async + one hop to a reserved database thread (key look-up, job row, run counts
+    # in one short session), and the JSON is written once: no per-dependency thread hops, no second validation.
+    body = await run_in_db_thread(partial(_job_json, settings, credentials, job_id))
+    return Response(body, media_type="application/json")
+
+
+def _job_json(settings: Settings, credentials: HTTPAuthorizationCredentials | None, job_id: str) -> bytes:
+    def read(session: Session) -> tuple[service.JobStatusRow, service.JobState]:
+        return service.read_job_status(session, resolve_owner(settings, session, credentials), job_id)
+
+    job, state = read_with_retry(settings.resolved_database_url, read)
+    return job_out_from(job, JobSpec.model_validate_json(job.spec_json), state).model_dump_json().encode()
 
 
 @router.delete(
@@ -161,9 +180,16 @@ def get_results(
             "or the first variant when the job has no `bn`. An unknown label is a 422 listing the valid ones.",
         ),
     ] = None,
-) -> Results:
+) -> Response:
     job = service.get_job(session, owner, job_id)
-    return build_results(session, job, service.job_state(session, job).status, baseline=baseline)
+    state = service.job_state(session, job)
+    # A finished job's results cannot change: computed (and serialized) once, then served from memory.
+    body = results_cache.get_or_compute(
+        ("results", job.id, baseline),
+        state,
+        lambda: build_results(session, job, state.status, baseline=baseline).model_dump_json(by_alias=True).encode(),
+    )
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{job_id}/curves", response_model=Curves, responses=ERRORS, summary="One metric series per run")

@@ -11,6 +11,7 @@ from app.api.deps import OwnerDep, SessionDep
 from app.schemas.common import ERROR_RESPONSES
 from app.services import jobs as jobs_service
 from app.services import report as service
+from app.services.results_cache import cache as results_cache
 
 router = APIRouter(prefix="/v1/jobs", tags=["reports"])
 
@@ -82,8 +83,12 @@ def get_report(
     ] = 5,
 ) -> HTMLResponse:
     job = jobs_service.get_job(session, owner, job_id)
-    page = service.render_report(
-        session, job, service.PageOptions(baseline=baseline, interval=interval, band=band, refresh=refresh)
+    options = service.PageOptions(baseline=baseline, interval=interval, band=band, refresh=refresh)
+    # A finished job's page cannot change: rendered once (app.services.results_cache), then served from memory.
+    page = results_cache.get_or_compute(
+        ("report", job.id, baseline, interval, band, refresh),
+        jobs_service.job_state(session, job),
+        lambda: service.render_report(session, job, options).encode(),
     )
     return HTMLResponse(page, headers={**service.SECURITY_HEADERS, "Cache-Control": "no-store"})
 
