@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import select, update
 
+from app.cli import build_parser
 from app.config import Settings
 from app.db import session_scope
 from app.main import create_app
@@ -244,3 +245,11 @@ def test_one_worker_or_two_give_identical_runs_and_extend_adds_pairs(
         assert c["n_pairs"] == 4 and c["seeds"] == [0, 1, 2, 3]
     after = finals(client, second)
     assert {k: v for k, v in after.items() if k[2] != 3} == finals(client, first)  # the old runs are untouched
+
+
+def test_the_cli_extend_argument() -> None:
+    parse = build_parser().parse_args
+    assert parse(["extend", "JOB", "--seeds", "2"]).seeds == {"add_seeds": 2}
+    assert parse(["extend", "JOB", "--seeds", "5,6"]).seeds == {"seeds": [5, 6]}
+    with pytest.raises(SystemExit):
+        parse(["extend", "JOB", "--seeds", "two"])
