@@ -88,7 +88,25 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Claims of a run before infrastructure failures fail it.")
     reconcile_seconds: float = Field(10.0, gt=0, description="How often each worker runs the reconciler.")
     republish_after_seconds: float = Field(
-        600.0, gt=0, description="Republish a queued run whose task may be lost (broker restart) after this long."
+        600.0,
+        gt=0,
+        description="Republish a queued run whose task may be lost (broker restart) after this long; the wait doubles "
+        "with each republish of the run, up to `republish_max_backoff_seconds`. Only while the broker's queue holds "
+        "fewer tasks than there are queued runs (a task really was lost), where the broker can say.",
+    )
+    republish_max_backoff_seconds: float = Field(
+        3600.0, gt=0, description="Longest wait before a queued run's task is republished again."
+    )
+    republish_max_per_cycle: int = Field(
+        200, ge=1, description="Most tasks one reconciler round republishes (never-published runs included)."
+    )
+    worker_memory_bytes: int = Field(
+        8 * 2**30,
+        ge=2**28,
+        description="Memory one worker process may use (on CPU; GPU device memory is measured by the probe). The API "
+        "refuses a job whose estimated peak (network state, activations at the batch size, the dataset, times the "
+        "pack) is over it, and a CPU worker limits its own data segment to it (RLIMIT_DATA), so a run that still "
+        "runs out of memory fails alone, as class `resource`, and the worker takes the next run.",
     )
     checkpoint_every_epochs: int = Field(1, ge=1, description="Checkpoint a run every this many epochs.")
     pack_size: int = Field(

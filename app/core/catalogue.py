@@ -13,6 +13,9 @@ from dataclasses import dataclass
 DEFAULT_GN_GROUPS = 32
 # Most classes a dataset may define, so a classifier head (and every per-class table) stays bounded.
 MAX_CLASSES = 10_000
+# Most learned parameters a job's network may have (a ResNet-50 has 25 million), so one run's state stays bounded
+# whatever the input size; app.core.memory checks it with the rest of a job's memory.
+MAX_PARAMETERS = 100_000_000
 
 ParamValue = int | float
 NormParams = Mapping[str, ParamValue | None]

@@ -4,8 +4,9 @@
     renew           running → running, lease extended
     record progress running → running, progress, points and checkpoint stored
     finish          running → succeeded | failed | diverged | cancelled
-    release         running → queued (shutdown, out of memory: resumes from its checkpoint)
+    release         running → queued (shutdown: resumes from its checkpoint)
     requeue         running with an expired lease → queued, or failed / cancelled
+    publish         queued → queued, published_at and publish_count recorded (never-published, or due again)
     cancel queued   queued → cancelled
     retry           failed | cancelled → queued
 
@@ -15,12 +16,14 @@ superseded changes nothing: the attempt is the fencing token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, exists, func, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.util import AliasedClass
@@ -36,6 +39,15 @@ from app.core.run_states import (
     worker_lost,
 )
 from app.tables import Job, MetricPoint, Run, utcnow
+
+
+class FailureClass(StrEnum):
+    """Why a run ended failed (or diverged), in runs.failure_class: what a retry can and cannot change."""
+
+    INFRASTRUCTURE = "infrastructure"  # the worker was lost on every attempt: retried up to max_attempts first
+    DATA = "data"  # a data, model or code error: failed with its message, not retried
+    RESOURCE = "resource"  # out of memory: failed, and a retry must change the spec or confirm (force)
+    DIVERGENCE = "divergence"  # the loss became NaN/inf: a result, never retried
 
 
 class StaleAttempt(RuntimeError):
@@ -203,11 +215,21 @@ def finish_run(
     samples: int | None = None,
     wall_time_s: float | None = None,
     environment: dict[str, Any] | None = None,
+    failure_class: FailureClass | None = None,
 ) -> bool:
-    """Move the run to a terminal state if this attempt still holds it; False when it no longer does."""
+    """Move the run to a terminal state if this attempt still holds it; False when it no longer does. A failed
+    run's class defaults to `data`, a diverged run's is `divergence`."""
     if status not in TERMINAL:
         raise ValueError(f"finish_run needs a terminal status, not {status!r}")
-    values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "lease_expires_at": None, "error": error}
+    if failure_class is None:
+        failure_class = {RunStatus.FAILED: FailureClass.DATA, RunStatus.DIVERGED: FailureClass.DIVERGENCE}.get(status)
+    values: dict[str, Any] = {
+        "status": status,
+        "finished_at": utcnow(),
+        "lease_expires_at": None,
+        "error": error,
+        "failure_class": failure_class,
+    }
     for key, value in (
         ("final_metrics", final_metrics),
         ("steps_done", steps),
@@ -223,12 +245,12 @@ def finish_run(
 
 
 def release_run(session: Session, run_id: str, attempt: int, reason: str) -> bool:
-    """Hand the run back to the queue (graceful shutdown, out of memory); it resumes from its checkpoint.
+    """Hand the run back to the queue (graceful shutdown); it resumes from its checkpoint.
     Marked published: the caller publishes it at once."""
     row = session.execute(
         update(Run)
         .where(_owned(run_id, attempt))
-        .values(status=RunStatus.QUEUED, lease_expires_at=None, published_at=utcnow(), error=reason)
+        .values(status=RunStatus.QUEUED, lease_expires_at=None, error=reason, **_published(utcnow()))
         .returning(Run.id)
     ).first()
     session.commit()
@@ -259,21 +281,69 @@ def requeue_expired(session: Session, max_attempts: int, now: datetime) -> Reque
         status=RunStatus.FAILED,
         finished_at=now,
         error=worker_lost(max_attempts),
+        failure_class=FailureClass.INFRASTRUCTURE,
     )
-    requeued = move(_expired(now) & (Run.attempt < max_attempts), status=RunStatus.QUEUED, published_at=now)
+    requeued = move(_expired(now) & (Run.attempt < max_attempts), status=RunStatus.QUEUED, **_published(now))
     return Requeued(cancelled, failed, requeued)
 
 
-def take_unpublished(session: Session, stale_before: datetime, now: datetime) -> list[str]:
-    """Queued runs never published, or published before `stale_before` (the broker lost them): marked
-    published now, for the caller to publish after it commits."""
-    rows = session.execute(
-        update(Run)
-        .where(Run.status == RunStatus.QUEUED, (Run.published_at.is_(None)) | (Run.published_at < stale_before))
-        .values(published_at=now)
-        .returning(Run.id)
+def _published(now: datetime) -> dict[str, Any]:
+    """What sending a run's task writes: when, and one more publish (which spaces out its republishing)."""
+    return {"published_at": now, "publish_count": Run.publish_count + 1}
+
+
+def mark_published(session: Session, run_ids: list[str], now: datetime) -> None:
+    """Record tasks sent for these runs (the caller commits)."""
+    if run_ids:
+        session.execute(update(Run).where(Run.id.in_(run_ids)).values(**_published(now)))
+
+
+def count_queued_published(session: Session) -> int:
+    """Queued runs whose task was sent: how many tasks the broker's queue should hold for them."""
+    return int(
+        session.scalar(select(func.count()).where(Run.status == RunStatus.QUEUED, Run.published_at.is_not(None))) or 0
     )
-    return [str(r[0]) for r in rows]
+
+
+def republish_due(now: datetime, after_seconds: float, max_seconds: float) -> ColumnElement[bool]:
+    """Queued runs whose last task is older than their back-off: `after_seconds` after the first publish,
+    doubling with each republish, at most `max_seconds`. One term per doubling, so it is plain SQL anywhere."""
+    doublings = max(0, math.ceil(math.log2(max(max_seconds / after_seconds, 1.0))))
+    terms = []
+    for n in range(doublings + 1):
+        wait = min(after_seconds * 2**n, max_seconds)
+        if n == doublings:  # the cap: every later publish waits the longest
+            count: ColumnElement[bool] = Run.publish_count >= n + 1 if n else true()
+        elif n == 0:
+            count = Run.publish_count <= 1
+        else:
+            count = Run.publish_count == n + 1
+        terms.append(count & (Run.published_at < now - timedelta(seconds=wait)))
+    return (Run.status == RunStatus.QUEUED) & Run.published_at.is_not(None) & or_(*terms)
+
+
+def _take(session: Session, where: ColumnElement[bool], order: Any, limit: int, now: datetime) -> list[str]:
+    if limit <= 0:
+        return []
+    pick = select(Run.id).where(where).order_by(order, Run.id).limit(limit)
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)  # two reconcilers never take the same run
+    ids = list(session.scalars(pick))
+    mark_published(session, ids, now)
+    return ids
+
+
+def take_unpublished(session: Session, now: datetime, limit: int) -> list[str]:
+    """Up to `limit` queued runs whose task was never sent (the API died or the broker was down at submit),
+    oldest first: marked published now, for the caller to publish after it commits."""
+    where = (Run.status == RunStatus.QUEUED) & Run.published_at.is_(None)
+    return _take(session, where, Run.created_at, limit, now)
+
+
+def take_stale(session: Session, now: datetime, after_seconds: float, max_seconds: float, limit: int) -> list[str]:
+    """Up to `limit` queued runs due a republish (`republish_due`), the longest waiting first: marked
+    published now, for the caller to publish after it commits."""
+    return _take(session, republish_due(now, after_seconds, max_seconds), Run.published_at, limit, now)
 
 
 # --- the user's transitions --------------------------------------------------------------------------
@@ -301,13 +371,30 @@ def retryable_runs(session: Session, job_id: str) -> list[str]:
     return list(session.scalars(select(Run.id).where(Run.job_id == job_id, Run.status.in_(RETRYABLE))))
 
 
+def resource_failures(session: Session, job_id: str) -> list[tuple[str, str | None]]:
+    """The job's runs that failed out of memory (class `resource`): (run id, error)."""
+    rows = session.execute(
+        select(Run.id, Run.error).where(
+            Run.job_id == job_id, Run.status == RunStatus.FAILED, Run.failure_class == FailureClass.RESOURCE
+        )
+    )
+    return [(str(r[0]), r[1]) for r in rows]
+
+
 def retry_runs(session: Session, run_ids: list[str]) -> list[str]:
     """Queue failed or cancelled runs again, unpublished (the caller commits, then publishes); they keep
     their attempt count and checkpoint, so each resumes where it stopped."""
     rows = session.execute(
         update(Run)
         .where(Run.id.in_(run_ids), Run.status.in_(RETRYABLE))
-        .values(status=RunStatus.QUEUED, finished_at=None, error=None, lease_expires_at=None, published_at=None)
+        .values(
+            status=RunStatus.QUEUED,
+            finished_at=None,
+            error=None,
+            failure_class=None,
+            lease_expires_at=None,
+            published_at=None,
+        )
         .returning(Run.id)
     )
     return [str(r[0]) for r in rows]

@@ -10,11 +10,11 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, Row, Select, Text, bindparam, cast, func, select, update
+from sqlalchemy import Connection, Row, Select, Text, bindparam, cast, func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.core import catalogue
+from app.core import catalogue, memory
 from app.core.budget import holdout_size, resolve_budget, total_steps
 from app.core.run_states import TERMINAL, RunStatus
 from app.errors import Conflict, InvalidSpec, NotFound
@@ -75,7 +75,36 @@ def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str,
             f"the job would train on {budget['total_samples'] * n_runs} samples in all; the limit is "
             f"{settings.max_train_samples_per_job}: lower epochs, seeds or batch sizes"
         )
+    _check_memory(spec, dataset, settings, arch, val_size)
     return arch, budget
+
+
+def _check_memory(spec: JobSpec, dataset: Dataset, settings: Settings, arch: str, val_size: int) -> None:
+    """Refuse a job whose largest pack cannot fit in a worker's memory (or whose network is over the size bound),
+    saying which batch size (and, for the MLP, which width) would; see app.core.memory."""
+    variants = spec.expanded_variants()
+    keys = [training_key(v.norm, {k: x for k, x in v.params().items() if x is not None}) for v in variants]
+    per_key = max(keys.count(k) for k in keys) * len(spec.seeds)  # a pack is one batch size and training key
+    shape = memory.JobShape(
+        net=memory.network(
+            arch,
+            dataset.shape,
+            dataset.num_classes,
+            depth=spec.model.depth,
+            width=spec.model.width,
+            hidden=spec.model.hidden,
+        ),
+        norms=tuple(sorted({v.norm for v in variants})),
+        pack=min(spec.pack_size or settings.pack_size, per_key),
+        batch_size=max(spec.batch_sizes),
+        val_size=val_size,
+        dataset_bytes=memory.dataset_bytes(dataset.kind, dataset.shape, dataset.split_sizes),
+    )
+    mlp = memory.MlpBuilder(dataset.shape, dataset.num_classes) if arch == "mlp" else None
+    try:
+        memory.check_fits(shape, settings.worker_memory_bytes, mlp=mlp, hidden=spec.model.hidden)
+    except catalogue.CatalogueError as e:
+        raise InvalidSpec(f"model: {e}") from None
 
 
 def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) -> Job:
@@ -156,7 +185,7 @@ def publish_committed(session: Session, settings: Settings, run_ids: list[str]) 
             break
         published.append(run_id)
     if published:
-        session.execute(update(Run).where(Run.id.in_(published)).values(published_at=utcnow()))
+        run_repo.mark_published(session, published, utcnow())
         session.commit()
 
 
@@ -306,9 +335,10 @@ def cancel_job(session: Session, owner: str, job_id: str) -> Job:
     return job
 
 
-def retry_job(session: Session, settings: Settings, owner: str, job_id: str) -> Job:
+def retry_job(session: Session, settings: Settings, owner: str, job_id: str, *, force: bool = False) -> Job:
     """Queue a finished job's failed and cancelled runs again; they resume from their last checkpoint.
-    Succeeded and diverged runs are results and stay (a diverged run would diverge again: same seed)."""
+    Succeeded and diverged runs are results and stay (a diverged run would diverge again: same seed).
+    Runs that failed out of memory would fail again unchanged: only with `force` (the caller confirms)."""
     job = get_job(session, owner, job_id)
     busy = run_repo.count_active(session, job.id)
     if busy:
@@ -316,6 +346,15 @@ def retry_job(session: Session, settings: Settings, owner: str, job_id: str) -> 
     run_ids = run_repo.retryable_runs(session, job.id)
     if not run_ids:
         raise Conflict(f"job '{job.id}' has no failed or cancelled runs to retry")
+    out_of_memory = run_repo.resource_failures(session, job.id)
+    if out_of_memory and not force:
+        run_id, error = out_of_memory[0]
+        raise Conflict(
+            f"{len(out_of_memory)} of job '{job.id}'s runs failed out of memory (failure class resource; run "
+            f"{run_id}: {error}); retried unchanged they would fail again. Submit the job again with a smaller "
+            f"batch size, model or pack_size, or POST /v1/jobs/{job.id}/retry?force=true to retry anyway "
+            "(e.g. once workers have more memory)"
+        )
     quotas.check_active_jobs(session, settings, owner)
     job.cancel_requested = False
     run_repo.retry_runs(session, run_ids)

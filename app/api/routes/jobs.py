@@ -118,10 +118,20 @@ def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> JobOut:
     responses=ERRORS,
     summary="Queue a finished job's failed and cancelled runs again",
     description="Failed and cancelled runs go back to the queue and resume from their last checkpoint; "
-    "succeeded and diverged runs are kept. 409 while runs are still queued or running, or if there is nothing to retry.",
+    "succeeded and diverged runs are kept. 409 while runs are still queued or running, if there is nothing to retry, "
+    "or if runs failed out of memory (failure class `resource`: unchanged, they would fail again) unless "
+    "`force=true` confirms.",
 )
-def retry_job(job_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep) -> JobOut:
-    return job_out(session, service.retry_job(session, settings, owner, job_id))
+def retry_job(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    force: Annotated[
+        bool, Query(description="Retry runs that failed out of memory too (they failed on a worker's memory).")
+    ] = False,
+) -> JobOut:
+    return job_out(session, service.retry_job(session, settings, owner, job_id, force=force))
 
 
 @router.post(
