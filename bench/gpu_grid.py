@@ -20,7 +20,8 @@ Parts, side by side in one process on one device, then a table (printed last):
           CUDA), in the order the worker claims them, one after another.
   grid_mixed       the experiment of letting a pack hold several batch sizes (the engine can; the worker
           does not, since it measured no faster).
-  sequential       the sequential single-run engine (`Trainer`, eager: what a worker did before packing)
+  sequential       runs one after another in the plain eager loop (tests/oracle.py's `Trainer`: what a worker
+          did before packing)
           over the grid, extrapolated from a timed slice of every cell unless --naive-full runs it all
           (about an hour on an H100).
 
@@ -48,19 +49,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.core.budget import resolve_budget  # noqa: E402
+from tests.oracle import Trainer, evaluate  # noqa: E402
+from workers.checkpoint import Checkpoint  # noqa: E402
 from workers.data import DeviceData, epoch_order  # noqa: E402
-from workers.engine import (  # noqa: E402
-    Outcome,
-    Point,
-    Progress,
-    RunConfig,
-    Trainer,
-    build_run_model,
-    evaluate,
-    scaled_lr,
-)
+from workers.engine import Outcome, PackTrainer, Point, Progress, RunConfig  # noqa: E402
 from workers.graphs import snapshot  # noqa: E402
-from workers.packing import PackTrainer  # noqa: E402
+from workers.run_config import build_run_model  # noqa: E402
+from workers.schedule import scaled_lr  # noqa: E402
 
 OPT = {
     "lr": 0.1,
@@ -81,7 +76,7 @@ def sync(device: torch.device) -> None:
 
 
 class Null:
-    def report(self, points: list[Point], progress: Progress, checkpoint: dict[str, Any] | None = None) -> None:
+    def report(self, points: list[Point], progress: Progress, checkpoint: Checkpoint | None = None) -> None:
         pass
 
     def stop_reason(self) -> str | None:
@@ -95,7 +90,7 @@ class Timer:
         self.device, self.warmup, self.n, self.clock = device, warmup, n, clock
         self.calls, self.t0, self.t1 = 0, 0.0, 0.0
 
-    def report(self, points: list[Point], progress: Progress, checkpoint: dict[str, Any] | None = None) -> None:
+    def report(self, points: list[Point], progress: Progress, checkpoint: Checkpoint | None = None) -> None:
         pass
 
     def stop_reason(self) -> str | None:
@@ -258,7 +253,7 @@ def check(args: argparse.Namespace, data: DeviceData, device: torch.device) -> d
     out["graph_vs_eager_max_abs_diff"] = max(diffs)
     print(f"  graph vs eager after {args.check_steps} steps: max |Δ| = {max(diffs):.3g}", out, flush=True)
 
-    # Packed vs single: the same 3 runs trained to the end, packed (graphs) and one by one (Trainer, eager).
+    # Packed vs single: the same runs trained to the end, packed (graphs) and one by one (the eager oracle).
     small = DeviceData(
         data.kind,
         data.x_train[: args.check_samples],
@@ -351,7 +346,7 @@ def grid_engine(args: argparse.Namespace, data: DeviceData, device: torch.device
 
 
 def grid_naive(args: argparse.Namespace, data: DeviceData, device: torch.device) -> dict[str, Any]:
-    """The sequential single-run engine over the grid: run fully (--naive-full) or timed on a slice of
+    """The grid's runs one after another in the eager loop: run fully (--naive-full) or timed on a slice of
     every cell (steps, evaluation, train-mode evaluation, precise BN) and extrapolated to the full run."""
     budget = budget_for(data, args.grid_batches)
     total, cells = 0.0, {}
@@ -541,7 +536,7 @@ def print_table(result: dict[str, Any]) -> None:
     seq = result.get("sequential")
     if seq is not None:
         how = "extrapolated from timed slices" if seq["extrapolated"] else "run in full"
-        print(f"\ngrid ({runs} runs, 1 epoch): sequential single-run engine {seq['wall_s']:.1f}s ({how})")
+        print(f"\ngrid ({runs} runs, 1 epoch): sequential eager runs {seq['wall_s']:.1f}s ({how})")
     for key in ("grid", "grid_mixed"):
         if key not in result:
             continue

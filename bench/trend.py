@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.core.budget import holdout_size, resolve_budget  # noqa: E402
-from app.schemas.jobs import OptimizerSpec  # noqa: E402
 from app.core.dataset_format import CanonicalDataset, save_canonical  # noqa: E402
+from app.schemas.jobs import OptimizerSpec  # noqa: E402
 from app.services.statistics import summarize  # noqa: E402
 
 VARIANTS = [("bn", {}), ("bn_precise", {}), ("gn", {"groups": 16}), ("ln", {})]

@@ -1,17 +1,24 @@
-"""The training engine on CPU: equal footing across variants and batch sizes, determinism, outcomes."""
+"""The training engine on CPU, one run at a time (a pack of one): equal footing across variants and batch
+sizes, determinism, outcomes, checkpoints."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from app.core.budget import resolve_budget, total_steps
 from app.schemas.jobs import OptimizerSpec
-from workers.data import DeviceData, augment, epoch_order
-from workers.engine import Point, Progress, RunConfig, Trainer, batches, build_run_model, lr_at, scaled_lr, train
+from tests.oracle import batches
+from workers.augment import apply_augmentation, epoch_augmentation
+from workers.checkpoint import FORMAT, Checkpoint, read_checkpoint, write_checkpoint
+from workers.data import DeviceData, epoch_order
+from workers.engine import Point, Progress, RunConfig, train
+from workers.run_config import build_run_model
+from workers.schedule import Schedule, lr_at, scaled_lr
 
 OPT = OptimizerSpec().model_dump()  # the spec's defaults: lr 0.1 at batch 32, linear scaling, cosine
 
@@ -21,11 +28,11 @@ class Recorder:
 
     def __init__(self, stop_after: int | None = None, reason: str = "cancelled") -> None:
         self.points: list[Point] = []
-        self.checkpoints: list[dict] = []
+        self.checkpoints: list[Checkpoint] = []
         self.calls = 0
         self.stop_after, self.reason = stop_after, reason
 
-    def report(self, points: list[Point], progress: Progress, checkpoint: dict | None = None) -> None:
+    def report(self, points: list[Point], progress: Progress, checkpoint: Checkpoint | None = None) -> None:
         self.points += points
         if checkpoint is not None:
             self.checkpoints.append(checkpoint)
@@ -146,13 +153,20 @@ def test_learning_rate_scaling_and_schedule() -> None:
 
 def test_augmentation_keeps_shape_and_pixels() -> None:
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
-    g = torch.Generator().manual_seed(0)
-    flipped = augment(x, hflip=True, crop_padding=0, g=g)
+    cpu = torch.device("cpu")
+    flips = epoch_augmentation({"hflip": True}, 0, 0, 2, "image", cpu)
+    assert flips is not None and flips.dy is None
+    flipped = apply_augmentation(x, flips)
     for a, b in zip(flipped, x, strict=True):
         assert torch.equal(a, b) or torch.equal(a, b.flip(2))
-    cropped = augment(x, hflip=False, crop_padding=1, g=g)
+    crops = epoch_augmentation({"crop_padding": 1}, 0, 0, 2, "image", cpu)
+    assert crops is not None and crops.flip is None
+    cropped = apply_augmentation(x, crops)
     assert cropped.shape == x.shape and cropped.dtype == torch.uint8
     assert set(cropped.unique().tolist()) <= set(x.unique().tolist()) | {0}
+    assert epoch_augmentation({"hflip": True}, 0, 0, 2, "tabular", cpu) is None
+    again = epoch_augmentation({"crop_padding": 1}, 0, 0, 2, "image", cpu)
+    assert again is not None and crops.dy is not None and torch.equal(again.dy, crops.dy)  # (seed, epoch) only
 
 
 def test_diagnostics_bn_noise_and_train_eval_gap(digits: tuple[DeviceData, dict[str, int]]) -> None:
@@ -173,16 +187,47 @@ def test_diagnostics_bn_noise_and_train_eval_gap(digits: tuple[DeviceData, dict[
 
 
 def test_bn_precise_replaces_running_stats_with_population_stats(digits: tuple[DeviceData, dict[str, int]]) -> None:
-    data, budget = digits
-    cfg = config(budget, batch_size=2, norm="bn_precise", norm_params={"precise_samples": 512})
-    trainer = Trainer(cfg, data, torch.device("cpu"), Recorder())
-    outcome = trainer.run()
-    assert outcome.status == "succeeded"
-    bn = next(m for m in trainer.model.modules() if hasattr(m, "running_mean"))
-    ema = Trainer(replace(cfg, norm="bn", norm_params={}), data, torch.device("cpu"), Recorder())
-    ema.run()
-    ema_bn = next(m for m in ema.model.modules() if hasattr(m, "running_mean"))
+    data, one_epoch = digits
+    budget = {**one_epoch, "epochs": 2, "total_samples": 2 * one_epoch["samples_per_epoch"]}
+    cfg = config(budget, batch_size=8, norm="bn_precise", norm_params={"precise_samples": 512})
+    precise, ema = Recorder(), Recorder()
+    assert train(cfg, data, torch.device("cpu"), precise).status == "succeeded"
+    train(replace(cfg, norm="bn", norm_params={}), data, torch.device("cpu"), ema)
+    state, ema_state = precise.checkpoints[0].model, ema.checkpoints[0].model  # after epoch 1
     # Same training (bn_precise trains exactly as bn); only the evaluation statistics differ.
-    first = next(p for n, p in trainer.model.named_parameters() if n.endswith("weight"))
-    assert torch.equal(first, next(p for n, p in ema.model.named_parameters() if n.endswith("weight")))
-    assert not torch.allclose(bn.running_var, ema_bn.running_var)
+    weight = next(k for k in state if k.endswith("weight"))
+    assert torch.equal(state[weight], ema_state[weight])
+    var = next(k for k in state if k.endswith("running_var"))
+    assert not torch.allclose(state[var], ema_state[var])
+
+
+def test_checkpoints_round_trip_through_a_file(digits: tuple[DeviceData, dict[str, int]], tmp_path: Path) -> None:
+    """A checkpoint written and read back resumes the run as the one in memory does; format-1 and
+    format-2 dicts written by earlier versions stay readable."""
+    data, one_epoch = digits
+    budget = {**one_epoch, "epochs": 2, "total_samples": 2 * one_epoch["samples_per_epoch"]}
+    cfg = config(budget, batch_size=8)
+    first = Recorder(stop_after=30, reason="shutdown")
+    assert train(cfg, data, torch.device("cpu"), first).status == "interrupted"
+    ckpt = first.checkpoints[-1]
+    write_checkpoint(ckpt, tmp_path / "c.pt")
+    read = read_checkpoint(tmp_path / "c.pt", torch.device("cpu"))
+    assert read.to_state().keys() == ckpt.to_state().keys() and read.to_state()["format"] == FORMAT == 2
+    assert (read.epoch, read.batch, read.step, read.window, read.noise) == (0, 31, 31, ckpt.window, ckpt.noise)
+    a, b = (train(cfg, data, torch.device("cpu"), Recorder(), resume=c) for c in (ckpt, read))
+    assert a.final_metrics["val_acc"] == b.final_metrics["val_acc"] and a.steps == b.steps == 2 * 176
+    old = {k: v for k, v in ckpt.to_state().items() if k != "noise"}  # format 2 as the first engines wrote it
+    assert Checkpoint.from_state(old).noise is None
+    v1 = {**old, "format": 1, "aug_rng": torch.Generator().get_state()}
+    assert Checkpoint.from_state(v1).step == 31
+    with pytest.raises(ValueError, match="format"):
+        Checkpoint.from_state({**old, "format": 3})
+
+
+def test_schedule_of_a_run() -> None:
+    budget = resolve_budget(1437, 360, 2, [8])
+    sched = Schedule.of(config(budget, optimizer={**OPT, "warmup_epochs": 0.5}))
+    assert sched.per_epoch == budget["samples_per_epoch"] // 8 and sched.total == 2 * sched.per_epoch
+    assert sched.warmup == round(sched.per_epoch / 2)
+    assert sched.lr_after(0) == sched.base_lr == pytest.approx(0.025)
+    assert sched.lr_after(100) == sched.lr(99) == lr_at(99, sched.total, sched.warmup, 0.025, "cosine")

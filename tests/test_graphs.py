@@ -6,7 +6,7 @@ Python branch on a tensor), (2) keeps every piece of state in tensors that are u
 at fixed addresses, and (3) takes every per-step scalar (data position, learning rate, sampling
 flags) from device tensors. (1) is checked by running the step on the `meta` device, where any
 host read raises; (2) and (3) by stepping on CPU with nothing changed from the host between steps
-and comparing with the reference engine (tests/test_packing.py does the full runs). The capture
+and comparing with the eager oracle (tests/test_packing.py does the full runs). The capture
 itself and the replay-vs-eager comparison need a GPU: bench/gpu_grid.py runs them (`--check`).
 """
 
@@ -25,9 +25,10 @@ import torch
 import workers.packing as packing
 from app.schemas.jobs import OptimizerSpec
 from workers.data import DeviceData
-from workers.engine import RunConfig, lr_at
+from workers.engine import PackTrainer, RunConfig
 from workers.graphs import GraphedStep, compare, graphs_unavailable, restore, snapshot
-from workers.packing import PackGroup, PackTrainer
+from workers.packing import PackGroup
+from workers.schedule import lr_at
 
 CPU, META = torch.device("cpu"), torch.device("meta")
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,6 +1,6 @@
 """A job's dataset resident on the training device: uint8 images or float features, split once.
 
-No DataLoader: batches are index slices of device tensors, augmented on the device.
+No DataLoader: batches are index slices of device tensors, augmented on the device (workers.augment).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from app.core.dataset_format import load_canonical
 
@@ -39,6 +38,35 @@ def split_indices(num_samples: int, val_size: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
+# The float64 working set of one chunk of the statistics pass.
+STATS_CHUNK_BYTES = 8 * 2**20
+
+
+def channel_stats(x: np.ndarray, *, image: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) standard deviation per channel over samples and positions (images, NCHW) or per
+    feature (tabular, NF), as float32 shaped to broadcast against a batch. Computed in float64 over chunks of
+    samples, combined with Chan et al.'s pairwise update, so the pass needs one chunk (STATS_CHUNK_BYTES) on top of
+    `x`: loading a dataset holds at most its stored arrays, their train/validation copies and one chunk, about
+    twice its stored size (tests/test_admission.py), never a float copy of the whole dataset."""
+    axes = (0, 2, 3) if image else (0,)
+    shape = (1, -1, 1, 1) if image else (1, -1)
+    rows = max(1, STATS_CHUNK_BYTES // (8 * max(1, int(np.prod(x.shape[1:])))))
+    count, mean, m2 = 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for start in range(0, len(x), rows):
+        chunk = x[start : start + rows].astype(np.float64)
+        k = chunk.size // x.shape[1]  # values per channel in this chunk
+        c_mean = chunk.mean(axis=axes)
+        chunk -= c_mean.reshape(shape)
+        np.square(chunk, out=chunk)
+        c_m2 = chunk.sum(axis=axes)
+        delta, total = c_mean - mean, count + k
+        mean += delta * (k / total)
+        m2 += c_m2 + delta**2 * (count * k / total)
+        count = total
+    std = np.sqrt(m2 / (count - 1)) if count > 1 else np.zeros_like(m2)
+    return mean.astype(np.float32).reshape(shape), std.astype(np.float32).reshape(shape)
+
+
 def load_device_data(path: Path, budget: dict[str, int], device: torch.device) -> DeviceData:
     ds = load_canonical(path)
     x, y = ds.x, ds.y
@@ -50,13 +78,8 @@ def load_device_data(path: Path, budget: dict[str, int], device: torch.device) -
     if len(x_tr) != budget["train_size"]:
         raise ValueError(f"dataset changed since submit: {len(x_tr)} training samples, expected {budget['train_size']}")
     xt = torch.from_numpy(np.ascontiguousarray(x_tr)).to(device)
-    if ds.kind == "image":
-        scaled = xt.float()
-        mean = scaled.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
-        std = scaled.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
-    else:
-        mean = xt.mean(dim=0, keepdim=True)
-        std = xt.std(dim=0, keepdim=True)
+    mean_np, std_np = channel_stats(x_tr, image=ds.kind == "image")
+    mean, std = torch.from_numpy(mean_np).to(device), torch.from_numpy(std_np).to(device)
     std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features stay constant
     return DeviceData(
         kind=ds.kind,
@@ -76,22 +99,3 @@ def epoch_order(seed: int, epoch: int, train_size: int, samples_per_epoch: int) 
     size with the same seed sees the same data in the same order."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(train_size, generator=g)[:samples_per_epoch]
-
-
-def augment(x: torch.Tensor, hflip: bool, crop_padding: int, g: torch.Generator) -> torch.Tensor:
-    """Random flips and padded crops of a uint8 NCHW batch, on its device."""
-    n, _, h, w = x.shape
-    if hflip:
-        flip = (torch.rand(n, generator=g) < 0.5).to(x.device)
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    if crop_padding:
-        p = crop_padding
-        padded = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=g).to(x.device)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=g).to(x.device)
-        rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
-        cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
-        idx_n = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-        idx_c = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
-        x = padded[idx_n, idx_c, rows, cols]
-    return x

@@ -1,67 +1,54 @@
-"""The training engine: one run on a fixed sample budget, reporting through a `RunReporter`.
+"""The training engine: every claimed set of runs of one job trains here as a pack; a single run is a
+pack of one. Pure of the database and Celery, so tests and benchmarks drive it directly.
 
-Pure of the database and Celery, so tests and benchmarks drive it directly. `Trainer` is the
-eager reference engine for one run; `workers.packing.PackTrainer` trains several runs of one job
-and batch size at once (and captures the step in a CUDA graph) and is tested against it.
+`PackTrainer` keeps each run's host-side life (its position, loss window, reports, checkpoints and
+outcome) and steps the device groups of `workers.packing`, which hold the stacked state and the
+vmapped (and, on a GPU, CUDA-graphed) step. A run that diverges, is cancelled, stops or loses its
+claim leaves the pack at that step boundary; the others are re-stacked from their states and go on.
+tests/oracle.py is the plain eager single-run loop the tests check this engine against.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import functools
+import logging
 import math
 import platform
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from app.core.budget import steps_per_epoch
-from models import build_model
-from models.precise_bn import precise_bn_samples, recompute_bn_stats
-from workers.data import DeviceData, epoch_order
-from workers.diagnostics import BatchStatNoise
+from app.core.progress import Point, Progress
+from workers.checkpoint import Checkpoint
+from workers.data import DeviceData
+from workers.epoch_metrics import epoch_metrics
+from workers.graphs import graphs_unavailable
+from workers.packing import Member, PackGroup, train_signature
+from workers.run_config import RunConfig
+from workers.schedule import Schedule
 
-EVAL_BATCH = 1024
+__all__ = [
+    "Outcome",
+    "PackTrainer",
+    "Point",
+    "Progress",
+    "RunConfig",
+    "RunReporter",
+    "environment",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
 REPORT_EVERY_S = 2.0
-NOISE_SAMPLE_EVERY = 10  # steps between BN batch-statistics noise samples
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    arch: str
-    norm: str
-    norm_params: dict[str, Any]
-    batch_size: int
-    seed: int
-    budget: dict[str, int]
-    model: dict[str, Any]  # depth, width, hidden
-    optimizer: dict[str, Any]
-    augment: dict[str, Any]
-    log_every_steps: int = 50
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the training forward)
-
-
-@dataclass
-class Point:
-    step: int
-    epoch: float
-    name: str
-    value: float
-
-
-@dataclass
-class Progress:
-    step: int
-    epoch: int  # completed epochs
-    samples: int
+SHARED_FIELDS = ("arch", "budget", "model", "optimizer", "augment", "log_every_steps", "precision")
 
 
 class RunReporter(Protocol):
-    def report(self, points: list[Point], progress: Progress, checkpoint: dict[str, Any] | None = None) -> None:
+    def report(self, points: list[Point], progress: Progress, checkpoint: Checkpoint | None = None) -> None:
         """Persist points, progress and (optionally) a checkpoint; raises to abort when the claim was lost."""
 
     def stop_reason(self) -> str | None:
@@ -78,6 +65,10 @@ class Outcome:
     error: str | None = None
 
 
+Result = Outcome | BaseException
+OnDone = Callable[[int, Result], None]
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "torch": torch.__version__,
@@ -91,331 +82,280 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast of the training forward (and loss) when the run asks for it; nothing for fp32.
-    No weight cache, so the same context is safe inside a CUDA graph capture."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision != "bf16":
-        raise ValueError(f"unknown precision {precision!r}; expected fp32 or bf16")
-    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+def check_packable(cfgs: Sequence[RunConfig]) -> None:
+    """Packed runs share the network, budget, optimizer, augmentation and precision (not the batch size:
+    each batch size is its own group)."""
+    first = cfgs[0]
+    for cfg in cfgs[1:]:
+        for name in SHARED_FIELDS:
+            if getattr(cfg, name) != getattr(first, name):
+                raise ValueError(f"runs cannot be packed: they differ in {name}")
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """One epoch's random flips and crop offsets, one entry per sample position of the epoch."""
+class PackTrainer:
+    """Trains compatible runs together; each keeps its own reporter, checkpoints and outcome.
 
-    flip: torch.Tensor | None  # bool (N,)
-    dy: torch.Tensor | None  # int64 (N,)
-    dx: torch.Tensor | None
-    padding: int
+    `run()` returns one result per run, in order: its `Outcome`, or the exception its reporter
+    raised (the run lost its claim, or the database went away); `on_done` hears each as it happens.
+    """
 
-    def slice(self, start: int, stop: int) -> Augmentation:
-        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[start:stop]
+    def __init__(
+        self,
+        cfgs: Sequence[RunConfig],
+        data: DeviceData,
+        device: torch.device,
+        reporters: Sequence[RunReporter],
+        resumes: Sequence[Checkpoint | None] | None = None,
+        *,
+        graphs: bool | None = None,
+        on_done: OnDone | None = None,
+    ) -> None:
+        if not cfgs or len(cfgs) != len(reporters):
+            raise ValueError("a pack needs one reporter per run, and at least one run")
+        check_packable(cfgs)
+        self.cfg, self.data, self.device, self.on_done = cfgs[0], data, device, on_done
+        # Why steps run eagerly (None: captured in CUDA graphs, unless a capture fails).
+        self.graphs_off = graphs_unavailable(device) if graphs is None or graphs else "switched off"
+        self.graphs = self.graphs_off is None
+        if self.graphs:
+            torch.backends.cudnn.benchmark = True  # algorithms are picked during the warm-up before capture
+        self.schedules = {c.batch_size: Schedule.of(c) for c in cfgs}
+        self.report_every = max(REPORT_EVERY_S, 0.25 * len(cfgs))  # K runs write K rows per report
+        resumes = list(resumes) if resumes is not None else [None] * len(cfgs)
+        self.members = [
+            Member(i, c, self.schedules[c.batch_size], r, s)
+            for i, (c, r, s) in enumerate(zip(cfgs, reporters, resumes, strict=True))
+        ]
+        for m in self.members:
+            if m.carry is not None:
+                m.resume_from(m.carry)
+        self.groups: list[PackGroup] = []
+        self.grouped: tuple[int, ...] = ()
+        self.started = time.perf_counter()
+        self.largest_group = 0
+        self.graphed_groups = 0
+        self.eager_reasons: set[str] = set()
 
-        return Augmentation(cut(self.flip), cut(self.dy), cut(self.dx), self.padding)
+    # -- per-run bookkeeping ---------------------------------------------------------------------
+    def progress(self, m: Member) -> Progress:
+        return Progress(m.step, m.epoch, m.step * m.cfg.batch_size)
 
+    def outcome(
+        self, m: Member, status: str, error: str | None = None, finals: dict[str, float] | None = None
+    ) -> Outcome:
+        return Outcome(status, finals or {}, m.step, m.step * m.cfg.batch_size, m.elapsed(), error)
 
-def epoch_augmentation(cfg: RunConfig, epoch: int, kind: str, device: torch.device) -> Augmentation | None:
-    """Augmentation draws for one epoch: a function of (seed, epoch) only, like the data order, so a
-    resumed run and a packed run see the same crops and flips as an uninterrupted single one."""
-    hflip, padding = bool(cfg.augment.get("hflip")), int(cfg.augment.get("crop_padding", 0))
-    if kind != "image" or not (hflip or padding):
-        return None
-    n = cfg.budget["samples_per_epoch"]
-    g = torch.Generator().manual_seed((cfg.seed * 7919 + 1) * 1_000_003 + epoch)
-    flip = (torch.rand(n, generator=g) < 0.5).to(device) if hflip else None
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(device) if padding else None
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=g).to(device) if padding else None
-    return Augmentation(flip, dy, dx, padding)
+    def finish(self, m: Member, result: Result) -> None:
+        m.result = result
+        if self.on_done is not None:
+            try:
+                self.on_done(m.index, result)
+            except Exception:
+                log.exception("recording the end of packed run %s failed", m.index)
 
+    def call(self, m: Member, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        """Run a reporter call for m; an exception (claim lost, database gone) ends m, not the pack."""
+        try:
+            return True, fn()
+        except Exception as e:
+            self.finish(m, e)
+            return False, None
 
-def apply_augmentation(
-    x: torch.Tensor, flip: torch.Tensor | None, dy: torch.Tensor | None, dx: torch.Tensor | None, padding: int
-) -> torch.Tensor:
-    """Flips and padded crops of a uint8 (N, C, H, W) batch with per-sample draws already on its device;
-    only device ops with static shapes, so it runs inside a CUDA graph."""
-    n, c, h, w = x.shape
-    if flip is not None:
-        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    if padding and dy is not None and dx is not None:
-        padded = F.pad(x, (padding, padding, padding, padding))
-        rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
-        cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
-        idx_n = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-        idx_c = torch.arange(c, device=x.device).view(1, c, 1, 1)
-        x = padded[idx_n, idx_c, rows, cols]
-    return x
+    def report(self, m: Member, checkpoint: Checkpoint | None = None) -> bool:
+        """m's points and progress (and checkpoint) to its reporter; False when that ended m."""
+        ok, _ = self.call(m, functools.partial(m.reporter.report, m.points, self.progress(m), checkpoint))
+        return ok
 
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> list[Result]:
+        self.started = time.perf_counter()
+        for m in self.members:
+            m.started = m.window_start = m.last_report = self.started
+            if m.epoch >= m.sched.epochs:
+                self.finish(m, self.outcome(m, "succeeded"))
+        while True:
+            active = [m for m in self.members if m.result is None]
+            if not active:
+                break
+            self.regroup(active)
+            for g in self.groups:
+                g.launch()
+            for g in self.groups:
+                g.join()
+            for m in active:
+                m.step += 1
+                m.batch += 1
+            self.after_step(active)
+        self.retire_groups()
+        results = [m.result for m in self.members]
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
 
-def scaled_lr(opt: dict[str, Any], batch_size: int) -> float:
-    ratio = batch_size / opt["reference_batch_size"]
-    scale = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[opt["lr_scaling"]]
-    return float(opt["lr"] * scale)
+    def regroup(self, active: list[Member]) -> None:
+        """(Re)stack the active runs into groups when the set changed. Groups whose runs are all still
+        active go on untouched (their CUDA graphs too); a group that lost runs is re-stacked from its
+        survivors' states."""
+        key = tuple(m.index for m in active)
+        if key == self.grouped:
+            return
+        kept = [g for g in self.groups if all(m.result is None for m in g.members)]
+        changed = [g for g in self.groups if g not in kept]
+        for g in changed:
+            ring = g.ring.tolist()
+            for i, m in enumerate(g.members):
+                if m.result is None:
+                    m.carry = g.checkpoint(i, ring)
+        self.retire_groups(changed)
+        placed = {m.index for g in kept for m in g.members}
+        by_signature: dict[str, list[Member]] = {}
+        for m in active:
+            if m.index not in placed:
+                by_signature.setdefault(train_signature(m.cfg), []).append(m)
+        fresh = [PackGroup(members, self.data, self.device, self.graphs_off) for members in by_signature.values()]
+        self.groups = kept + fresh
+        self.grouped = key
+        self.largest_group = max(self.largest_group, *(g.k for g in self.groups))
+        if fresh:
+            log.info("pack of %d runs in %d group(s): %s", len(active), len(self.groups), [g.label for g in fresh])
 
+    def retire_groups(self, groups: list[PackGroup] | None = None) -> None:
+        """Drop these groups (all, by default), keeping what ran graphed or eagerly and why."""
+        retiring = self.groups if groups is None else groups
+        for g in retiring:
+            if g.graphed:
+                self.graphed_groups += 1
+            elif g.eager_reason:
+                self.eager_reasons.add(g.eager_reason)
+        self.groups = [g for g in self.groups if g not in retiring]
 
-def lr_at(step: int, total: int, warmup: int, base: float, schedule: str) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if schedule == "constant":
-        return base
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    def group_of(self, m: Member) -> tuple[PackGroup, int]:
+        for g in self.groups:
+            for i, other in enumerate(g.members):
+                if other is m:
+                    return g, i
+        raise KeyError(m.index)
 
-
-def make_optimizer(model: nn.Module, opt: dict[str, Any], lr: float) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm scales/shifts (all 1-D parameters).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": opt["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=lr, momentum=opt["momentum"])
-
-
-def optimizer_param_names(model: nn.Module) -> list[str]:
-    """Parameter names in the order `make_optimizer` numbers them in its state_dict."""
-    named = list(model.named_parameters())
-    return [n for n, p in named if p.ndim > 1] + [n for n, p in named if p.ndim <= 1]
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: DeviceData) -> tuple[float, float]:
-    model.eval()
-    correct = 0
-    loss_sum = torch.zeros((), device=data.x_val.device)
-    for i in range(0, len(data.x_val), EVAL_BATCH):
-        x = data.prepare(data.x_val[i : i + EVAL_BATCH])
-        y = data.y_val[i : i + EVAL_BATCH]
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += int((logits.argmax(1) == y).sum())
-    model.train()
-    n = len(data.x_val)
-    return correct / n, float(loss_sum) / n
-
-
-def build_run_model(cfg: RunConfig, data: DeviceData, device: torch.device) -> nn.Module:
-    torch.manual_seed(cfg.seed)  # same seed, same architecture → same initial weights
-    model = build_model(
-        cfg.arch,
-        data.input_shape,
-        data.num_classes,
-        cfg.norm,
-        cfg.norm_params,
-        depth=cfg.model.get("depth", 20),
-        width=cfg.model.get("width", 16),
-        hidden=cfg.model.get("hidden"),
-    )
-    return model.to(device)
-
-
-def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Consecutive slices of the epoch's order: batch sizes differ only in how they cut one stream."""
-    return list(order.split(batch_size))
-
-
-def refresh_precise_bn(model: nn.Module, data: DeviceData, cfg: RunConfig, epoch: int) -> None:
-    """`bn_precise`: replace the running averages by statistics over a fixed number of training
-    samples, in batches of the run's size (Wu & Johnson 2021); a no-op for every other norm."""
-    wanted = precise_bn_samples(model)
-    if wanted is None:
-        return
-    n = min(wanted, cfg.budget["train_size"])
-    n -= n % cfg.batch_size
-    if n < cfg.batch_size or cfg.batch_size < 2 and data.kind == "tabular":
-        return
-    order = epoch_order(cfg.seed + 1_000_003, epoch, cfg.budget["train_size"], n).to(data.x_train.device)
-    recompute_bn_stats(model, (data.prepare(data.x_train[idx]) for idx in order.split(cfg.batch_size)))
-
-
-@torch.no_grad()
-def train_mode_accuracy(model: nn.Module, data: DeviceData, batch_size: int) -> float:
-    """Validation accuracy with batch statistics (train-mode norms), in batches of the training size:
-    its gap to eval-mode accuracy is BatchNorm's train/test discrepancy. Running stats are untouched."""
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    batch_stats = any(getattr(m, "running_mean", None) is not None for m in model.modules())
-    correct = seen = 0
-    for x, y in zip(data.x_val.split(batch_size), data.y_val.split(batch_size), strict=True):
-        if batch_stats and len(x) < 2 <= batch_size:
-            continue  # a lone leftover sample has no batch statistics
-        correct += int((model(data.prepare(x)).argmax(1) == y).sum())
-        seen += len(x)
-    model.load_state_dict(saved)
-    return correct / max(seen, 1)
-
-
-class Trainer:
-    """Trains one run; resumable from any step through `checkpoint()` / `restore()`."""
-
-    def __init__(self, cfg: RunConfig, data: DeviceData, device: torch.device, reporter: RunReporter) -> None:
-        self.cfg, self.data, self.device, self.reporter = cfg, data, device, reporter
-        self.model = build_run_model(cfg, data, device)
-        self.model.train()
-        self.base_lr = scaled_lr(cfg.optimizer, cfg.batch_size)
-        self.optimizer = make_optimizer(self.model, cfg.optimizer, self.base_lr)
-        self.per_epoch = steps_per_epoch(cfg.budget, cfg.batch_size)
-        self.epochs = cfg.budget["epochs"]
-        self.total = self.per_epoch * self.epochs
-        self.warmup = round(cfg.optimizer["warmup_epochs"] * self.per_epoch)
-        self.augmenting = data.kind == "image" and bool(cfg.augment.get("hflip") or cfg.augment.get("crop_padding"))
-        self.aug: tuple[int, Augmentation | None] = (-1, None)  # (epoch, its draws)
-        # Position: `batch` batches of epoch `epoch` are done; `step` counts all batches.
-        self.epoch = self.batch = self.step = 0
-        self.epoch_loss = torch.zeros((), device=device)
-        self.window: list[torch.Tensor] = []
-        self.started = self.window_start = self.last_report = time.perf_counter()
-        self.elapsed_before = 0.0  # wall time of earlier attempts
-        self.lr = self.base_lr
-        self.grad_norm = 0.0
-        self.noise = BatchStatNoise(self.model)
-
-    # -- checkpoints -------------------------------------------------------------------------
-    def checkpoint(self) -> dict[str, Any]:
-        # Format 2: augmentation draws are a function of (seed, epoch), so no generator state is kept.
-        # `workers.packing` writes the same format for each packed run, so either engine resumes either's.
-        return {
-            "format": 2,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "step": self.step,
-            "epoch_loss": float(self.epoch_loss),
-            "window": [float(v) for v in self.window],
-            "torch_rng": torch.get_rng_state(),
-            "elapsed": self.elapsed(),
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        # A copy: SGD would adopt the checkpoint's momentum tensors and train them in place.
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        self.epoch, self.batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
-        self.epoch_loss = torch.tensor(state["epoch_loss"], device=self.device)
-        self.window = [torch.tensor(v, device=self.device) for v in state["window"]]
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
-        self.elapsed_before = float(state["elapsed"])
-
-    # -- the loop ----------------------------------------------------------------------------
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.started
-
-    def progress(self) -> Progress:
-        return Progress(self.step, self.epoch, self.step * self.cfg.batch_size)
-
-    def outcome(self, status: str, error: str | None = None, finals: dict[str, float] | None = None) -> Outcome:
-        return Outcome(status, finals or {}, self.step, self.step * self.cfg.batch_size, self.elapsed(), error)
-
-    def run(self) -> Outcome:
-        self.started = self.window_start = self.last_report = time.perf_counter()
-        finals: dict[str, float] = {}
-        while self.epoch < self.epochs:
-            order = epoch_order(
-                self.cfg.seed, self.epoch, self.cfg.budget["train_size"], self.per_epoch * self.cfg.batch_size
-            )
-            points: list[Point] = []
-            for idx in batches(order.to(self.device), self.cfg.batch_size)[self.batch :]:
-                self.train_step(idx)
-                if self.step % self.cfg.log_every_steps == 0 or self.batch == self.per_epoch:
-                    diverged = self.check_window(points)
-                    if diverged:
-                        self.reporter.report(points, self.progress())
-                        return self.outcome("diverged", diverged)
-                    if time.perf_counter() - self.last_report > REPORT_EVERY_S and self.batch < self.per_epoch:
-                        self.reporter.report(points, self.progress())  # live progress inside long epochs
-                        points = []
-                        self.last_report = time.perf_counter()
-                stop = self.reporter.stop_reason()
-                if stop == "cancelled":
-                    self.reporter.report(points, self.progress())
-                    return self.outcome("cancelled", "cancelled by user")
-                if stop == "shutdown" and self.batch < self.per_epoch:
-                    self.reporter.report(points, self.progress(), self.checkpoint())
-                    return self.outcome("interrupted", "worker shut down; resumes from its checkpoint")
-            finals = self.end_epoch(points)
-            if not math.isfinite(finals["val_loss"]):
-                return self.outcome("diverged", f"validation loss became non-finite after epoch {self.epoch}")
-        return self.outcome("succeeded", finals=finals)
-
-    def train_step(self, idx: torch.Tensor) -> None:
-        """One step on the samples `idx`, the next batch of the current epoch (position `self.batch`)."""
+    def after_step(self, active: list[Member]) -> None:
         cfg = self.cfg
-        xb = self.data.x_train[idx]
-        if self.augmenting:
-            if self.aug[0] != self.epoch:
-                self.aug = (self.epoch, epoch_augmentation(cfg, self.epoch, self.data.kind, self.device))
-            aug = self.aug[1]
-            if aug is not None:
-                at = self.batch * cfg.batch_size
-                cut = aug.slice(at, at + len(idx))
-                xb = apply_augmentation(xb, cut.flip, cut.dy, cut.dx, cut.padding)
-        self.lr = lr_at(self.step, self.total, self.warmup, self.base_lr, cfg.optimizer["schedule"])
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
-        self.noise.active = bool(self.noise) and self.step % NOISE_SAMPLE_EVERY == 0
-        with autocast(self.device, cfg.precision):
-            loss = F.cross_entropy(self.model(self.data.prepare(xb)), self.data.y_train[idx])
-        self.noise.active = False  # sample training forwards only, never precise-BN or train-mode eval passes
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if (self.step + 1) % cfg.log_every_steps == 0:
-            self.grad_norm = float(
-                torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-            )
-        self.optimizer.step()
-        self.step += 1
-        self.batch += 1
-        detached = loss.detach()
-        self.epoch_loss += detached
-        self.window.append(detached)
+        due = [m for m in active if m.step % cfg.log_every_steps == 0 or m.batch == m.sched.per_epoch]
+        host: dict[int, tuple[list[list[float]], list[float]]] = {}
+        for m in due:
+            g, i = self.group_of(m)
+            if id(g) not in host:
+                host[id(g)] = g.read_windows()
+            ring, norms = host[id(g)]
+            if self.check_window(m, g.window_of(ring, i), norms[i]):
+                continue
+        for m in active:
+            if m.result is not None:
+                continue
+            ok, stop = self.call(m, m.reporter.stop_reason)
+            if not ok:
+                continue
+            if stop == "cancelled":
+                if self.report(m):
+                    self.finish(m, self.outcome(m, "cancelled", "cancelled by user"))
+            elif stop == "shutdown" and m.batch < m.sched.per_epoch:
+                g, i = self.group_of(m)
+                ckpt = g.checkpoint(i)
+                if self.report(m, ckpt):
+                    self.finish(m, self.outcome(m, "interrupted", "worker shut down; resumes from its checkpoint"))
+        ends = [m for m in active if m.result is None and m.batch == m.sched.per_epoch]
+        if ends:
+            self.end_epochs(ends)
 
-    def check_window(self, points: list[Point]) -> str | None:
-        """Every few steps: find a non-finite loss, and log the window's mean loss and timing."""
-        losses = torch.stack(self.window)
-        finite = torch.isfinite(losses)
-        if not bool(finite.all()):
-            bad = self.step - len(self.window) + int((~finite).nonzero()[0, 0]) + 1
-            return f"training loss became non-finite at step {bad} (epoch {self.epoch + 1})"
-        if self.step % self.cfg.log_every_steps == 0:
-            now = time.perf_counter()
-            at = self.epoch + self.batch / self.per_epoch
-            step_ms = (now - self.window_start) * 1000 / len(self.window)
-            points += [
-                Point(self.step, at, "train_loss_step", float(losses.mean())),
-                Point(self.step, at, "grad_norm", self.grad_norm),
-                Point(self.step, at, "step_time_ms", step_ms),
+    def check_window(self, m: Member, window: list[float], grad_norm: float) -> bool:
+        """Every few steps, for m: find a non-finite loss, and log the window's mean loss and timing; True when
+        m diverged (and is finished)."""
+        cfg = self.cfg
+        bad = next((j for j, v in enumerate(window) if not math.isfinite(v)), None)
+        if bad is not None:
+            step = m.step - len(window) + bad + 1
+            error = f"training loss became non-finite at step {step} (epoch {m.epoch + 1})"
+            if self.report(m):
+                self.finish(m, self.outcome(m, "diverged", error))
+            return True
+        now = time.perf_counter()
+        if m.step % cfg.log_every_steps == 0 and window:
+            at = m.epoch + m.batch / m.sched.per_epoch
+            mean = float(torch.tensor(window, dtype=torch.float32).mean())
+            m.points += [
+                Point(m.step, at, "train_loss_step", mean),
+                Point(m.step, at, "grad_norm", grad_norm),
+                Point(m.step, at, "step_time_ms", (now - m.window_start) * 1000 / len(window)),
             ]
-            self.window_start = now
-        self.window = []
-        return None
+            m.window_start = now
+        m.window_from = m.step
+        live = now - m.last_report > self.report_every and m.batch < m.sched.per_epoch
+        if live and self.report(m):
+            m.points = []
+            m.last_report = time.perf_counter()
+        return False
 
-    def end_epoch(self, points: list[Point]) -> dict[str, float]:
-        refresh_precise_bn(self.model, self.data, self.cfg, self.epoch)
-        val_acc, val_loss = evaluate(self.model, self.data)
-        self.epoch += 1
-        self.batch = 0
-        finals = {
-            "val_acc": val_acc,
-            "val_loss": val_loss,
-            "train_loss": float(self.epoch_loss) / self.per_epoch,
-            "lr": self.lr,
-            "images_per_s": self.step * self.cfg.batch_size / max(self.elapsed(), 1e-9),
-            **self.noise.pop(),
+    def end_epochs(self, ends: list[Member]) -> None:
+        """Every run that just finished an epoch: precise BN, evaluation, its epoch metrics and checkpoint."""
+        for g in self.groups:
+            at = [i for i, m in enumerate(g.members) if m in ends]
+            if not at:
+                continue
+            g.refresh_precise_bn(at)
+            val_acc, val_loss = g.evaluate()
+            last = [i for i in at if g.members[i].epoch + 1 == g.sched.epochs]
+            train_mode = g.train_mode_accuracy() if last else []
+            noise = g.noise.tolist()
+            epoch_loss = g.epoch_loss.tolist()
+            for i in at:
+                m = g.members[i]
+                m.epoch += 1
+                m.batch = 0
+                finals = epoch_metrics(
+                    val_acc=val_acc[i],
+                    val_loss=val_loss[i],
+                    epoch_loss_sum=epoch_loss[i],
+                    steps_per_epoch=g.sched.per_epoch,
+                    lr=m.sched.lr_after(m.step),
+                    samples=m.step * m.cfg.batch_size,
+                    elapsed=m.elapsed(),
+                    noise=noise[i],
+                    val_acc_train_mode=train_mode[i] if m.epoch == g.sched.epochs else None,
+                )
+                g.noise[i].zero_()
+                m.points += [Point(m.step, float(m.epoch), name, value) for name, value in finals.items()]
+                g.epoch_loss[i] = 0.0
+                if m.epoch < g.sched.epochs:
+                    g.load_epoch(i)
+                ckpt = g.checkpoint(i) if m.epoch < g.sched.epochs else None
+                if not self.report(m, ckpt):
+                    continue
+                m.points = []
+                if not math.isfinite(finals["val_loss"]):
+                    self.finish(
+                        m, self.outcome(m, "diverged", f"validation loss became non-finite after epoch {m.epoch}")
+                    )
+                elif m.epoch == g.sched.epochs:
+                    self.finish(m, self.outcome(m, "succeeded", finals=finals))
+
+    # -- what ran ------------------------------------------------------------------------------
+    def execution(self) -> dict[str, Any]:
+        """How this pack ran, for each run's recorded environment."""
+        graphed = self.graphed_groups + sum(g.graphed for g in self.groups)
+        reasons = self.eager_reasons | {g.eager_reason for g in self.groups if not g.graphed and g.eager_reason}
+        info: dict[str, Any] = {
+            "engine": "pack",
+            "pack_runs": len(self.members),
+            "largest_group": self.largest_group,
+            "cuda_graph": graphed > 0 and not reasons,
         }
-        if self.epoch == self.epochs:
-            finals["val_acc_train_mode"] = train_mode_accuracy(self.model, self.data, self.cfg.batch_size)
-        points += [Point(self.step, float(self.epoch), name, value) for name, value in finals.items()]
-        self.epoch_loss = torch.zeros((), device=self.device)
-        self.reporter.report(points, self.progress(), self.checkpoint() if self.epoch < self.epochs else None)
-        return finals
+        if reasons:
+            info["eager_reason"] = "; ".join(sorted(reasons))
+        return info
 
 
 def train(
-    cfg: RunConfig, data: DeviceData, device: torch.device, reporter: RunReporter, resume: dict[str, Any] | None = None
+    cfg: RunConfig, data: DeviceData, device: torch.device, reporter: RunReporter, resume: Checkpoint | None = None
 ) -> Outcome:
-    trainer = Trainer(cfg, data, device, reporter)
-    if resume is not None:
-        trainer.restore(resume)
-    return trainer.run()
+    """One run, as a pack of one; what its reporter raised (a lost claim) is raised here."""
+    result = PackTrainer([cfg], data, device, [reporter], [resume]).run()[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
