@@ -4,6 +4,7 @@ pooled connections sized together."""
 from __future__ import annotations
 
 import os
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -136,14 +137,55 @@ class DatabaseBusy(Exception):
     """No database thread came free in time; the handler in app.errors answers 503 with Retry-After."""
 
 
+class _Waiter:
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.granted = False
+
+
 class _PollThreads:
-    """Admission (a semaphore waited on with a deadline) in front of a thread limiter of the same size, so
-    the thread limiter itself never makes anyone wait."""
+    """Fair admission to the poll threads: waiters queue per key (the API key, or the local owner) and a
+    freed thread goes to the keys in turn, so one key's backlog cannot delay another key's request by more
+    than one read per thread. Behind it a thread limiter of the same size, which itself never makes anyone
+    wait. Event-loop code only: no locks."""
 
     def __init__(self, threads: int, wait_seconds: float) -> None:
-        self.admission = anyio.Semaphore(threads)
+        self.free = threads
+        self.queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self.limiter = anyio.CapacityLimiter(threads)
         self.wait_seconds = wait_seconds
+
+    async def acquire(self, key: str) -> None:
+        if self.free > 0 and not self.queues:
+            self.free -= 1
+            return
+        waiter = _Waiter()
+        self.queues.setdefault(key, deque()).append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:  # timed out or cancelled: leave the queue, or pass on a thread just granted
+            if waiter.granted:
+                self.release()
+            else:
+                queue = self.queues.get(key)
+                if queue is not None:
+                    queue.remove(waiter)
+                    if not queue:
+                        del self.queues[key]
+            raise
+
+    def release(self) -> None:
+        if not self.queues:
+            self.free += 1
+            return
+        key, queue = next(iter(self.queues.items()))
+        waiter = queue.popleft()
+        if queue:
+            self.queues.move_to_end(key)  # this key has had its turn
+        else:
+            del self.queues[key]
+        waiter.granted = True
+        waiter.event.set()
 
 
 _poll_threads: RunVar[_PollThreads] = RunVar("normbench_poll_threads")
@@ -159,19 +201,20 @@ def size_thread_pools(database_url: str, wait_seconds: float) -> tuple[int, int]
     return endpoints, polls
 
 
-async def run_in_db_thread(fn: Callable[[], T]) -> T:
-    """Run a short blocking database read on one of the poll threads; DatabaseBusy if none frees up in time."""
+async def run_in_db_thread(fn: Callable[[], T], key: str = "") -> T:
+    """Run a short blocking database read on one of the poll threads, taking turns with other keys; DatabaseBusy
+    if no thread frees up in time."""
     try:
         threads = _poll_threads.get()
     except LookupError:  # an app driven without its lifespan (some unit tests): a small default
         threads = _PollThreads(4, 10.0)
         _poll_threads.set(threads)
     with anyio.move_on_after(threads.wait_seconds):
-        await threads.admission.acquire()
+        await threads.acquire(key)
         try:
             # Shielded: a thread that started runs to the end, so its connection is always returned.
             with anyio.CancelScope(shield=True):
                 return await anyio.to_thread.run_sync(fn, limiter=threads.limiter)
         finally:
-            threads.admission.release()
+            threads.release()
     raise DatabaseBusy

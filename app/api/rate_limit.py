@@ -16,11 +16,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
 
 LIMITED_PREFIX = "/v1/"
+SCOPE_KEY = "normbench.client_key"
 MAX_TRACKED_KEYS = 10_000  # least recently seen keys beyond this are forgotten (a full bucket is the default)
 _TOKEN_RE = re.compile(rb"^bearer\s+nb_([0-9a-f]{12})_[0-9a-f]{64}\s*$", re.IGNORECASE)
 
@@ -80,6 +82,11 @@ class KeyLimits:
             bucket.in_flight -= 1
 
 
+def client_key(request: Request) -> str:
+    """The key this request was admitted under ("" for a request that did not pass the middleware)."""
+    return str(request.scope.get(SCOPE_KEY, ""))
+
+
 class RateLimitMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -105,6 +112,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         key = self._key(scope)
+        scope[SCOPE_KEY] = key  # the poll threads take turns by it (app.db.run_in_db_thread)
         wait = self.limits.admit(key)
         if wait is not None:
             await _too_many(send, wait)

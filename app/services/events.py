@@ -243,7 +243,8 @@ class JobPoller:
         try:
             # Shielded: once begun, a poll's events reach the log even if the stream that runs it goes away.
             with anyio.CancelScope(shield=True):
-                events = await run_in_db_thread(partial(poll_once, self.tracker, self.database_url))
+                poll = partial(poll_once, self.tracker, self.database_url)
+                events = await run_in_db_thread(poll, key=f"events:{self.tracker.job_id}")
                 self.log.extend((e.name, _data_json(e)) for e in events)
         except Exception:
             # The database is down or busy: every stream keeps its connection (heartbeats) and the next poll

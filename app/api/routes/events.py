@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.api.deps import BearerDep, SettingsDep, resolve_owner
+from app.api.rate_limit import client_key
 from app.db import read_with_retry, run_in_db_thread
 from app.schemas.common import ERROR_RESPONSES, ErrorBody
 from app.schemas.events import describe_events
@@ -81,7 +82,7 @@ async def job_events(
     def check(session: Session) -> str:
         return service.get_job(session, resolve_owner(settings, session, credentials), job_id).id
 
-    job = await run_in_db_thread(partial(read_with_retry, settings.resolved_database_url, check))
+    job = await run_in_db_thread(partial(read_with_retry, settings.resolved_database_url, check), client_key(request))
     return StreamingResponse(
         events.event_stream(settings.resolved_database_url, job, request.is_disconnected, follow=follow),
         media_type=EVENT_STREAM_MEDIA_TYPE,

@@ -5,12 +5,13 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.orm import Session
 
 from app.api.deps import BearerDep, OwnerDep, SessionDep, SettingsDep, StorageDep, resolve_owner
+from app.api.rate_limit import client_key
 from app.config import Settings
 from app.db import read_with_retry, run_in_db_thread
 from app.schemas.common import ERROR_RESPONSES
@@ -77,10 +78,10 @@ def list_jobs(session: SessionDep, owner: OwnerDep) -> JobList:
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS, summary="Status and progress of a job")
-async def get_job(job_id: str, settings: SettingsDep, credentials: BearerDep) -> Response:
+async def get_job(job_id: str, request: Request, settings: SettingsDep, credentials: BearerDep) -> Response:
     # Every client polls this. async + one hop to a reserved database thread (key look-up, job row, run counts
     # in one short session), and the JSON is written once: no per-dependency thread hops, no second validation.
-    body = await run_in_db_thread(partial(_job_json, settings, credentials, job_id))
+    body = await run_in_db_thread(partial(_job_json, settings, credentials, job_id), key=client_key(request))
     return Response(body, media_type="application/json")
 
 
