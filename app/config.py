@@ -26,7 +26,25 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in `home`.")
     broker_url: str | None = Field(None, description="Celery broker URL; default filesystem broker in `home`.")
     broker_key_prefix: str = Field("", description="Prefix for every Redis key, so deployments can share a Redis.")
-    storage_url: str | None = Field(None, description="Dataset/checkpoint storage; default `home`/storage.")
+    storage_url: str | None = Field(
+        None,
+        description="Dataset/checkpoint storage: `file:///dir` (or a plain path) or `s3://bucket/prefix` (AWS S3 or an "
+        "S3-compatible server such as MinIO); default `home`/storage. Workers on other machines need S3.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible server for an `s3://` storage URL (MinIO: `http://minio:9000`); unset: AWS."
+    )
+    s3_region: str | None = Field(None, description="Region of the `s3://` bucket; unset: boto's default.")
+    s3_access_key_id: str | None = Field(
+        None, description="Access key of the `s3://` storage; unset: boto's chain (AWS_* variables, instance role)."
+    )
+    s3_secret_access_key: SecretStr | None = Field(None, description="Secret key matching `s3_access_key_id`.")
+    cache_dir: Path | None = Field(
+        None, description="Where a worker caches datasets from `s3://` storage, by sha256; default `home`/cache."
+    )
+    cache_max_bytes: int = Field(
+        20 * 2**30, ge=0, description="Size limit of the dataset cache; least recently used datasets go first."
+    )
     max_upload_bytes: int = Field(512 * 2**20, description="Largest accepted dataset upload.")
     max_epochs: int = Field(200, description="Ceiling on a job's epoch budget.")
     max_runs_per_job: int = Field(500, description="Ceiling on variants × batch sizes × seeds.")
@@ -168,7 +186,8 @@ class Settings(BaseSettings):
 
     @property
     def resolved_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        # The host is unused by the filesystem transport; naming it stops kombu's "No hostname was supplied".
+        return self.broker_url or "filesystem://localhost/"
 
     @property
     def broker_dir(self) -> Path:
@@ -177,6 +196,10 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_url(self) -> str:
         return self.storage_url or f"file://{(self.home / 'storage').resolve()}"
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or self.home / "cache").resolve()
 
     @property
     def is_embedded(self) -> bool:

@@ -13,7 +13,7 @@ from app.config import Settings
 from app.core.progress import Point, Progress
 from app.db import session_scope
 from app.repositories.runs import Claim, StaleAttempt, record_progress
-from app.storage import Storage
+from app.storage import Storage, local_copy
 from workers.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from workers.lease import Lease, LeaseLost
 from workers.lifecycle import SHUTDOWN
@@ -73,4 +73,6 @@ def save_checkpoint(storage: Storage, claim: Claim, step: int, ckpt: Checkpoint)
 
 
 def load_checkpoint(storage: Storage, uri: str, device: torch.device) -> Checkpoint:
-    return read_checkpoint(storage.fetch(uri), device)
+    # Remote storage: streamed to a temporary file, read, and removed.
+    with local_copy(storage, uri) as path:
+        return read_checkpoint(path, device)

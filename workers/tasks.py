@@ -22,7 +22,7 @@ from app.db import session_scope
 from app.queue import TRAIN_RUN_TASK
 from app.repositories.runs import Claim, claim_pack, finish_run
 from app.schemas.jobs import JobSpec
-from app.storage import Storage, open_storage
+from app.storage import DatasetCache, Storage, settings_storage
 from app.tables import Dataset, Job, Run
 from workers.celery_app import celery_app
 from workers.checkpoint import Checkpoint
@@ -158,7 +158,7 @@ def _train_claimed(
 ) -> str:
     """Train the claimed runs as one pack, in the pack's planned order, and settle each; returns how the
     task's own run (`run_id`) ended."""
-    storage = open_storage(settings.resolved_storage_url)
+    storage = settings_storage(settings)
     try:
         runs, inputs = _load_claimed(settings, claims, device)
         if inputs.cancelled:
@@ -167,7 +167,9 @@ def _train_claimed(
                     finish_run(s, r.claim.run_id, r.claim.attempt, RunStatus.CANCELLED, error=CANCELLED_BEFORE_START)
             return RunStatus.CANCELLED
         budget = json.dumps(runs[0].cfg.budget, sort_keys=True)
-        data = _cached_data(str(storage.fetch(inputs.dataset_uri)), inputs.dataset_sha256, budget, str(device))
+        # Remote storage: a local copy by content hash, downloaded once per worker machine.
+        local = DatasetCache.for_settings(settings).path(storage, inputs.dataset_uri, inputs.dataset_sha256)
+        data = _cached_data(str(local), inputs.dataset_sha256, budget, str(device))
     except Exception as e:  # nothing trained yet: settle every claimed run the same way
         statuses = {c.run_id: settle(settings, c, environment(device), e) for c in claims}
         return statuses[run_id]

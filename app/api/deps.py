@@ -14,7 +14,7 @@ from app.config import Settings
 from app.db import session_factory
 from app.errors import NotFound, Unauthorized
 from app.services import keys
-from app.storage import Storage, open_storage
+from app.storage import Storage, settings_storage
 
 
 async def get_settings_dep(request: Request) -> Settings:
@@ -34,7 +34,7 @@ def get_db(settings: SettingsDep) -> Iterator[Session]:
 
 
 def get_storage(settings: SettingsDep) -> Storage:
-    return open_storage(settings.resolved_storage_url)
+    return settings_storage(settings)
 
 
 SessionDep = Annotated[Session, Depends(get_db)]

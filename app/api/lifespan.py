@@ -16,7 +16,7 @@ from app.api.bind_check import BindVerdict, check_sockets_at_start, watch_new_so
 from app.config import Settings, check_bind_safety
 from app.db import session_scope, size_thread_pools
 from app.services.builtin import ensure_builtin_datasets
-from app.storage import open_storage
+from app.storage import settings_storage
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def start_up(settings: Settings) -> BindVerdict:
         raise
     try:
         with session_scope(settings.resolved_database_url) as session:
-            ensure_builtin_datasets(session, open_storage(settings.resolved_storage_url))
+            ensure_builtin_datasets(session, settings_storage(settings))
     except (OperationalError, ProgrammingError) as e:
         raise RuntimeError(
             f"database at {settings.resolved_database_url!r} is not ready ({type(e).__name__}); "
