@@ -163,17 +163,57 @@ def test_app_services_point_at_the_compose_postgres_and_redis(services: dict) ->
         assert urlparse(env["NORMBENCH_BROKER_URL"]).hostname in services, name
 
 
-def test_api_and_worker_share_the_storage_volume(compose: dict, services: dict) -> None:
-    sources = []
+def _s3_bucket(service: dict) -> str:
+    url = urlparse(_environment(service)["NORMBENCH_STORAGE_URL"])
+    assert url.scheme == "s3" and url.netloc, f"storage is not an s3://bucket/prefix URL: {url.geturl()}"
+    return url.netloc
+
+
+def _pinned(image: str) -> bool:
+    name, _, tag = image.rpartition(":")
+    return bool(name) and "/" not in tag and tag not in ("", "latest")
+
+
+def test_api_and_worker_share_the_minio_bucket(services: dict) -> None:
+    api, worker = _environment(services["api"]), _environment(services["worker"])
+    assert _s3_bucket(services["api"]) == _s3_bucket(services["worker"])
+    assert api["NORMBENCH_STORAGE_URL"] == worker["NORMBENCH_STORAGE_URL"]
+    endpoint = urlparse(api["NORMBENCH_S3_ENDPOINT_URL"])
+    assert worker["NORMBENCH_S3_ENDPOINT_URL"] == api["NORMBENCH_S3_ENDPOINT_URL"]
+    minio = services[endpoint.hostname or ""]
+    assert minio["image"].startswith("minio/minio:") and _pinned(minio["image"]), minio["image"]
+    assert endpoint.port == 9000 and "server" in _command(minio)
+    credentials = _environment(minio)
+    for env in (api, worker):
+        assert env["NORMBENCH_S3_ACCESS_KEY_ID"] == credentials["MINIO_ROOT_USER"]
+        assert env["NORMBENCH_S3_SECRET_ACCESS_KEY"] == credentials["MINIO_ROOT_PASSWORD"]
+    assert minio["healthcheck"]["test"]
+    assert any(m.rstrip("/") == "/data" for m in _volume_mounts(minio)), "minio keeps its objects in no volume"
+
+
+def test_a_one_shot_service_creates_the_bucket_before_api_and_worker(services: dict) -> None:
+    bucket = _s3_bucket(services["api"])
+    minio = urlparse(_environment(services["api"])["NORMBENCH_S3_ENDPOINT_URL"]).hostname
+    creators = [
+        name
+        for name, svc in services.items()
+        if "command" in svc and re.search(rf"\bmc mb\b.*/{re.escape(bucket)}\b", " ".join(_command(svc)))
+    ]
+    assert len(creators) == 1, f"no service runs `mc mb .../{bucket}`: {creators}"
+    creator = services[creators[0]]
+    assert creator["image"].startswith("minio/mc:") and _pinned(creator["image"]), creator["image"]
+    assert str(creator.get("restart")) == "no"
+    assert f"http://{minio}:9000" in " ".join(_command(creator))
+    assert creator["depends_on"][minio]["condition"] == "service_healthy"
     for name in ("api", "worker"):
-        url = urlparse(_environment(services[name])["NORMBENCH_STORAGE_URL"])
-        assert url.scheme == "file", f"{name}: storage must be a local directory"
-        mounts = _volume_mounts(services[name])
-        path = url.path.rstrip("/")
-        assert path in mounts, f"{name}: nothing mounted at {path} (mounts: {mounts})"
-        sources.append(mounts[path])
-    assert sources[0] == sources[1], f"api and worker mount different storage: {sources}"
-    assert sources[0] in (compose.get("volumes") or {}), f"{sources[0]} is not a named volume"
+        assert services[name]["depends_on"][creators[0]]["condition"] == "service_completed_successfully", name
+
+
+def test_the_worker_keeps_its_dataset_cache_in_a_volume(compose: dict, services: dict) -> None:
+    home = _environment(services["worker"])["NORMBENCH_HOME"].rstrip("/")
+    mounts = _volume_mounts(services["worker"])
+    assert mounts.get(home) in (compose.get("volumes") or {}), f"nothing persistent at {home}: {mounts}"
+    assert "/data/storage" not in mounts and "/data/storage" not in _volume_mounts(services["api"])
 
 
 def test_worker_reserves_an_nvidia_gpu(services: dict) -> None:
