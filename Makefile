@@ -10,10 +10,11 @@ TORCH_SPEC ?= torch==2.13.0
 # counts as success, so a selection that matches nothing does not fail the build.
 PYTEST_ARGS ?=
 PYTEST = $(BIN)/python -m pytest $(PYTEST_ARGS)
-# The pure tier leaves out what needs Postgres/Redis (marked by tests/conftest.py), system packages, or
-# worker processes; the services are pointed at a closed port so an unmarked test that reaches them fails.
+# The pure tier leaves out what needs Postgres/Redis (marked by tests/conftest.py), system packages, worker
+# processes, or minutes of CPU training; the services are pointed at a closed port, so an unmarked test that
+# reaches them fails instead of passing.
 FAST_ENV = NORMBENCH_TEST_PG=postgres@127.0.0.1:9 NORMBENCH_TEST_REDIS=redis://127.0.0.1:9/15
-FAST_MARKS = not services and not system and not e2e
+FAST_MARKS = not services and not system and not e2e and not slow
 
 .PHONY: run test test-fast lint deps audit services clean
 

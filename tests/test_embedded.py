@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT, worker_env
+
+pytestmark = pytest.mark.e2e  # the demo runs on a real local worker process
 
 
 def free_port() -> int:

@@ -75,6 +75,7 @@ def test_same_seed_same_initial_weights_across_variants(digits: tuple[DeviceData
     assert not torch.equal(next(other_seed.parameters()), weights[0][0])
 
 
+@pytest.mark.slow
 def test_same_seed_and_spec_give_identical_metrics(digits: tuple[DeviceData, dict[str, int]]) -> None:
     data, budget = digits
     runs = [Recorder(), Recorder()]
@@ -116,6 +117,7 @@ def final_points(rec: Recorder) -> dict[tuple[int, str], float]:
     return {(p.step, p.name): p.value for p in rec.points if p.name not in ("images_per_s", "step_time_ms")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [57, 720])  # mid-epoch (shutdown) and an epoch-boundary checkpoint
 def test_resume_from_checkpoint_gives_the_uninterrupted_run(
     digits: tuple[DeviceData, dict[str, int]], stop_after: int
@@ -169,6 +171,7 @@ def test_augmentation_keeps_shape_and_pixels() -> None:
     assert again is not None and crops.dy is not None and torch.equal(again.dy, crops.dy)  # (seed, epoch) only
 
 
+@pytest.mark.slow
 def test_diagnostics_bn_noise_and_train_eval_gap(digits: tuple[DeviceData, dict[str, int]]) -> None:
     data, budget = digits
     bn, gn = Recorder(), Recorder()
@@ -186,6 +189,7 @@ def test_diagnostics_bn_noise_and_train_eval_gap(digits: tuple[DeviceData, dict[
     assert gn_out.final_metrics["val_acc_train_mode"] == gn_out.final_metrics["val_acc"]
 
 
+@pytest.mark.slow
 def test_bn_precise_replaces_running_stats_with_population_stats(digits: tuple[DeviceData, dict[str, int]]) -> None:
     data, one_epoch = digits
     budget = {**one_epoch, "epochs": 2, "total_samples": 2 * one_epoch["samples_per_epoch"]}
@@ -201,6 +205,7 @@ def test_bn_precise_replaces_running_stats_with_population_stats(digits: tuple[D
     assert not torch.allclose(state[var], ema_state[var])
 
 
+@pytest.mark.slow
 def test_checkpoints_round_trip_through_a_file(digits: tuple[DeviceData, dict[str, int]], tmp_path: Path) -> None:
     """A checkpoint written and read back resumes the run as the one in memory does; format-1 and
     format-2 dicts written by earlier versions stay readable."""

@@ -172,6 +172,7 @@ def test_the_learning_rate_comes_from_the_step_counter_on_the_device(
     torch.testing.assert_close(device_lr, host_lr.float(), rtol=2e-7, atol=0)
 
 
+@pytest.mark.slow  # a subprocess that imports torch and runs the benchmark's parts: minutes on 2 cores
 def test_the_gpu_benchmark_runs_on_a_cpu(tmp_path: Path) -> None:
     """bench/gpu_grid.py is meant for a GPU session with little time: keep it runnable (graphs fall back
     to eager here, which the table says), and its JSON carrying device, torch version and command."""

@@ -129,6 +129,7 @@ def assert_same_run(a: Outcome, rec_a: Recorder, b: Outcome, rec_b: Recorder, *,
             assert curve_b[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 @pytest.mark.parametrize("norm", ["bn", "gn"])
 def test_packed_seeds_train_exactly_as_single_runs(
@@ -147,6 +148,7 @@ def test_packed_seeds_train_exactly_as_single_runs(
             assert {"bn_mean_noise", "bn_var_noise"} <= out.final_metrics.keys()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", sorted(NORM_PARAMS))
 def test_every_norm_packs(digits: tuple[DeviceData, dict[str, int]], norm: str) -> None:
     data, budget = digits
@@ -159,6 +161,7 @@ def test_every_norm_packs(digits: tuple[DeviceData, dict[str, int]], norm: str) 
         assert_same_run(ref, ref_rec, out, rec, chaotic=norm == "in")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("arch", "norm", "batch_size", "augment"),
     [("mlp", "bn", 2, {}), ("mlp", "bn", 8, {}), ("cnn", "gn", 8, {"hflip": True, "crop_padding": 1})],
@@ -177,6 +180,7 @@ def test_a_single_run_is_a_pack_of_one(
     assert_same_run(*single(cfg, data), out, rec, chaotic=batch_size == 2)
 
 
+@pytest.mark.slow
 def test_a_pack_of_variants_groups_runs_that_train_alike(digits: tuple[DeviceData, dict[str, int]]) -> None:
     data, budget = digits
     cfgs = [
@@ -202,6 +206,7 @@ def test_a_pack_of_variants_groups_runs_that_train_alike(digits: tuple[DeviceDat
         assert_same_run(*single(cfg, data), out, rec)
 
 
+@pytest.mark.slow
 def test_augmentation_draws_are_per_run_and_packed_alike(digits: tuple[DeviceData, dict[str, int]]) -> None:
     data, budget = digits
     cfgs = [config(budget, arch="cnn", augment={"hflip": True}, seed=s) for s in range(3)]
@@ -214,6 +219,7 @@ def test_augmentation_draws_are_per_run_and_packed_alike(digits: tuple[DeviceDat
     assert unaugmented.final_metrics["train_loss"] != packed[0].final_metrics["train_loss"]  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_packed_and_single(digits: tuple[DeviceData, dict[str, int]]) -> None:
     data, budget = digits
     cfgs = [config(budget, arch="cnn", norm=n, norm_params=NORM_PARAMS[n], precision="bf16") for n in ("bn", "brn")]
@@ -228,6 +234,7 @@ def test_bf16_autocast_packed_and_single(digits: tuple[DeviceData, dict[str, int
         assert abs(out.final_metrics["val_acc"] - ref.final_metrics["val_acc"]) < 0.03
 
 
+@pytest.mark.slow
 def test_checkpoints_resume_across_engines_and_positions(digits: tuple[DeviceData, dict[str, int]]) -> None:
     """A single run's mid-epoch checkpoint resumes inside a pack next to a fresh run (the pack's runs
     are then at different steps), and a packed run's epoch checkpoint resumes as a single run."""
@@ -255,6 +262,7 @@ def test_checkpoints_resume_across_engines_and_positions(digits: tuple[DeviceDat
     assert rest.final_metrics["train_loss"] == pytest.approx(ref_b.final_metrics["train_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_augmented_runs_resume_mid_epoch_with_the_same_draws(digits: tuple[DeviceData, dict[str, int]]) -> None:
     """Augmentation draws are a function of (seed, epoch): a run stopped mid-epoch resumes with the crops
     and flips it would have had, alone or packed next to a run at another position."""
@@ -272,6 +280,7 @@ def test_augmented_runs_resume_mid_epoch_with_the_same_draws(digits: tuple[Devic
         assert out.final_metrics["train_loss"] == pytest.approx(ref.final_metrics["train_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_one_run_diverging_or_leaving_does_not_disturb_the_others(digits: tuple[DeviceData, dict[str, int]]) -> None:
     data, budget = digits
     cfgs = [config(budget, seed=s) for s in range(5)]
@@ -330,6 +339,7 @@ class GroupWatcher(Recorder):
         return super().stop_reason()
 
 
+@pytest.mark.slow
 def test_a_pack_of_batch_sizes_trains_each_as_its_own_pack(digits: tuple[DeviceData, dict[str, int]]) -> None:
     """Runs of one job at several batch sizes step side by side, each on its own schedule, exactly as
     packs of one batch size do; a batch size that finishes first leaves the other groups as they are
