@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, func, select
 from app.config import Settings
 from app.main import create_app
 from app.queue import publish_train_run
-from app.tables import MetricPoint
+from app.tables import MetricPoint, Run
 from tests.factories import job_spec, wait_for_job
 from tests.support import WorkerProcess, worker_env
 from tests.tcp_proxy import TcpProxy
@@ -226,6 +226,29 @@ def test_cancel_lands_within_seconds_and_the_worker_takes_the_next_job(client: T
     assert job["progress"]["counts"]["cancelled"] == 3, job["progress"]
     next_job = client.post("/v1/jobs", json=slow_spec(budget={"epochs": 1})).json()["id"]
     assert wait_for_job(client, next_job, timeout=60)["status"] == "succeeded"
+
+
+def test_a_run_out_of_memory_fails_alone_and_the_worker_takes_the_next_job(
+    client: TestClient, settings: Settings, workers: Workers
+) -> None:
+    """A worker capped at 1 GiB (RLIMIT_DATA, NORMBENCH_WORKER_MEMORY_BYTES) gets a run whose state alone needs
+    more (an MLP of 84 M parameters; the API, at 8 GiB, admits it): the run fails as class `resource` on its
+    first attempt, retry refuses it unless forced, and the same worker process trains the next job."""
+    capped = workers.start("capped", NORMBENCH_WORKER_MEMORY_BYTES=str(2**30))
+    huge = client.post("/v1/jobs", json=slow_spec(model={"arch": "mlp", "hidden": [4096] * 6}, budget={"epochs": 1}))
+    assert huge.status_code == 202, huge.text
+    assert wait_for_job(client, huge.json()["id"], timeout=120)["status"] == "failed"
+    run = only_run(client, huge.json()["id"])
+    assert run["attempt"] == 1 and run["error"].startswith("out of memory"), run
+    engine = create_engine(settings.resolved_database_url)
+    with engine.connect() as conn:
+        assert conn.scalar(select(Run.failure_class).where(Run.id == run["id"])) == "resource"
+    refused = client.post(f"/v1/jobs/{huge.json()['id']}/retry")
+    assert refused.status_code == 409 and "out of memory" in refused.text and "force=true" in refused.text
+    healthy = client.post("/v1/jobs", json=slow_spec(budget={"epochs": 1})).json()["id"]
+    assert wait_for_job(client, healthy, timeout=90)["status"] == "succeeded"
+    assert capped.proc.poll() is None and only_run(client, healthy)["worker"].endswith(f":{capped.proc.pid}")
+    assert b"worker memory limited to 1073741824 bytes" in capped.log_path.read_bytes()
 
 
 @pytest.fixture

@@ -54,6 +54,8 @@ def test_one_round_repairs_what_was_lost(client: TestClient, settings: Settings)
     after = states(settings, ids)
     assert after[1][:2] == ("queued", 1)
     assert after[2][0] == "failed" and "all 3 attempts" in (after[2][2] or "")
+    with session_scope(settings.resolved_database_url) as s:
+        assert s.scalar(select(Run.failure_class).where(Run.id == ids[2])) == "infrastructure"
     assert after[3][:2] == ("running", 1) and after[4][0] == "queued"
     with session_scope(settings.resolved_database_url) as s:  # a second round finds nothing to do
         assert reconcile_once(s, settings, published.append) == {

@@ -1,11 +1,14 @@
 """The Celery application (`celery -A workers.celery_app worker -Q train --pool solo`).
 
 One run trains at a time per worker process (`--pool solo`): SIGTERM then reaches the training
-loop, which checkpoints and hands the run back instead of being killed mid-epoch.
+loop, which checkpoints and hands the run back instead of being killed mid-epoch. On a CPU the
+process's memory is capped at NORMBENCH_WORKER_MEMORY_BYTES, so a run that runs out fails alone.
 """
 
 from __future__ import annotations
 
+import logging
+import resource
 from typing import Any
 
 from celery import Celery
@@ -19,6 +22,27 @@ celery_app = Celery("normbench", include=["workers.tasks"])
 celery_app.conf.update(celery_config(get_settings()))
 app = celery_app  # `celery -A workers.celery_app` finds `app`
 
+log = logging.getLogger(__name__)
+
+
+def limit_memory(**_: Any) -> None:
+    """On a CPU worker, cap this process's data segment (heap and private mappings: every tensor) at
+    NORMBENCH_WORKER_MEMORY_BYTES with RLIMIT_DATA, so an allocation past it raises (the run fails, class
+    `resource`) instead of the kernel's OOM killer ending the worker and whatever else shares it. Not with
+    CUDA: the driver maps large private areas, and device memory is not host memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    limit = get_settings().worker_memory_bytes
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    log.info("worker memory limited to %d bytes (RLIMIT_DATA)", limit)
+
+
+worker_ready.connect(limit_memory, weak=False, dispatch_uid="normbench.limit_memory")  # solo: trains here
 worker_ready.connect(lifecycle.on_worker_ready, weak=False)
 worker_shutting_down.connect(lifecycle.on_worker_shutting_down, weak=False)
 
@@ -26,3 +50,4 @@ worker_shutting_down.connect(lifecycle.on_worker_shutting_down, weak=False)
 @worker_process_init.connect
 def _per_process_setup(**_: Any) -> None:
     lifecycle.apply_thread_setting()  # prefork children; solo workers apply it when ready
+    limit_memory()

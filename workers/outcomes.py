@@ -1,5 +1,8 @@
 """How a claimed run ended, recorded: its training outcome, or the exception that stopped it, classified
-as the design's failure classes (a lost claim, an unreachable database, out of memory, a data or code error)."""
+as the design's failure classes (a lost claim, an unreachable database, out of memory, a data or code error).
+
+Out of memory (a CUDA OOM, MemoryError, or the CPU allocator refusing past the worker's RLIMIT_DATA) is class
+`resource`: the run fails at once and is not retried unchanged (it would run out again), and the worker goes on."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from app.config import Settings
 from app.core.run_states import RunStatus
 from app.db import session_scope
 from app.queue import publish_train_run
-from app.repositories.runs import Claim, StaleAttempt, finish_run, release_run
+from app.repositories.runs import Claim, FailureClass, StaleAttempt, finish_run, release_run
 from workers.engine import Outcome
 from workers.lease import LeaseLost
 
@@ -22,7 +25,18 @@ log = logging.getLogger(__name__)
 # How a settled run ended when it did not reach a run status of its own (the task's return value).
 STALE = "stale"  # another attempt holds the run: this worker wrote nothing more
 LOST = "lost"  # the database was unreachable: the lease expires and the reconciler requeues the run
-RELEASED = "released"  # handed back to the queue and published again (shutdown, out of memory)
+RELEASED = "released"  # handed back to the queue and published again (shutdown)
+# How the CPU allocator (c10's DefaultCPUAllocator) and others word a refused allocation.
+_OOM_WORDS = ("can't allocate memory", "cannot allocate memory", "out of memory", "not enough memory")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a refused allocation (on the GPU or the CPU), not a bug."""
+    if isinstance(error, MemoryError | torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(w in str(error).lower() for w in _OOM_WORDS)
+
+
 INTERRUPTED = "interrupted"  # the engine's outcome for a run stopped by shutdown, checkpointed
 
 
@@ -36,14 +50,17 @@ def settle(settings: Settings, claim: Claim, env: dict[str, Any], result: Outcom
     if isinstance(result, LeaseLost | OperationalError):
         log.error("run %s attempt %s stopped: %s", claim.run_id, claim.attempt, result)
         return LOST
-    if isinstance(result, torch.cuda.OutOfMemoryError):
-        return retry_or_fail(settings, claim, f"out of memory: {result}", env)
-    # A data or model error: fail the run with its message, no retry.
-    log.error("run %s failed", claim.run_id, exc_info=result)
+    if out_of_memory(result):
+        log.error("run %s ran out of memory: %s", claim.run_id, result)
+        kind, error = FailureClass.RESOURCE, f"out of memory: {type(result).__name__}: {result}"
+    else:  # a data or model error: fail the run with its message, no retry
+        log.error("run %s failed", claim.run_id, exc_info=result)
+        kind, error = FailureClass.DATA, f"{type(result).__name__}: {result}"
     try:
         with session_scope(settings.resolved_database_url) as s:
-            error = f"{type(result).__name__}: {result}"
-            finish_run(s, claim.run_id, claim.attempt, RunStatus.FAILED, error=error, environment=env)
+            finish_run(
+                s, claim.run_id, claim.attempt, RunStatus.FAILED, error=error, environment=env, failure_class=kind
+            )
     except OperationalError as e:
         log.error("run %s attempt %s stopped: %s", claim.run_id, claim.attempt, e)
         return LOST
@@ -69,16 +86,6 @@ def record_outcome(settings: Settings, claim: Claim, outcome: Outcome, env: dict
             environment=env,
         )
     return outcome.status
-
-
-def retry_or_fail(settings: Settings, claim: Claim, reason: str, env: dict[str, Any]) -> str:
-    """An infrastructure failure: another attempt while the cap allows, else the run fails with the reason."""
-    if claim.attempt < settings.max_attempts:
-        return release(settings, claim, reason)
-    with session_scope(settings.resolved_database_url) as s:
-        error = f"{reason} (after {claim.attempt} attempts)"
-        finish_run(s, claim.run_id, claim.attempt, RunStatus.FAILED, error=error, environment=env)
-    return RunStatus.FAILED
 
 
 def release(settings: Settings, claim: Claim, reason: str) -> str:

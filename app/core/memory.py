@@ -68,8 +68,7 @@ NORM_ACTIVATION_FACTOR: dict[str, float] = {
 }
 # Weight-sized float32 tensors weight standardization keeps per forward (mean-centred, scaled, gradients).
 WS_COPIES = 6
-# Forward-only (evaluation): live tensors per site output at once, at most.
-EVAL_ACTIVATION_FACTOR = 3
+WS_EVAL_COPIES = 2
 
 
 @dataclass(frozen=True)
@@ -104,10 +103,15 @@ class Net:
         """Per run, whatever the batch: weight standardization (gn_ws) keeps a few weight-sized intermediates."""
         return WS_COPIES * FLOAT_BYTES * self.weights if catalogue.NORMS[norm].standardize_weights else 0
 
-    def eval_bytes_per_sample(self) -> int:
-        """Forward only: a few layers' outputs live at once, per sample."""
+    def fixed_eval_bytes(self, norm: str) -> int:
+        """Per run, forward only: the standardized weights (gn_ws) and their statistics."""
+        return WS_EVAL_COPIES * FLOAT_BYTES * self.weights if catalogue.NORMS[norm].standardize_weights else 0
+
+    def eval_bytes_per_sample(self, norm: str) -> int:
+        """Forward only: the largest layer's output with the norm's intermediates, and the input, per sample."""
         largest = max(self.site_elements, default=0)
-        return FLOAT_BYTES * (EVAL_ACTIVATION_FACTOR * largest + 2 * self.other_elements)
+        factor = max(NORM_ACTIVATION_FACTOR[norm], 3)  # a conv's input and output, and the norm's
+        return FLOAT_BYTES * math.ceil(factor * largest + 2 * self.other_elements)
 
 
 def _conv_out(size: int, stride: int) -> int:
@@ -211,7 +215,7 @@ def estimate(job: JobShape) -> Estimate:
     state = k * max(STATE_BYTES_PER_PARAM * net.parameters(n) + net.buffer_bytes(n) for n in job.norms)
     train = k * max(job.batch_size * net.train_bytes_per_sample(n) + net.fixed_train_bytes(n) for n in job.norms)
     chunk = min(max(MIN_EVAL_CHUNK, EVAL_BATCH // k), max(job.val_size, 1))
-    evaluation = k * chunk * net.eval_bytes_per_sample()
+    evaluation = k * max(chunk * net.eval_bytes_per_sample(n) + net.fixed_eval_bytes(n) for n in job.norms)
     return Estimate(
         WORKER_BASELINE_BYTES, resident_dataset_bytes(job.dataset_bytes), state, max(train, evaluation), params
     )
