@@ -27,6 +27,7 @@ from app.repositories.runs import Claim, FailureClass, finish_run
 from app.tables import Run
 from models.nets import build_model
 from tests.factories import job_spec
+from workers import packing
 from workers.data import channel_stats, load_device_data
 from workers.outcomes import settle
 
@@ -96,6 +97,10 @@ def test_activation_estimate_bounds_the_measured_peak(arch: str, shape: tuple[in
         measured = peak_bytes(evaluate)
         estimate = batch * net.eval_bytes_per_sample(norm) + net.fixed_eval_bytes(norm)
         assert measured <= estimate <= memory.ACTIVATION_BOUND_FACTOR * measured, (norm, measured, estimate)
+
+
+def test_the_evaluation_chunk_is_the_engines() -> None:
+    assert memory.EVAL_BATCH == packing.EVAL_BATCH
 
 
 def test_the_estimate_grows_with_batch_pack_and_width() -> None:

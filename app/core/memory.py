@@ -24,7 +24,7 @@ from app.core import catalogue
 from app.core.units import human_bytes
 
 FLOAT_BYTES = 4
-# The worker process at rest with torch imported (VmData of an idle CPU worker is about 0.4 GiB); room to spare.
+# The worker process at rest (VmData with workers.tasks and torch imported: about 0.25 GiB), with room to spare.
 WORKER_BASELINE_BYTES = 768 * 2**20
 # Per parameter: the parameter, its gradient, the gradients' flat copy, SGD momentum and one spare copy (the
 # models built before stacking, a checkpoint's state) — 5 float32 values.
@@ -35,8 +35,6 @@ EVAL_BATCH = 1024
 MIN_EVAL_CHUNK = 128
 # The estimate of activations is at most this many times torch's measured peak (tests/test_admission.py).
 ACTIVATION_BOUND_FACTOR = 4.0
-# CPU workers pack this many runs when NORMBENCH_PACK_SIZE is 0 (workers.tasks.pack_size).
-DEFAULT_CPU_PACK = 4
 
 # Learned parameters per channel of each norm layer (weight and bias; frn and evonorm_s0 add τ or v).
 NORM_PARAMS_PER_CHANNEL: dict[str, int] = {
