@@ -104,8 +104,8 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[DeviceData, dict[s
     import torch
 
     from app.core.budget import holdout_size, resolve_budget
-    from app.services.builtin import digits_dataset
     from app.core.dataset_format import save_canonical
+    from app.services.builtin import digits_dataset
     from workers.data import load_device_data
 
     ds = digits_dataset()
