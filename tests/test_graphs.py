@@ -106,11 +106,31 @@ def test_the_step_never_reads_a_tensor_on_the_host(digits: tuple[DeviceData, dic
     captures (with BN-noise sampling, with the grad norm), with augmentation, must run there."""
     data, budget = digits
     cfg = cnn(budget, norm, augment={"hflip": True, "crop_padding": 2})
-    _, g = group([cfg, cfg], on(META, data), META)
-    for noise in (False, True):
-        for gradnorm in (False, True):
+    for cfgs in ([cfg, cfg], [cfg]):  # a group of one steps without vmap
+        _, g = group(cfgs, on(META, data), META)
+        for noise in (False, True):
+            for gradnorm in (False, True):
+                g.train_step(noise, gradnorm)
+        assert g.flat.device == META and g.step.device == META
+
+
+@pytest.mark.parametrize("norm", ["bn", "brn", "gn"])
+def test_a_group_of_one_steps_as_a_vmapped_one(digits: tuple[DeviceData, dict[str, int]], norm: str) -> None:
+    """A single run's group calls the network directly on its views instead of through vmap: the same
+    state after steps with every extra (BN noise, grad norm), to float32 round-off."""
+    data, budget = digits
+    cfg = cnn(budget, norm, augment={"hflip": True, "crop_padding": 1})
+    states = []
+    for vmapped in (False, True):
+        _, g = group([cfg], data, CPU)
+        g.vmap_one = vmapped
+        for noise, gradnorm in [(True, False), (False, True), (True, True), (False, False)]:
             g.train_step(noise, gradnorm)
-    assert g.flat.device == META and g.step.device == META
+        states.append(snapshot(g.state()))
+    for a, b in zip(*states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if norm == "bn":
+        assert states[0][-1][0, 2] > 0  # BN noise was sampled (hook calls counted)
 
 
 def test_the_evaluation_loops_never_read_a_tensor_on_the_host(
