@@ -10,6 +10,7 @@ from app.api.middleware import install_middleware
 from app.api.router import api_router
 from app.config import Settings, get_settings
 from app.errors import install_error_handlers
+from app.ui.router import router as ui_router
 
 DESCRIPTION = (
     "NormBench tells you, with evidence, which normalization layer to use for your data at the batch "
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(api_router)
+    app.include_router(ui_router)  # the browser UI at `/` (app/ui)
     install_middleware(app, settings)
     return app
 
