@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         20 * 2**30, ge=0, description="Size limit of the dataset cache; least recently used datasets go first."
     )
     max_upload_bytes: int = Field(512 * 2**20, description="Largest accepted dataset upload.")
+    max_weights_bytes: int = Field(
+        512 * 2**20, description="Largest accepted weights upload (a safetensors file; a ResNet-50 is about 100 MB)."
+    )
     max_epochs: int = Field(200, description="Ceiling on a job's epoch budget.")
     max_runs_per_job: int = Field(500, description="Ceiling on variants × batch sizes × seeds.")
     max_train_samples_per_job: int = Field(2 * 10**9, description="Ceiling on samples trained over all runs.")

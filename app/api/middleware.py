@@ -16,6 +16,7 @@ from app.config import Settings, is_loopback
 from app.core.units import human_bytes
 
 UPLOAD_PATH = "/v1/datasets"
+WEIGHTS_PATH = "/v1/weights"
 MULTIPART_SLACK = 64 * 1024  # multipart boundaries, part headers and the two short form fields
 
 
@@ -42,7 +43,8 @@ async def _send_error(send: Send, status: int, kind: str, detail: str) -> None:
 class BodyLimitMiddleware:
     """Caps every request body while it is being received, before anything is spooled or parsed.
 
-    A dataset upload may carry `max_upload_bytes` (plus multipart framing); any other request
+    A dataset upload may carry `max_upload_bytes` (plus multipart framing), a weights upload
+    `max_weights_bytes`; any other request
     `max_request_bytes`. An honest Content-Length over the cap is answered 413 without reading a
     byte; a body without one (chunked) or one that lies is cut off with 413 as soon as the running
     count passes the cap. The upload's partial temporary file is closed (and so removed) by the form
@@ -59,6 +61,12 @@ class BodyLimitMiddleware:
             return (
                 cap + MULTIPART_SLACK,
                 f"the upload is over the limit of {human_bytes(cap)} (NORMBENCH_MAX_UPLOAD_BYTES)",
+            )
+        if scope["method"] == "POST" and scope["path"].rstrip("/") == WEIGHTS_PATH:
+            cap = self.settings.max_weights_bytes
+            return (
+                cap + MULTIPART_SLACK,
+                f"the weights file is over the limit of {human_bytes(cap)} (NORMBENCH_MAX_WEIGHTS_BYTES)",
             )
         cap = self.settings.max_request_bytes
         return cap, f"the request body is over the limit of {human_bytes(cap)} (NORMBENCH_MAX_REQUEST_BYTES)"

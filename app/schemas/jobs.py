@@ -120,6 +120,23 @@ class AugmentSpec(Strict):
     )
 
 
+class InitSpec(Strict):
+    """Start from uploaded weights (fine-tuning) instead of a seeded random initialisation."""
+
+    weights_id: str = Field(
+        max_length=64,
+        description="Weights you uploaded (POST /v1/weights) for the job's `model.arch`. Every run loads them; "
+        "the last classifier layer is re-initialised for the dataset's classes (seeded, the same for every variant).",
+    )
+    backbone_lr_mult: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="Learning-rate multiplier for every layer but the re-initialised head (e.g. 0.1 fine-tunes "
+        "the pretrained backbone ten times more gently than the new head).",
+    )
+
+
 class JobSpec(Strict):
     dataset_id: str = Field(
         max_length=64, description="Dataset to train on: an uploaded dataset's id or a built-in name (`digits`)."
@@ -134,6 +151,9 @@ class JobSpec(Strict):
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Training budget shared by every run.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and learning-rate schedule.")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="On-the-fly augmentation (images only).")
+    init: InitSpec | None = Field(
+        None, description="Fine-tune from uploaded weights; unset: train from a seeded random initialisation."
+    )
     validation_fraction: float = Field(
         0.1,
         gt=0,

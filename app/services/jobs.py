@@ -23,6 +23,7 @@ from app.repositories import runs as run_repo
 from app.schemas.jobs import ExtendRequest, JobSpec
 from app.services import quotas
 from app.services.datasets import get_dataset
+from app.services.weights import weights_for_job
 from app.tables import Dataset, Job, Run, utcnow
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,14 @@ def _check_memory(spec: JobSpec, dataset: Dataset, settings: Settings, arch: str
         raise InvalidSpec(f"model: {e}") from None
 
 
+def _check_init(session: Session, owner: str, spec: JobSpec, arch: str) -> str | None:
+    """The id of the weights a fine-tuning job starts from: the caller's, for the job's architecture (422
+    otherwise, also for another owner's id); share-locked until the job commits, so no delete can race it."""
+    if spec.init is None:
+        return None
+    return weights_for_job(session, owner, spec.init.weights_id, arch).id
+
+
 def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) -> Job:
     # In the transaction that inserts the job: the per-owner lock holds until commit.
     quotas.check_active_jobs(session, settings, owner)
@@ -115,10 +124,13 @@ def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) 
     except NotFound as e:
         raise InvalidSpec(f"dataset_id: {e.detail}") from None
     arch, budget = _validate(spec, dataset, settings)
+    weights_id = _check_init(session, owner, spec, arch)
     stored_spec = spec.model_dump(mode="json")
     stored_spec["model"]["arch"] = arch
     stored_spec["pack_size"] = spec.pack_size or settings.pack_size  # fixed now: the packs are part of the job
-    job = Job(owner=owner, dataset_id=dataset.id, name=spec.name, spec=stored_spec, budget=budget)
+    job = Job(
+        owner=owner, dataset_id=dataset.id, weights_id=weights_id, name=spec.name, spec=stored_spec, budget=budget
+    )
     session.add(job)
     session.flush()
     runs = expand_runs(job, spec, spec.seeds, stored_spec["pack_size"])

@@ -1,4 +1,5 @@
-"""Per-owner quotas: stored dataset bytes and jobs in flight (429 with the limit and what to do).
+"""Per-owner quotas: stored bytes (datasets and weights together) and jobs in flight (429 with the limit and
+what to do).
 
 The per-job ceilings (runs per job, samples trained per job, epochs) are checked with the spec in
 `app.services.jobs` and answer 422, since they are about the spec, not about the account.
@@ -18,7 +19,7 @@ from app.config import Settings
 from app.core.run_states import ACTIVE
 from app.core.units import human_bytes
 from app.errors import QuotaExceeded
-from app.tables import Dataset, Job, Run
+from app.tables import Dataset, Job, Run, Weights
 
 
 def lock_owner(session: Session, owner: str, what: str) -> None:
@@ -27,20 +28,24 @@ def lock_owner(session: Session, owner: str, what: str) -> None:
 
 
 def dataset_bytes_used(session: Session, owner: str) -> int:
-    used = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.owner == owner))
-    return int(used or 0)
+    """Bytes counted against the owner's storage quota: their datasets and their weights."""
+    datasets = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.owner == owner))
+    weights = session.scalar(select(func.coalesce(func.sum(Weights.size_bytes), 0)).where(Weights.owner == owner))
+    return int(datasets or 0) + int(weights or 0)
 
 
-def check_dataset_bytes(session: Session, settings: Settings, owner: str, new_bytes: int) -> None:
-    """Call inside the transaction that inserts the dataset row."""
+def check_dataset_bytes(
+    session: Session, settings: Settings, owner: str, new_bytes: int, what: str = "this dataset"
+) -> None:
+    """Call inside the transaction that inserts the dataset (or weights) row."""
     limit = settings.max_dataset_bytes_per_owner
-    lock_owner(session, owner, "datasets")
+    lock_owner(session, owner, "datasets")  # one lock for both: they share the quota
     used = dataset_bytes_used(session, owner)
     if used + new_bytes > limit:
         raise QuotaExceeded(
-            f"storing this dataset ({human_bytes(new_bytes)}) would bring your datasets to {human_bytes(used + new_bytes)}, "
-            f"over your quota of {human_bytes(limit)} (NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); "
-            + what_to_delete(session, owner)
+            f"storing {what} ({human_bytes(new_bytes)}) would bring your datasets and weights to "
+            f"{human_bytes(used + new_bytes)}, over your quota of {human_bytes(limit)} "
+            "(NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); " + what_to_delete(session, owner)
         )
 
 
@@ -61,7 +66,8 @@ def what_to_delete(session: Session, owner: str, shown: int = 3) -> str:
     return (
         (f"your largest datasets: {largest}. " if largest else "")
         + "Delete datasets you no longer need (DELETE /v1/datasets/{id}); one that jobs use can be deleted once "
-        "those jobs are (DELETE /v1/jobs/{id} also deletes their runs, metrics and checkpoints)"
+        "those jobs are (DELETE /v1/jobs/{id} also deletes their runs, metrics and checkpoints). Uploaded weights "
+        "count too (GET /v1/weights, DELETE /v1/weights/{id})"
     )
 
 

@@ -6,6 +6,7 @@ from app.tables.dataset import Dataset
 from app.tables.job import Job
 from app.tables.metric_point import MetricPoint
 from app.tables.run import Run
+from app.tables.weights import Weights
 
 __all__ = [
     "ApiKey",
@@ -14,6 +15,7 @@ __all__ = [
     "Job",
     "MetricPoint",
     "Run",
+    "Weights",
     "new_id",
     "utcnow",
 ]

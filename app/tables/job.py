@@ -17,6 +17,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
     owner: Mapped[str] = mapped_column(String(64), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), index=True)
+    weights_id: Mapped[str | None] = mapped_column(ForeignKey("weights.id", ondelete="RESTRICT"), index=True)
     name: Mapped[str | None] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(JsonType)
     budget: Mapped[dict[str, Any]] = mapped_column(JsonType)  # resolved fixed budget, same for every run

@@ -1,0 +1,191 @@
+"""Weights rules: upload → safetensors check against the architecture's manifest → storage → row; list, get,
+delete; and the check a job that starts from weights makes at submit."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.core.arch_manifests import manifest
+from app.core.units import human_bytes
+from app.errors import Conflict, DomainError, InvalidSpec, NotFound, PayloadTooLarge, QuotaExceeded
+from app.ingest.checks import IngestError, check_name
+from app.ingest.safetensors_check import WeightsFileError, check_weights_file
+from app.services import quotas
+from app.storage import Storage
+from app.tables import Job, Weights, new_id
+
+CHUNK = 1 << 20
+
+
+class InvalidWeights(DomainError):
+    status_code = 422
+    kind = "invalid_weights"
+
+
+def _copy_capped(source: BinaryIO, target: Path, max_bytes: int) -> str:
+    """Copy the upload to `target` a chunk at a time, refusing it once over `max_bytes`; its sha256."""
+    written = 0
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        while chunk := source.read(CHUNK):
+            written += len(chunk)
+            if written > max_bytes:
+                raise PayloadTooLarge(
+                    f"the weights file is over the limit of {human_bytes(max_bytes)} (NORMBENCH_MAX_WEIGHTS_BYTES)"
+                )
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def check_arch(arch: str) -> str:
+    try:
+        manifest(arch)
+    except ValueError as e:
+        raise InvalidWeights(f"arch: {e}") from None
+    return arch
+
+
+def create_weights(
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    *,
+    owner: str,
+    source: BinaryIO,
+    filename: str,
+    arch: str,
+    name: str | None,
+) -> Weights:
+    """Check and store one upload. Nothing is left behind on any failure: the temporary folder goes with the
+    `with` block, and the stored blob is deleted if the row cannot be committed."""
+    m = manifest(check_arch(arch))
+    display_name = _display_name(name, filename)
+    used = quotas.dataset_bytes_used(session, owner)
+    if used >= settings.max_dataset_bytes_per_owner:  # cheap early answer; the exact check is below
+        raise QuotaExceeded(
+            f"your datasets and weights already use {human_bytes(used)}, your quota is "
+            f"{human_bytes(settings.max_dataset_bytes_per_owner)} (NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); "
+            + quotas.what_to_delete(session, owner)
+        )
+    session.rollback()  # end the read transaction; the quota check below takes the lock in a fresh one
+    weights_id = new_id()
+    uri: str | None = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="normbench-weights-") as tmp:
+            raw = Path(tmp) / "upload.safetensors"
+            digest = _copy_capped(source, raw, settings.max_weights_bytes)
+            try:
+                summary = check_weights_file(raw, m)
+            except WeightsFileError as e:
+                raise InvalidWeights(str(e)) from None
+            size = raw.stat().st_size
+            quotas.check_dataset_bytes(session, settings, owner, size, "these weights")  # locked until commit
+            uri = storage.put_file(f"weights/{weights_id}.safetensors", raw)
+        row = Weights(
+            id=weights_id,
+            owner=owner,
+            name=display_name,
+            arch=arch,
+            sha256=digest,
+            size_bytes=size,
+            storage_uri=uri,
+            tensor_count=summary.tensor_count,
+            parameter_count=summary.parameter_count,
+            dtypes=summary.dtypes,
+            has_bn_stats=summary.has_bn_stats,
+            has_gn_weights=summary.has_gn_weights,
+            head_classes=summary.head_classes,
+        )
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if uri is not None:
+            storage.delete(uri)
+        raise
+    return row
+
+
+def _display_name(name: str | None, filename: str) -> str:
+    """The name the user gave, else the file's name; short and free of control and bidi-override characters."""
+    if name:
+        what, value = "weights name", name
+    else:
+        what = "weights name (taken from the file name; rename the file or pass `name`)"
+        value = Path(filename).name[:200]
+    try:
+        check_name(value, what)
+    except IngestError as e:
+        raise InvalidWeights(str(e)) from None
+    return value
+
+
+def list_weights(session: Session, owner: str, *, limit: int, offset: int) -> tuple[list[Weights], int]:
+    """One page of the owner's weights, newest first, and how many they have in all."""
+    stmt = (
+        select(Weights)
+        .where(Weights.owner == owner)
+        .order_by(Weights.created_at.desc(), Weights.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    total = session.scalar(select(func.count()).select_from(Weights).where(Weights.owner == owner))
+    return list(session.scalars(stmt)), int(total or 0)
+
+
+def _find(session: Session, owner: str, weights_id: str, lock: Literal["share", "update"] | None = None) -> Weights:
+    stmt = select(Weights).where(Weights.id == weights_id, Weights.owner == owner)
+    if lock is not None:
+        stmt = stmt.with_for_update(read=lock == "share")  # held until commit (Postgres; SQLite serialises writers)
+    row = session.scalars(stmt).first()
+    if row is None:  # another owner's weights are as absent as weights that never existed
+        raise NotFound(f"weights '{weights_id}' not found; GET /v1/weights lists yours")
+    return row
+
+
+def get_weights(session: Session, owner: str, weights_id: str) -> Weights:
+    return _find(session, owner, weights_id)
+
+
+def weights_for_job(session: Session, owner: str, weights_id: str, arch: str) -> Weights:
+    """The weights a job about to be inserted starts from: the caller's, for the job's architecture (422
+    otherwise). The row stays share-locked until the job commits, so a concurrent delete cannot race it."""
+    try:
+        row = _find(session, owner, weights_id, "share")
+    except NotFound as e:
+        raise InvalidSpec(f"init.weights_id: {e.detail}") from None
+    if row.arch != arch:
+        raise InvalidSpec(
+            f"init.weights_id: weights '{weights_id}' are for {row.arch}, the job's model.arch is {arch}; "
+            f"set model.arch to {row.arch} or upload weights for {arch}"
+        )
+    return row
+
+
+def delete_weights(session: Session, storage: Storage, owner: str, weights_id: str) -> None:
+    """Delete weights no job uses (the row is locked first, as for datasets)."""
+    row = _find(session, owner, weights_id, "update")
+    users = list(session.scalars(select(Job.id).where(Job.weights_id == weights_id).order_by(Job.created_at)))
+    if users:
+        shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+        raise Conflict(
+            f"weights '{weights_id}' are used by {len(users)} job(s) ({shown}); delete those jobs first "
+            "(DELETE /v1/jobs/{id}, or `normbench jobs rm JOB`), then the weights"
+        )
+    uri = row.storage_uri
+    session.delete(row)
+    try:
+        session.commit()
+    except IntegrityError:  # a job that refers to them committed in between
+        session.rollback()
+        raise Conflict(f"weights '{weights_id}' were just used by a new job; delete its jobs first") from None
+    storage.delete(uri)
