@@ -18,3 +18,4 @@ install() {
 
 install docker-compose docker-compose "the deploy-file test validates docker-compose.yml with it"
 install chromium chromium "the report test renders the report page in headless Chromium"
+install npm npm "the browser UI test fetches axe-core (the accessibility checker) with npm pack"

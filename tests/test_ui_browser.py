@@ -344,8 +344,23 @@ def test_ui_keys_off_upload_submit_watch_report_cancel_retry(
         expect(long.locator("[data-status]")).to_have_attribute("data-status", "running", timeout=JOB_TIMEOUT_MS)
         expect(long.get_by_role("button", name="Retry ui long")).to_be_disabled()
         s.shot("jobs-retried")
-        long.get_by_role("button", name="Cancel ui long").click()
-        expect(long).to_contain_text("2/2 finished · 2 cancelled", timeout=60_000)
+
+        # Its page while it runs: the report is rebuilt when the stream reports an epoch (the page itself never
+        # reloads), and it can be cancelled from there.
+        long.get_by_role("link", name="Report of ui long").click()
+        expect(title(page, "ui long")).to_be_visible()
+        report = page.frame_locator("#report-frame")
+        expect(report.locator("[data-status]").first).to_have_attribute("data-status", "running")
+        with page.expect_request(lambda r: r.url.split("?")[0].endswith("/report"), timeout=JOB_TIMEOUT_MS) as rebuilt:
+            pass
+        assert "refresh=0" in rebuilt.value.url
+        expect(page.locator("#job-live")).to_have_text("● live")
+        s.shot("job-live")
+        page.get_by_role("button", name="Cancel", exact=True).click()
+        expect(page.locator("#job-status")).to_contain_text("cancelling")
+        expect(page.locator("#job-status [data-status]")).to_have_attribute("data-status", "cancelled", timeout=60_000)
+        expect(report.locator("[data-status]").first).to_have_attribute("data-status", "cancelled")
+        expect(page.get_by_role("button", name="Retry", exact=True)).to_be_enabled()
         s.check_clean()
 
 
@@ -383,7 +398,13 @@ def test_ui_with_api_keys(settings: Settings, worker: WorkerProcess, browser: Br
         row = job_row(page, "keyed tiny")
         expect(row.locator("[data-status]")).to_have_attribute("data-status", "succeeded", timeout=JOB_TIMEOUT_MS)
         row.get_by_role("link", name="Report of keyed tiny").click()
-        expect(page.frame_locator("#report-frame").locator("#verdicts")).to_be_visible()
+        report = page.frame_locator("#report-frame")
+        expect(report.locator("#verdicts")).to_be_visible()
+        # The report's data links need the key too: the page fetches them with it and opens what came back.
+        with page.context.expect_page() as popup:
+            report.get_by_role("link", name="results JSON").click()
+        popup.value.wait_for_load_state()
+        assert popup.value.url.startswith("blob:") and '"complete":true' in popup.value.content()
 
         # The key went out as a header on every API request (the event stream's too), never in a URL.
         api_calls = [r for r in s.requests if r[1].startswith(f"{base}/v1/")]
