@@ -4,6 +4,7 @@
     normbench submit my_data.npz --variants bn,gn:8/16/32 --batch-sizes 2,4,8 --seeds 3 --epochs 10
     normbench status JOB · normbench results JOB --format table|json|csv · normbench report JOB [--open]
     normbench datasets ls | upload FILE [--name N] [--label-column C] | rm ID
+    normbench weights ls | upload FILE --arch ARCH [--name N] | rm ID   (pretrained .safetensors state dicts)
     normbench jobs ls | rm JOB · normbench cancel JOB · normbench retry JOB · normbench extend JOB --seeds N
 
 It talks to the server over HTTP only (it imports nothing of the service): the base URL comes from
@@ -190,6 +191,19 @@ class Api:
             return self.json(  # type: ignore[no-any-return]
                 "POST",
                 "/v1/datasets",
+                files={"file": (path.name, f)},
+                data=form,
+                timeout=httpx.Timeout(30.0, read=600.0, write=600.0),
+            )
+
+    def upload_weights(self, path: Path, arch: str, name: str | None) -> dict[str, Any]:
+        if not path.is_file():
+            raise CliError(f"no such file: {path}")
+        form = {"arch": arch, **({"name": name} if name else {})}
+        with path.open("rb") as f:  # streamed from the file: a ResNet-50 is ~100 MB
+            return self.json(  # type: ignore[no-any-return]
+                "POST",
+                "/v1/weights",
                 files={"file": (path.name, f)},
                 data=form,
                 timeout=httpx.Timeout(30.0, read=600.0, write=600.0),
@@ -451,6 +465,46 @@ def cmd_datasets(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(api: Api, args: argparse.Namespace) -> int:
+    if args.action == "ls":
+        items: list[dict[str, Any]] = []
+        offset: int | None = 0
+        while offset is not None:  # every page
+            page = api.json("GET", "/v1/weights", params={"limit": 200, "offset": offset})
+            items += page["items"]
+            offset = page["next_offset"]
+        if args.json:
+            print(json.dumps(items, indent=2))
+            return 0
+        rows = [
+            [
+                w["id"],
+                w["name"],
+                w["arch"],
+                "BN statistics" if w["has_bn_stats"] else "GN weights" if w["has_gn_weights"] else "-",
+                "-" if w["head_classes"] is None else str(w["head_classes"]),
+                "/".join(w["dtypes"]),
+                human_bytes(w["size_bytes"]),
+                w["created_at"][:19].replace("T", " "),
+            ]
+            for w in items
+        ]
+        print_table(rows, ["id", "name", "arch", "norms", "head", "dtypes", "size", "created"])
+    elif args.action == "upload":
+        w = api.upload_weights(Path(args.file), args.arch, args.name)
+        print(w["id"])
+        norms = "with BatchNorm statistics" if w["has_bn_stats"] else "GroupNorm weights" if w["has_gn_weights"] else ""
+        err(
+            f"uploaded {args.file}: {w['arch']}, {w['parameter_count']:,} parameters ({'/'.join(w['dtypes'])})"
+            f"{', ' + norms if norms else ''}, {human_bytes(w['size_bytes'])}; use it with "
+            f'`"init": {{"weights_id": "{w["id"]}"}}` in a job spec'
+        )
+    else:
+        api.request("DELETE", f"/v1/weights/{args.id}")
+        err(f"deleted weights {args.id}")
+    return 0
+
+
 def remove_job(api: Api, job_id: str, timeout: float = 300.0) -> None:
     """DELETE the job; while its running runs are still stopping (the server cancelled them and answered 409),
     wait for them and delete again."""
@@ -545,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_submit(sub, common)
     _add_job_reports(sub, common)
     _add_datasets(sub, common)
+    _add_weights(sub, common)
     _add_job_actions(sub, common)
     return parser
 
@@ -665,6 +720,26 @@ def _add_datasets(sub: Subparsers[argparse.ArgumentParser], common: argparse.Arg
     rm = dsub.add_parser("rm", parents=[common], help="delete a dataset no job uses")
     rm.add_argument("id", metavar="ID")
     datasets.set_defaults(func=cmd_datasets)
+
+
+def _add_weights(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    weights = sub.add_parser("weights", parents=[common], help="list, upload or delete pretrained weights")
+    wsub = weights.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = wsub.add_parser("ls", parents=[common], help="your weights, newest first")
+    ls.add_argument("--json", action="store_true", help="as JSON")
+    up = wsub.add_parser(
+        "upload",
+        parents=[common],
+        help="upload a state dict saved with safetensors.torch.save_file (pickles are refused)",
+    )
+    up.add_argument("file", metavar="FILE", help="a .safetensors file")
+    up.add_argument(
+        "--arch", required=True, help="its torchvision architecture: resnet18, resnet50, mobilenet_v3_small, ..."
+    )
+    up.add_argument("--name", help="display name (default: the file name)")
+    rm = wsub.add_parser("rm", parents=[common], help="delete weights no job uses")
+    rm.add_argument("id", metavar="ID")
+    weights.set_defaults(func=cmd_weights)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from safetensors.numpy import save as st_save
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
+from app import cli
 from app.api.middleware import MULTIPART_SLACK
 from app.config import Settings
 from app.core.arch_manifests import manifest, manifest_archs
@@ -387,6 +388,56 @@ def test_submit_checks_init_and_delete_is_409_while_a_job_uses_them(client: Test
     assert resp.status_code == 409 and "used by 1 job(s)" in resp.json()["detail"]
 
 
+def test_cli_weights_upload_ls_rm(
+    client: TestClient, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The CLI's HTTP client, answered by the app in-process.
+    monkeypatch.setattr(cli, "Api", _InProcessApi.bind(client))
+    path = tmp_path / "mobilenet.safetensors"
+    path.write_bytes(weights_bytes())
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = run("weights", "upload", str(path), "--arch", SMALL, "--name", "pretrained")
+    assert code == 0, err
+    weights_id = out.strip()
+    assert f"uploaded {path}: {SMALL}" in err and "with BatchNorm statistics" in err and weights_id in err
+    code, out, _ = run("weights", "ls")
+    assert code == 0 and weights_id in out and "pretrained" in out and "BN statistics" in out
+    assert out.splitlines()[0].split() == ["id", "name", "arch", "norms", "head", "dtypes", "size", "created"]
+    code, out, _ = run("weights", "ls", "--json")
+    assert [w["id"] for w in json.loads(out)] == [weights_id]
+    pickle_path = tmp_path / "model.pt"
+    pickle_path.write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    code, _, err = run("weights", "upload", str(pickle_path), "--arch", SMALL)
+    assert code == 1 and err.startswith("error: ") and "pickle" in err
+    code, _, err = run("weights", "rm", weights_id)
+    assert code == 0 and f"deleted weights {weights_id}" in err
+    code, _, err = run("weights", "rm", weights_id)
+    assert code == 1 and "not found" in err
+    with pytest.raises(SystemExit):
+        cli.main(["weights", "upload", str(path)])  # --arch is required
+
+
+class _InProcessApi(cli.Api):
+    test_client: TestClient
+
+    @classmethod
+    def bind(cls, test_client: TestClient) -> type[_InProcessApi]:
+        return type("BoundApi", (cls,), {"test_client": test_client})
+
+    def __init__(self, base_url: str, api_key: str | None, timeout: float) -> None:
+        self.base_url = base_url
+        self.client = self.test_client
+
+    def close(self) -> None:
+        pass
+
+
 # ----------------------------------------------------------------------------------------- hostile files
 
 
@@ -527,3 +578,10 @@ def test_two_gib_of_zeros_is_cut_off_in_bounded_memory(harness: Any) -> None:
         assert pulled <= 2**20 + MULTIPART_SLACK + 2**20 + len(MULTIPART_HEAD), pulled
         assert peak < 64 * 2**20, f"peak traced memory {peak} bytes"
         h.assert_nothing_left(before)
+
+
+def test_readme_shows_the_weights_workflow() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "curl -F file=@resnet18.safetensors -F arch=resnet18" in readme
+    assert "normbench weights upload resnet18.safetensors --arch resnet18" in readme
+    assert "NORMBENCH_MAX_WEIGHTS_BYTES" in readme and '"init": {"weights_id"' in readme
