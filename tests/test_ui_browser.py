@@ -286,6 +286,14 @@ def test_ui_keys_off_upload_submit_watch_report_cancel_retry(
         expect(page.locator("#norm-in-error")).to_contain_text("variants[1]: norm 'in' needs spatial positions")
         expect(page.locator("#norm-in")).to_be_focused()
         assert len(s.api_requests("POST", "/v1/jobs")) == 1  # refused: nothing was submitted
+        # A schema error (FastAPI's 422) lands beside its field too, and the earlier message is gone.
+        fill_job(page, name="ui tiny", arch="mlp", norms={"bn": {}}, batch="8, 8", seeds="0", epochs=1)
+        page.get_by_role("button", name="Submit the comparison").click()
+        expect(page.locator("#batch-sizes-error")).to_contain_text(
+            "batch_sizes: Value error, batch sizes must be distinct"
+        )
+        expect(page.get_by_label("Batch sizes", exact=True)).to_have_attribute("aria-invalid", "true")
+        expect(page.locator("#norm-in-error")).to_be_empty()
 
         fill_job(
             page, name="ui tiny", arch="cnn", norms={"bn": {}, "gn": {"groups": "2, 4"}}, batch="8", seeds="0", epochs=1
@@ -359,7 +367,7 @@ def test_ui_keys_off_upload_submit_watch_report_cancel_retry(
         page.get_by_role("button", name="Cancel", exact=True).click()
         expect(page.locator("#job-status")).to_contain_text("cancelling")
         expect(page.locator("#job-status [data-status]")).to_have_attribute("data-status", "cancelled", timeout=60_000)
-        expect(report.locator("[data-status]").first).to_have_attribute("data-status", "cancelled")
+        expect(report.locator("[data-status]").first).to_have_attribute("data-status", "cancelled", timeout=20_000)
         expect(page.get_by_role("button", name="Retry", exact=True)).to_be_enabled()
         s.check_clean()
 
@@ -391,6 +399,10 @@ def test_ui_with_api_keys(settings: Settings, worker: WorkerProcess, browser: Br
             files=[{"name": "keyed.npz", "mimeType": "application/octet-stream", "buffer": image_npz()}]
         )
         expect(page.locator("#upload-notice")).to_contain_text("Stored keyed.npz")
+        page.get_by_role("button", name="Delete keyed.npz").click()
+        page.get_by_role("button", name="Confirm: delete keyed.npz").click()
+        expect(page.locator("#upload-notice")).to_have_text("Deleted keyed.npz.")
+        expect(page.locator("tr", has_text="keyed.npz")).to_have_count(0)
 
         s.goto("#/new?dataset=digits")
         fill_job(page, name="keyed tiny", arch="mlp", norms={"bn": {}}, batch="32", seeds="0", epochs=1)
