@@ -54,7 +54,7 @@ def upload_weights(
     return WeightsOut.model_validate(row)
 
 
-@router.get("", response_model=WeightsList, summary="List your weights, newest first")
+@router.get("", response_model=WeightsList, responses=ERRORS, summary="List your weights, newest first")
 def list_weights(
     session: SessionDep,
     owner: OwnerDep,
