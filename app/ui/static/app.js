@@ -776,7 +776,12 @@
       if (first) first.focus();
     }
 
-    form.addEventListener("input", updateEstimate);
+    form.addEventListener("input", (ev) => {
+      // Editing a field clears what was said about it: a stale message beside a changed value misleads.
+      const f = Object.values(fields).find((x) => x.input === ev.target);
+      if (f) { f.error.textContent = ""; f.input.removeAttribute("aria-invalid"); }
+      updateEstimate();
+    });
     form.addEventListener("change", () => { updateArch(); updateEstimate(); });
     form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
