@@ -45,8 +45,9 @@ USER normbench
 # Listening on all interfaces: API keys on (create them with `normbench-admin create-key`).
 ENV NORMBENCH_REQUIRE_API_KEYS=true
 EXPOSE 8000
+# /readyz: the database and the broker answer, not only the process.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=5 \
-    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"
+    CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status == 200 else 1)"
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
 
 # ---------------------------------------------------------------------------------------
@@ -54,14 +55,22 @@ CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
 # ---------------------------------------------------------------------------------------
 FROM base AS worker
 
-# torch is installed before the package so this large layer is cached across code changes.
-# PyPI's Linux x86_64 torch wheels bundle CUDA (they pull the nvidia-* runtime wheels), so the
-# default spec gives a GPU-capable worker; the host needs only the NVIDIA driver and the
-# NVIDIA Container Toolkit. Override at build time to pin a version, e.g.
-#   docker build --target worker --build-arg TORCH_SPEC="torch==2.13.0" .
-ARG TORCH_SPEC="torch>=2.11"
-RUN pip install --no-cache-dir "$TORCH_SPEC"
+# torch is installed before the package so this large layer is cached across code changes. The pin is the
+# Makefile's (TORCH_SPEC there), so the image trains with the torch the tests ran with.
+# PyPI's Linux x86_64 torch wheels are the CUDA builds (they pull the nvidia-* runtime wheels): the host needs
+# the NVIDIA Container Toolkit and a driver that supports that CUDA version. Check which it is with
+#   docker compose run --rm worker python -c "import torch; print(torch.version.cuda)"
+# CUDA 13.x needs driver >= 580, CUDA 12.8 >= 570 (NVIDIA's CUDA compatibility table; `nvidia-smi` shows the
+# host's). TORCH_INDEX_URL picks another build: https://download.pytorch.org/whl/cpu (the compose `cpu`
+# profile), or .../whl/cu126 for an older driver (>= 560).
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX_URL=""
+RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 RUN pip install --no-cache-dir ".[worker]"
+COPY scripts/worker_health.py ./scripts/
 
 USER normbench
-CMD ["celery", "-A", "workers.celery_app", "worker", "-Q", "train", "--pool", "solo", "--loglevel", "INFO"]
+# Healthy while the worker answers a Celery ping, or while it trains a run whose lease it keeps renewing.
+HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 CMD ["python", "scripts/worker_health.py"]
+CMD ["celery", "-A", "workers.celery_app", "worker", "-Q", "train", "--pool", "solo", "--loglevel", "INFO", \
+     "--hostname", "normbench@%h"]

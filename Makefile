@@ -18,15 +18,24 @@ FAST_MARKS = not services and not system and not e2e and not slow
 
 .PHONY: run test test-fast lint deps audit services clean
 
+# -qq: pip's errors only. A single -q still prints warnings, and a machine's pip configuration can add a
+# hundred lines of them (an index location that does not exist, per package) that bury everything else.
+PIP_INSTALL = $(BIN)/pip install -qq
+# Arguments for the devserver, e.g. `make run RUN_ARGS=--no-demo` (the service alone) or `RUN_ARGS=--new-demo`.
+RUN_ARGS ?=
+
 $(BIN)/.installed: pyproject.toml
+	@echo "installing NormBench, PyTorch and the test tools into $(VENV) (the first time: a few minutes)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e '.[worker,test]'
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(PIP_INSTALL) -e '.[worker,test]'
 	touch $@
 
+# No shell around the devserver (no metacharacters in the line): make runs it directly, so Ctrl-C and SIGTERM
+# reach it, and it stops the API and the worker and exits 0.
 run: $(BIN)/.installed
-	$(BIN)/python -m app.devserver
+	$(BIN)/python -m app.devserver $(RUN_ARGS)
 
 # System packages the full suite uses (chromium, docker-compose); installs with apt as root when missing.
 deps:

@@ -222,11 +222,15 @@ def pct(x: float | None) -> str:
 
 
 def progress_line(job: dict[str, Any], width: int = 30) -> str:
+    """The bar counts training steps and the counter counts finished runs: runs of a pack train side by side
+    and all finish at its end, so the bar can stand at 50% with no run finished; the line says so."""
     p = job["progress"]
     fraction = min(max(float(p["fraction"]), 0.0), 1.0)
     filled = int(round(fraction * width))
     bar = "#" * filled + "-" * (width - filled)
-    return f"[{bar}] {fraction * 100:5.1f}%  runs {p['runs_finished']}/{p['runs_total']}  {job['status']}"
+    training = int((p.get("counts") or {}).get(RunStatus.RUNNING, 0))
+    runs = f"runs {p['runs_finished']}/{p['runs_total']}" + (f" ({training} training)" if training else "")
+    return f"[{bar}] {fraction * 100:5.1f}% of steps  {runs}  {job['status']}"
 
 
 def cell_text(cell: dict[str, Any] | None) -> str:
@@ -336,17 +340,8 @@ def job_outcome(job: dict[str, Any], results: dict[str, Any]) -> int:
     return 1
 
 
-def cmd_submit(api: Api, args: argparse.Namespace) -> int:
-    source = args.dataset
-    path = Path(source)
-    if path.is_file():
-        dataset = api.upload(path, args.dataset_name, args.label_column)
-        err(f"uploaded {path.name} as dataset {dataset['id']} ({dataset['kind']}, {dataset['num_samples']} samples)")
-        dataset_id = dataset["id"]
-    elif path.suffix.lower() in UPLOAD_SUFFIXES or os.sep in source:
-        raise CliError(f"no such file: {source} (give a .npz/.zip/.csv path, or a dataset id such as digits)")
-    else:
-        dataset_id = source
+def submit_spec(args: argparse.Namespace, dataset_id: str) -> dict[str, Any]:
+    """The job spec `normbench submit` sends; what it leaves out takes the server's defaults."""
     model: dict[str, Any] = {"arch": args.arch}
     for key in ("depth", "width"):
         if getattr(args, key) is not None:
@@ -365,7 +360,45 @@ def cmd_submit(api: Api, args: argparse.Namespace) -> int:
         spec["name"] = args.name
     if args.lr is not None:
         spec["optimizer"] = {"lr": args.lr}
-    job = api.json("POST", "/v1/jobs", json=spec)
+    if args.validation_fraction is not None:
+        spec["validation_fraction"] = args.validation_fraction
+    return spec
+
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}\Z")
+_HEX = re.compile(r"[0-9a-f]+\Z")
+
+
+def resolve_job(api: Api, ref: str) -> str:
+    """A job id from its first characters (as `jobs ls` and git do): the one of the caller's jobs it starts.
+    A full id, or a reference that is not hex, is sent as given (the server's 404 explains a wrong one)."""
+    if not _HEX.match(ref.lower()):
+        return ref
+    ref = ref.lower()
+    if _JOB_ID.match(ref):
+        return ref
+    items = api.json("GET", "/v1/jobs")["items"]
+    matches = [j["id"] for j in items if j["id"].startswith(ref)]
+    if len(matches) > 1:
+        raise CliError(
+            f"'{ref}' is the start of {len(matches)} of your jobs ({', '.join(m[: len(ref) + 4] for m in matches[:5])}"
+            f"{', ...' if len(matches) > 5 else ''}); give more characters"
+        )
+    return matches[0] if matches else ref
+
+
+def cmd_submit(api: Api, args: argparse.Namespace) -> int:
+    source = args.dataset
+    path = Path(source)
+    if path.is_file():
+        dataset = api.upload(path, args.dataset_name, args.label_column)
+        err(f"uploaded {path.name} as dataset {dataset['id']} ({dataset['kind']}, {dataset['num_samples']} samples)")
+        dataset_id = dataset["id"]
+    elif path.suffix.lower() in UPLOAD_SUFFIXES or os.sep in source:
+        raise CliError(f"no such file: {source} (give a .npz/.zip/.csv path, or a dataset id such as digits)")
+    else:
+        dataset_id = source
+    job = api.json("POST", "/v1/jobs", json=submit_spec(args, dataset_id))
     total = job["progress"]["runs_total"]
     err(f"submitted job {job['id']}: {total} runs on {dataset_id}")
     if args.no_wait:
@@ -637,12 +670,19 @@ def _add_submit(sub: Subparsers[argparse.ArgumentParser], common: argparse.Argum
     submit.add_argument("--seeds", type=seeds_arg, default=[0, 1, 2], help="a count (3 = seeds 0,1,2) or a list")
     submit.add_argument("--epochs", type=int, default=10, help="training epochs per run (default 10)")
     submit.add_argument(
-        "--arch", choices=["auto", "mlp", "cnn", "resnet"], default="auto", help="network (default auto)"
+        "--arch",
+        choices=["auto", "mlp", "cnn", "resnet"],
+        default="auto",
+        help="network (default auto: the server picks mlp for tabular data, cnn for images; the `make run` demo "
+        "passes mlp, where BatchNorm's small-batch failure shows on digits)",
     )
     submit.add_argument("--depth", type=int, help="ResNet depth (6n+2)")
     submit.add_argument("--width", type=int, help="CNN/ResNet first-stage channels")
     submit.add_argument("--hidden", type=int_list_arg, help="MLP hidden widths, e.g. 256,256")
     submit.add_argument("--lr", type=float, help="learning rate at the reference batch size 32 (default 0.1)")
+    submit.add_argument(
+        "--validation-fraction", type=float, help="share of the training split held out for validation (default 0.1)"
+    )
     submit.add_argument("--name", help="a label for the job")
     submit.add_argument("--dataset-name", help="name for an uploaded dataset (default: the file name)")
     submit.add_argument("--label-column", help="CSV upload: the column holding labels (default label)")
@@ -751,6 +791,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout = 30.0
     api = Api(url, key, timeout)
     try:
+        if getattr(args, "job", None):
+            args.job = resolve_job(api, args.job)
         return int(args.func(api, args))
     except CliError as e:
         err(f"error: {e}")

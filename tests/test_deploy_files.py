@@ -6,9 +6,12 @@ Pure file parsing plus one `docker-compose config -q`; no images are built and n
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -50,11 +53,30 @@ def _option(cmd: list[str], *names: str) -> str:
     raise AssertionError(f"none of {names} in {cmd}")
 
 
+def _interpolate(text: str) -> str:
+    """Compose's `${VAR:-default}` gives its default here and a required `${VAR:?message}` a stand-in secret."""
+
+    def value(m: re.Match[str]) -> str:
+        op, arg = m.group(2) or "", m.group(3) or ""
+        return arg if op in (":-", "-") else "test-secret"
+
+    return re.sub(r"\$\{(\w+)(:?[-?])?([^}]*)\}", value, text)
+
+
 def _environment(service: dict) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {str(k): str(v) for k, v in env.items()}
+    return {str(k): _interpolate(str(v)) for k, v in env.items()}
+
+
+def _api_server_command(api: dict) -> list[str]:
+    """The API's server command: the whole command, or what a `sh -c` script finally `exec`s."""
+    cmd = _command(api)
+    if cmd[:2] == ["sh", "-c"]:
+        last = [line.strip() for line in cmd[2].splitlines() if line.strip().startswith("exec ")][-1]
+        return last.removeprefix("exec ").split()
+    return cmd
 
 
 def _volume_mounts(service: dict) -> dict[str, str]:
@@ -138,14 +160,14 @@ def test_worker_celery_app_module_exists(services: dict) -> None:
 
 def test_api_serves_app_main_on_the_published_port(services: dict) -> None:
     api = services["api"]
-    cmd = _command(api)
+    cmd = _api_server_command(api)
     assert cmd[0] == "uvicorn" and "app.main:app" in cmd
     assert importlib.util.find_spec("app.main") is not None
     port = _option(cmd, "--port")
     container_ports = {str(p).split(":")[-1].split("/")[0] for p in api.get("ports", [])}
     assert port in container_ports, f"uvicorn listens on {port}, compose publishes {container_ports}"
     health = " ".join(map(str, api["healthcheck"]["test"]))
-    assert f":{port}/healthz" in health
+    assert f":{port}/readyz" in health  # the database and the broker answer, not only the process
 
 
 def test_every_normbench_env_var_is_a_setting(services: dict) -> None:
@@ -275,15 +297,150 @@ def test_dockerignore_keeps_local_state_out() -> None:
 
 
 @pytest.mark.system
-def test_docker_compose_config_validates() -> None:
+def test_docker_compose_config_validates(tmp_path: Path) -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.fail("docker-compose is not installed; run `make deps` (it installs it) to validate docker-compose.yml")
-    result = subprocess.run(
-        [binary, "-f", str(COMPOSE_FILE), "config", "-q"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    env = {k: v for k, v in os.environ.items() if k not in ("POSTGRES_PASSWORD", "COMPOSE_PROFILES")}
+
+    def config(**extra: str) -> subprocess.CompletedProcess[str]:
+        # An empty --env-file: a developer's own .env must not change what is checked.
+        (tmp_path / "empty.env").touch()
+        cmd = [binary, "-f", str(COMPOSE_FILE), "--env-file", str(tmp_path / "empty.env"), "config", "-q"]
+        return subprocess.run(cmd, cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=60)
+
+    result = config(POSTGRES_PASSWORD="test-secret")
     assert result.returncode == 0, result.stdout + result.stderr
+    for profile in ("gpu", "cpu"):
+        result = config(POSTGRES_PASSWORD="test-secret", COMPOSE_PROFILES=profile)
+        assert result.returncode == 0, result.stdout + result.stderr
+    # No password, no stack: compose refuses and says how to make one.
+    result = config()
+    assert result.returncode != 0 and "make-env.sh" in result.stderr, result.stderr
+
+
+# --- issue 14 §3: a first start that is safe and says what it needs ---------------------------
+
+
+def _makefile_torch_spec() -> str:
+    match = re.search(r"^TORCH_SPEC \?= (\S+)$", (ROOT / "Makefile").read_text(), flags=re.MULTILINE)
+    assert match, "no TORCH_SPEC in the Makefile"
+    return match.group(1)
+
+
+def test_worker_images_pin_the_makefiles_torch_and_say_which_driver(services: dict) -> None:
+    pin = _makefile_torch_spec()
+    assert re.fullmatch(r"torch==[\d.]+", pin), pin
+    for name in ("worker", "worker-cpu"):
+        assert services[name]["build"]["args"]["TORCH_SPEC"] == pin, name
+    dockerfile = DOCKERFILE.read_text()
+    assert f'ARG TORCH_SPEC="{pin}"' in dockerfile
+    assert re.search(r"driver >= \d{3}", dockerfile), "the Dockerfile does not state the host driver the wheel needs"
+
+
+def test_a_cpu_only_worker_profile(services: dict) -> None:
+    gpu, cpu = services["worker"], services["worker-cpu"]
+    assert gpu["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]
+    assert not (cpu.get("deploy") or {}).get("resources"), "the CPU worker must reserve no GPU"
+    assert cpu["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert cpu["image"] != gpu["image"]
+    for key in ("command", "environment", "volumes", "depends_on", "healthcheck", "stop_grace_period"):
+        assert cpu[key] == gpu[key], key
+    assert "${TORCH_INDEX_URL:+--index-url" in DOCKERFILE.read_text()
+    example = (ROOT / ".env.example").read_text()
+    assert re.search(r"^COMPOSE_PROFILES=gpu$", example, flags=re.MULTILINE)
+
+
+def test_worker_healthcheck_pings_itself_or_sees_its_live_lease(services: dict) -> None:
+    for name in ("worker", "worker-cpu"):
+        svc = services[name]
+        assert _option(_command(svc), "--hostname") == "normbench@%h", name  # the name the script pings
+        assert svc["healthcheck"]["test"] == ["CMD", "python", "scripts/worker_health.py"], name
+    stages = _dockerfile_stages()
+    worker = " ".join(_stage_chain(stages, "worker"))
+    assert "COPY scripts/worker_health.py" in worker and "HEALTHCHECK" in worker and "/readyz" not in worker
+    api = " ".join(_stage_chain(stages, "api"))
+    assert "HEALTHCHECK" in api and ":8000/readyz" in api
+
+
+def test_worker_health_script(tmp_path: Path) -> None:
+    """Unhealthy with no broker and no run; healthy while a run of this host has a live lease; not once it lapses."""
+    from datetime import timedelta
+
+    from fastapi.testclient import TestClient
+    from sqlalchemy import update
+
+    from app.db import session_factory
+    from app.devserver import migrate
+    from app.main import create_app
+    from app.tables import Run
+    from app.tables.base import utcnow
+
+    settings = Settings(home=tmp_path / "home")
+    settings.home.mkdir()
+    migrate(settings.resolved_database_url)
+    with TestClient(create_app(settings)) as client:
+        spec = {"dataset_id": "digits", "model": {"arch": "mlp"}, "variants": [{"norm": "bn"}], "batch_sizes": [8]}
+        assert client.post("/v1/jobs", json=spec).status_code == 202
+    env = {**os.environ, "NORMBENCH_HOME": str(settings.home), "NORMBENCH_BROKER_URL": "redis://127.0.0.1:9/0"}
+
+    def health() -> int:
+        cmd = [sys.executable, str(ROOT / "scripts" / "worker_health.py")]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=120).returncode
+
+    assert health() == 1
+    host = socket.gethostname()
+    with session_factory(settings.resolved_database_url)() as session:
+        lease = utcnow() + timedelta(seconds=60)
+        session.execute(update(Run).values(status="running", worker=f"{host}:1", lease_expires_at=lease))
+        session.commit()
+    assert health() == 0
+    with session_factory(settings.resolved_database_url)() as session:
+        session.execute(update(Run).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        session.commit()
+    assert health() == 1
+
+
+def test_postgres_password_comes_from_env_not_the_file(services: dict) -> None:
+    raw = COMPOSE_FILE.read_text()
+    assert "POSTGRES_PASSWORD: normbench" not in raw and "normbench:normbench@" not in raw
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    for name in ("migrate", "api", "worker"):
+        url = services[name]["environment"]["NORMBENCH_DATABASE_URL"]
+        assert ":${POSTGRES_PASSWORD:?" in url, name
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines()}
+    assert ".env" in ignored and ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_make_env_writes_generated_secrets_once(tmp_path: Path) -> None:
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "make-env.sh", tmp_path / "scripts")
+    shutil.copy(ROOT / ".env.example", tmp_path)
+    script = ["bash", str(tmp_path / "scripts" / "make-env.sh")]
+    first = subprocess.run(script, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    env_file = tmp_path / ".env"
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line and line[0] != "#")
+    assert len(values["POSTGRES_PASSWORD"]) >= 24 and len(values["MINIO_ROOT_PASSWORD"]) >= 24
+    assert values["POSTGRES_PASSWORD"] != values["MINIO_ROOT_PASSWORD"]
+    assert env_file.stat().st_mode & 0o077 == 0, "the secrets file is readable by others"
+    again = subprocess.run(script, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "exists" in again.stderr
+    assert (
+        dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line and line[0] != "#")[
+            "POSTGRES_PASSWORD"
+        ]
+        == values["POSTGRES_PASSWORD"]
+    )
+
+
+def test_api_is_published_on_loopback_by_default(services: dict) -> None:
+    ports = [str(p) for p in services["api"]["ports"]]
+    assert ports and all(_interpolate(p).startswith("127.0.0.1:") for p in ports), ports
+    assert all(p.startswith("${API_BIND_ADDRESS:-127.0.0.1}:") for p in ports), ports
+
+
+def test_api_says_how_to_create_the_first_key_while_there_is_none(services: dict) -> None:
+    script = _command(services["api"])[2]
+    assert "normbench-admin list-keys" in script and "normbench-admin create-key --owner" in script
+    assert script.strip().splitlines()[-1].strip().startswith("exec uvicorn")  # uvicorn is PID 1's successor

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas.common import UtcTimestamp
 
 
 class DatasetOut(BaseModel):
@@ -22,7 +23,7 @@ class DatasetOut(BaseModel):
     sha256: str = Field(description="SHA-256 of the canonical stored `.npz`.")
     size_bytes: int = Field(description="Size of the canonical stored `.npz` in bytes.")
     builtin: bool = Field(description="True for datasets that ship with NormBench.")
-    created_at: datetime = Field(description="When the dataset was stored.")
+    created_at: UtcTimestamp = Field(description="When the dataset was stored.")
 
 
 class DatasetList(BaseModel):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.core.catalogue import PARAMS, ParamValue, norms_description, param_description, variant_label
+from app.core.catalogue import NORMS, PARAMS, ParamValue, norms_description, param_description, variant_label
+from app.schemas.common import UtcTimestamp
 
 
 class Strict(BaseModel):
@@ -15,10 +15,15 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    arch: Literal["auto", "mlp", "cnn", "resnet"] = Field(
-        "auto",
-        description="Network: `mlp` (flattened inputs; any dataset), `cnn` (small CNN for tiny images), "
-        "`resnet` (CIFAR-style ResNet). `auto` picks `mlp` for tabular data and `cnn` for images.",
+    arch: Literal["auto", "mlp", "cnn", "resnet", "resnet18", "resnet50", "mobilenet_v3_small", "convnext_tiny"] = (
+        Field(
+            "auto",
+            description="Network: `mlp` (flattened inputs; any dataset), `cnn` (small CNN for tiny images), "
+            "`resnet` (CIFAR-style ResNet), or torchvision's ImageNet networks `resnet18`, `resnet50`, "
+            "`mobilenet_v3_small`, `convnext_tiny` (built by torchvision with the variant's norm at every norm "
+            "layer; `depth`/`width`/`hidden` do not apply; fine-tune them from uploaded weights with `init`). "
+            "`auto` picks `mlp` for tabular data and `cnn` for images.",
+        )
     )
     depth: int = Field(20, ge=8, le=110, description="ResNet depth, 6n+2 (8, 14, 20, 32, 44, 56, 110).")
     width: int = Field(16, ge=1, le=256, description="CNN/ResNet first-stage channel count; stages use ×1, ×2, ×4.")
@@ -120,6 +125,36 @@ class AugmentSpec(Strict):
     )
 
 
+class InputSpec(Strict):
+    """How images reach the network: stored at their own resolution, resized and cropped on the device."""
+
+    resize: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="Resize so the shorter side has this many pixels (bilinear, antialiased; the aspect ratio "
+        "kept, as torchvision's Resize(int)), for training and evaluation. Unset: the stored size.",
+    )
+    crop: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="Square crop of this side after `resize`: the centre at evaluation, and in training too "
+        "unless `random_crop`. Unset: no crop.",
+    )
+    random_crop: bool = Field(
+        False,
+        description="Training crops at random positions (drawn per seed and epoch, like the data order, so "
+        "every variant sees the same crops); needs `crop`. Flips are `augment.hflip`.",
+    )
+
+    @model_validator(mode="after")
+    def _random_crop_needs_crop(self) -> InputSpec:
+        if self.random_crop and self.crop is None:
+            raise ValueError("input.random_crop needs input.crop (the side of the square to cut)")
+        return self
+
+
 class InitSpec(Strict):
     """Start from uploaded weights (fine-tuning) instead of a seeded random initialisation."""
 
@@ -151,6 +186,11 @@ class JobSpec(Strict):
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Training budget shared by every run.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and learning-rate schedule.")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="On-the-fly augmentation (images only).")
+    input: InputSpec = Field(
+        default_factory=InputSpec,
+        description="How images are fed: stored at their own resolution (ingest keeps them as uploaded), "
+        "resized and cropped on the device (images only).",
+    )
     init: InitSpec | None = Field(
         None, description="Fine-tune from uploaded weights; unset: train from a seeded random initialisation."
     )
@@ -205,6 +245,15 @@ class JobSpec(Strict):
         if len(set(v)) != len(v):
             raise ValueError("seeds must be distinct")
         return v
+
+    @model_validator(mode="after")
+    def _pretrained_norms_need_init(self) -> JobSpec:
+        needy = sorted({v.norm for v in self.variants if v.norm in NORMS and NORMS[v.norm].needs_init})
+        if needy and self.init is None:
+            raise ValueError(
+                f"{', '.join(needy)} keep pretrained BatchNorm statistics: set init.weights_id to weights with them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _distinct_variants(self) -> JobSpec:
@@ -265,9 +314,9 @@ class JobOut(BaseModel):
     spec: JobSpec = Field(description="The validated spec as submitted, with defaults filled in.")
     budget: dict[str, int] = Field(description="Resolved fixed budget: epochs, samples_per_epoch, train/val sizes.")
     progress: JobProgress = Field(description="How far the job is.")
-    created_at: datetime = Field(description="Submission time.")
-    started_at: datetime | None = Field(description="When the first run started.")
-    finished_at: datetime | None = Field(description="When the last run ended, once all have.")
+    created_at: UtcTimestamp = Field(description="Submission time.")
+    started_at: UtcTimestamp | None = Field(description="When the first run started.")
+    finished_at: UtcTimestamp | None = Field(description="When the last run ended, once all have.")
     links: dict[str, str] = Field(description="URLs of this job's related resources.")
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas.common import UtcTimestamp
 
 
 class KeyCreate(BaseModel):
@@ -26,8 +26,8 @@ class KeyOut(BaseModel):
     owner: str = Field(description="Account the key acts as.")
     prefix: str = Field(description="Public part of the token, `nb_<prefix>_...`, to recognise it.")
     name: str | None = Field(description="Label given at creation.")
-    created_at: datetime = Field(description="When the key was created.")
-    revoked_at: datetime | None = Field(description="When the key was revoked; null while it is valid.")
+    created_at: UtcTimestamp = Field(description="When the key was created.")
+    revoked_at: UtcTimestamp | None = Field(description="When the key was revoked; null while it is valid.")
 
 
 class KeyCreated(KeyOut):

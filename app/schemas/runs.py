@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+from app.schemas.common import UtcTimestamp
 
 
 class RunOut(BaseModel):
@@ -19,9 +20,9 @@ class RunOut(BaseModel):
     status: str = Field(description="queued, running, succeeded, failed, diverged or cancelled.")
     attempt: int = Field(description="How many times a worker claimed this run.")
     worker: str | None = Field(description="Worker that holds or last held the run.")
-    created_at: datetime = Field(description="When the run was created.")
-    started_at: datetime | None = Field(description="When training started.")
-    finished_at: datetime | None = Field(description="When the run reached a terminal state.")
+    created_at: UtcTimestamp = Field(description="When the run was created.")
+    started_at: UtcTimestamp | None = Field(description="When training started.")
+    finished_at: UtcTimestamp | None = Field(description="When the run reached a terminal state.")
     steps_done: int = Field(description="Optimizer steps taken so far.")
     samples_seen: int = Field(description="Training samples consumed so far.")
     epochs_done: int = Field(description="Epochs completed.")

@@ -55,6 +55,7 @@ def job_out_from(job: Job | service.JobStatusRow, spec: JobSpec, state: service.
         links={
             "self": base,
             "results": f"{base}/results",
+            "report": f"{base}/report",
             "curves": f"{base}/curves?metric=val_acc",
             "curves_aggregate": f"{base}/curves/aggregate?metric=val_acc",
             "export": f"{base}/export.csv",
