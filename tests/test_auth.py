@@ -26,6 +26,7 @@ from app.main import create_app
 from app.tables import ApiKey, Dataset, Job, MetricPoint, Run
 from tests.factories import image_npz, job_spec, npz_bytes, pattern_images
 from tests.support import ROOT, stored_files, worker_env
+from tests.test_weights import weights_bytes
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -203,8 +204,16 @@ def test_two_owners_walk_every_endpoint(keyed_client: TestClient, keyed_settings
                 s.add(MetricPoint(run_id=r["id"], step=step, epoch=float(step), name="val_acc", value=0.5))
                 s.add(MetricPoint(run_id=r["id"], step=step, epoch=float(step), name="train_loss", value=1.0))
         s.commit()
-    ids = {"dataset_id": dataset_id, "job_id": job_id, "run_id": run_id}
-    alice_ids = {dataset_id, job_id, *(r["id"] for r in runs)}
+    resp = keyed_client.post(
+        "/v1/weights",
+        files={"file": ("w.safetensors", weights_bytes(stats=False, classes=None))},
+        data={"arch": "mobilenet_v3_small"},
+        headers=alice,
+    )
+    assert resp.status_code == 201, resp.text
+    weights_id = resp.json()["id"]
+    ids = {"dataset_id": dataset_id, "job_id": job_id, "run_id": run_id, "weights_id": weights_id}
+    alice_ids = {dataset_id, job_id, weights_id, *(r["id"] for r in runs)}
     # Bob's own job on the shared built-in dataset, so his lists are not trivially empty.
     assert keyed_client.post("/v1/jobs", json=job_spec("digits"), headers=bob).status_code == 202
 
@@ -228,8 +237,8 @@ def test_two_owners_walk_every_endpoint(keyed_client: TestClient, keyed_settings
         elif (method, template) == ("POST", "/v1/jobs"):
             resp = keyed_client.post("/v1/jobs", json=job_spec(dataset_id), headers=bob)
             assert resp.status_code == 422 and "not found" in resp.json()["detail"], resp.text
-        elif (method, template) == ("POST", "/v1/datasets"):
-            continue  # creates bob's own dataset; nothing of alice's is addressed
+        elif (method, template) in (("POST", "/v1/datasets"), ("POST", "/v1/weights")):
+            continue  # creates bob's own upload; nothing of alice's is addressed
         else:
             pytest.fail(f"the owner walk does not know how to call {method} {template}; add it here")
         walked.append(f"{method} {template}")
