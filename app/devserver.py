@@ -175,7 +175,7 @@ def relay(proc: subprocess.Popen[bytes], console: Console) -> threading.Thread:
         assert proc.stdout is not None
         for raw in iter(proc.stdout.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            if not any(p.search(line) for p in NOISE):
+            if line.strip() and not any(p.search(line) for p in NOISE):
                 console.say(line)
 
     thread = threading.Thread(target=run, name=f"relay-{proc.pid}", daemon=True)
@@ -208,7 +208,7 @@ def start_children(host: str, port: int, procs: list[subprocess.Popen[bytes]]) -
         )
 
 
-def stop_children(procs: list[subprocess.Popen[bytes]], console: Console) -> bool:
+def stop_children(procs: list[subprocess.Popen[bytes]], console: Console, reason: str = "") -> bool:
     """SIGTERM to each, then wait (the worker checkpoints a run it was training); a second Ctrl-C/SIGTERM, or
     the grace time running out, kills what is left."""
     hurry = threading.Event()
@@ -222,7 +222,7 @@ def stop_children(procs: list[subprocess.Popen[bytes]], console: Console) -> boo
     if not live:
         return False
     console.end_progress()
-    console.say("stopping the API and the worker (a run in training is checkpointed and resumes next time)")
+    console.say(f"{reason}stopping the API and the worker (a run in training is checkpointed and resumes next time)")
     for p in live:
         p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + max(WORKER_GRACE_S, API_GRACE_S)
@@ -313,8 +313,8 @@ def run_demo(
         console.say(f"demo job {job['id']}: bn vs gn(16), MLP on digits, batch sizes 2/8/32, {args.seeds} seeds")
     else:
         console.say(
-            f"demo job {job['id']}: trained by an earlier start with the same spec, so it is reused "
-            "(`make run RUN_ARGS=--new-demo` trains it again)"
+            f"demo job {job['id']}: submitted by an earlier start with the same spec, so it is reused "
+            f"({job['status']}; `make run RUN_ARGS=--new-demo` trains it again)"
         )
     console.say(
         "(the same comparison from the command line: "
@@ -385,15 +385,15 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    reason = ""
     try:
         serve(args, console, procs)
         return 0
     except Stop as e:
-        console.end_progress()
-        console.say(f"\n{e}: stopping")
+        reason = f"{e}: "
         return 0
     finally:
-        if stop_children(procs, console):
+        if stop_children(procs, console, reason):
             console.say("stopped")
 
 

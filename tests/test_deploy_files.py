@@ -364,7 +364,8 @@ def test_worker_healthcheck_pings_itself_or_sees_its_live_lease(services: dict) 
 
 
 def test_worker_health_script(tmp_path: Path) -> None:
-    """Unhealthy with no broker and no run; healthy while a run of this host has a live lease; not once it lapses."""
+    """Healthy while a run of this host has a live lease (the solo pool answers no ping while it trains), not once
+    it lapses; with no lease and no broker answering, unhealthy."""
     from datetime import timedelta
 
     from fastapi.testclient import TestClient
@@ -376,29 +377,36 @@ def test_worker_health_script(tmp_path: Path) -> None:
     from app.tables import Run
     from app.tables.base import utcnow
 
-    settings = Settings(home=tmp_path / "home")
+    spec = importlib.util.spec_from_file_location("worker_health", ROOT / "scripts" / "worker_health.py")
+    assert spec and spec.loader
+    health = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(health)
+
+    settings = Settings(home=tmp_path / "home", broker_url="redis://127.0.0.1:9/0")
     settings.home.mkdir()
     migrate(settings.resolved_database_url)
     with TestClient(create_app(settings)) as client:
-        spec = {"dataset_id": "digits", "model": {"arch": "mlp"}, "variants": [{"norm": "bn"}], "batch_sizes": [8]}
-        assert client.post("/v1/jobs", json=spec).status_code == 202
-    env = {**os.environ, "NORMBENCH_HOME": str(settings.home), "NORMBENCH_BROKER_URL": "redis://127.0.0.1:9/0"}
-
-    def health() -> int:
-        cmd = [sys.executable, str(ROOT / "scripts" / "worker_health.py")]
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=120).returncode
-
-    assert health() == 1
+        body = {"dataset_id": "digits", "model": {"arch": "mlp"}, "variants": [{"norm": "bn"}], "batch_sizes": [8]}
+        assert client.post("/v1/jobs", json=body).status_code == 202
     host = socket.gethostname()
-    with session_factory(settings.resolved_database_url)() as session:
-        lease = utcnow() + timedelta(seconds=60)
-        session.execute(update(Run).values(status="running", worker=f"{host}:1", lease_expires_at=lease))
-        session.commit()
-    assert health() == 0
-    with session_factory(settings.resolved_database_url)() as session:
-        session.execute(update(Run).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
-        session.commit()
-    assert health() == 1
+
+    def lease(seconds: float) -> None:
+        with session_factory(settings.resolved_database_url)() as session:
+            expires = utcnow() + timedelta(seconds=seconds)
+            session.execute(update(Run).values(status="running", worker=f"{host}:1", lease_expires_at=expires))
+            session.commit()
+
+    assert not health.training_with_a_live_lease(settings, host)
+    lease(60)
+    assert health.training_with_a_live_lease(settings, host)
+    assert not health.training_with_a_live_lease(settings, "another-host")
+    # As the container runs it: exit 0.
+    env = {**os.environ, "NORMBENCH_HOME": str(settings.home), "NORMBENCH_BROKER_URL": "redis://127.0.0.1:9/0"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "worker_health.py")]
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=120).returncode == 0
+    lease(-1)
+    assert not health.training_with_a_live_lease(settings, host)
+    assert not health.answers_ping(settings, host, timeout=1)  # nothing answers on a closed broker port
 
 
 def test_postgres_password_comes_from_env_not_the_file(services: dict) -> None:

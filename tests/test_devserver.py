@@ -218,7 +218,7 @@ def test_the_demo_prints_nothing_unasked_and_a_second_start_reuses_it(launch: La
 
     second = launch(devserver_cmd(port, "--exit-after-demo", "--epochs", "1", "--seeds", "1"))
     assert second.finish(timeout=300) == 0, second.output
-    assert f"demo job {job_id}: trained by an earlier start" in second.output, second.output
+    assert f"demo job {job_id}: submitted by an earlier start" in second.output, second.output
     assert "status succeeded" in second.output and not UNASKED.search(second.output)
 
 
