@@ -3,7 +3,7 @@
     normbench submit digits --variants bn,gn:16,ln --batch-sizes 2,8,32 --seeds 3 --epochs 10 --arch mlp
     normbench submit my_data.npz --variants bn,gn:8/16/32 --batch-sizes 2,4,8 --seeds 3 --epochs 10
     normbench status JOB · normbench results JOB --format table|json|csv · normbench report JOB [--open]
-    normbench datasets ls | upload FILE [--name N] [--label-column C] | rm ID
+    normbench datasets ls | upload FILE [--name N] [--label-column C] [--kind signal] | rm ID
     normbench weights ls | upload FILE --arch ARCH [--name N] | rm ID   (pretrained .safetensors state dicts)
     normbench jobs ls | rm JOB · normbench cancel JOB · normbench retry JOB · normbench extend JOB --seeds N
 
@@ -181,12 +181,12 @@ class Api:
         except httpx.HTTPError as e:
             raise self._unreachable(e) from None
 
-    def upload(self, path: Path, name: str | None, label_column: str | None) -> dict[str, Any]:
+    def upload(self, path: Path, name: str | None, label_column: str | None, kind: str | None = None) -> dict[str, Any]:
         if not path.is_file():
             raise CliError(f"no such file: {path}")
         if path.suffix.lower() not in UPLOAD_SUFFIXES:
             raise CliError(f"{path}: upload a .npz, a .zip of class folders, or a .csv")
-        form = {k: v for k, v in (("name", name), ("label_column", label_column)) if v}
+        form = {k: v for k, v in (("name", name), ("label_column", label_column), ("kind", kind)) if v}
         with path.open("rb") as f:
             return self.json(  # type: ignore[no-any-return]
                 "POST",
@@ -391,7 +391,7 @@ def cmd_submit(api: Api, args: argparse.Namespace) -> int:
     source = args.dataset
     path = Path(source)
     if path.is_file():
-        dataset = api.upload(path, args.dataset_name, args.label_column)
+        dataset = api.upload(path, args.dataset_name, args.label_column, args.kind)
         err(f"uploaded {path.name} as dataset {dataset['id']} ({dataset['kind']}, {dataset['num_samples']} samples)")
         dataset_id = dataset["id"]
     elif path.suffix.lower() in UPLOAD_SUFFIXES or os.sep in source:
@@ -486,7 +486,7 @@ def cmd_datasets(api: Api, args: argparse.Namespace) -> int:
         ]
         print_table(rows, ["id", "name", "kind", "shape", "classes", "samples", "size", "created"])
     elif args.action == "upload":
-        d = api.upload(Path(args.file), args.name, args.label_column)
+        d = api.upload(Path(args.file), args.name, args.label_column, args.kind)
         print(d["id"])
         err(
             f"uploaded {args.file}: {d['kind']} {'×'.join(map(str, d['shape']))}, {d['num_classes']} classes, "
@@ -671,9 +671,10 @@ def _add_submit(sub: Subparsers[argparse.ArgumentParser], common: argparse.Argum
     submit.add_argument("--epochs", type=int, default=10, help="training epochs per run (default 10)")
     submit.add_argument(
         "--arch",
-        choices=["auto", "mlp", "cnn", "resnet"],
+        choices=["auto", "mlp", "cnn", "resnet", "cnn1d", "resnet1d"],
         default="auto",
-        help="network (default auto: the server picks mlp for tabular data, cnn for images; the `make run` demo "
+        help="network (default auto: the server picks mlp for tabular data, cnn for images, cnn1d for 1-D signals; "
+        "the `make run` demo "
         "passes mlp, where BatchNorm's small-batch failure shows on digits)",
     )
     submit.add_argument("--depth", type=int, help="ResNet depth (6n+2)")
@@ -686,6 +687,7 @@ def _add_submit(sub: Subparsers[argparse.ArgumentParser], common: argparse.Argum
     submit.add_argument("--name", help="a label for the job")
     submit.add_argument("--dataset-name", help="name for an uploaded dataset (default: the file name)")
     submit.add_argument("--label-column", help="CSV upload: the column holding labels (default label)")
+    submit.add_argument("--kind", choices=KIND_CHOICES, help=KIND_HELP)
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     submit.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     submit.set_defaults(func=cmd_submit)
@@ -748,6 +750,10 @@ def _add_job_actions(sub: Subparsers[argparse.ArgumentParser], common: argparse.
     extend.set_defaults(func=cmd_extend)
 
 
+KIND_CHOICES = ["auto", "image", "tabular", "signal"]
+KIND_HELP = "what an uploaded .npz holds: signal for 1-D signals x of shape (N, L) or (N, C, L) (default auto)"
+
+
 def _add_datasets(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     datasets = sub.add_parser("datasets", parents=[common], help="list, upload or delete datasets")
     dsub = datasets.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -757,6 +763,7 @@ def _add_datasets(sub: Subparsers[argparse.ArgumentParser], common: argparse.Arg
     up.add_argument("file", metavar="FILE")
     up.add_argument("--name", help="display name (default: the file name)")
     up.add_argument("--label-column", help="CSV: the column holding labels (default label)")
+    up.add_argument("--kind", choices=KIND_CHOICES, help=KIND_HELP)
     rm = dsub.add_parser("rm", parents=[common], help="delete a dataset no job uses")
     rm.add_argument("id", metavar="ID")
     datasets.set_defaults(func=cmd_datasets)

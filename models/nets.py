@@ -230,7 +230,7 @@ def build_model(
     hidden: list[int] | None = None,
     zero_init_last: bool = True,
 ) -> nn.Module:
-    """Network `arch` with norm `norm` for inputs of `input_shape` ((C, H, W) or (F,)).
+    """Network `arch` with norm `norm` for inputs of `input_shape` ((C, H, W), (C, L) signals or (F,)).
 
     `zero_init_last` (ResNet only) zero-initializes each residual block's last norm scale.
     Raises CatalogueError (the catalogue's own messages where it has one) for choices
@@ -240,15 +240,33 @@ def build_model(
     if info is None:
         raise catalogue.unknown_choice("architecture", arch, sorted(catalogue.ARCHS))
     shape = tuple(input_shape)
-    if len(shape) not in (1, 3) or any(not isinstance(d, int) or d < 1 for d in shape):
-        raise catalogue.CatalogueError(f"input shape must be (C, H, W) or (F,) of positive ints; got {shape}")
-    kind = "image" if len(shape) == 3 else "tabular"
+    if len(shape) not in (1, 2, 3) or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise catalogue.CatalogueError(f"input shape must be (C, H, W), (C, L) or (F,) of positive ints; got {shape}")
+    kind = {3: "image", 2: "signal", 1: "tabular"}[len(shape)]
     if kind not in info.input_kinds:
         raise catalogue.CatalogueError(
             f"architecture '{arch}' needs {' or '.join(info.input_kinds)} inputs; got {kind} shape {shape}"
         )
     if num_classes < 1 or width < 1 or any(h < 1 for h in hidden or []):
         raise catalogue.CatalogueError("num_classes, width and hidden widths must be positive")
+    if arch in ("cnn1d", "resnet1d"):  # imported here: models.nets1d builds on this module
+        from models.nets1d import build_1d
+
+        sites = catalogue.norm_sites(arch, depth=depth, width=width)
+        catalogue.check_variant(norm, norm_params, sites)
+        info_1d = catalogue.NORMS[norm]
+        return build_1d(
+            arch,
+            shape[0],
+            num_classes,
+            get_norm_layer(norm, **norm_params),
+            depth=depth,
+            width=width,
+            zero_init_last=zero_init_last,
+            standardize_weights=info_1d.standardize_weights,
+            act_layer=nn.Identity if info_1d.includes_activation else _relu,
+        )
+
 
     sites = catalogue.norm_sites(arch, depth=depth, width=width, hidden=hidden)
     catalogue.check_variant(norm, norm_params, sites)

@@ -19,11 +19,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from app.core import catalogue
+from models.hybrid_norms import BatchGroupNorm, SwitchableNorm
 
 NormLayer = Callable[[int], nn.Module]
 
 __all__ = [
     "BatchNorm",
+    "BatchGroupNorm",
     "BatchRenorm",
     "EvoNormS0",
     "FilterResponseNorm",
@@ -34,6 +36,7 @@ __all__ = [
     "NoNorm",
     "NormLayer",
     "PreciseBatchNorm",
+    "SwitchableNorm",
     "create_norm_layer",
     "get_norm_layer",
     "is_norm_layer",
@@ -301,6 +304,8 @@ _NORM_LAYERS: dict[str, type[nn.Module]] = {
     "frn": FilterResponseNorm,
     "evonorm_s0": EvoNormS0,
     "none": NoNorm,
+    "switchable": SwitchableNorm,
+    "bgn": BatchGroupNorm,
 }
 _NORM_TYPES: tuple[type[nn.Module], ...] = tuple(_NORM_LAYERS.values())
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from app.core.progress import Point, Progress
+from models.hybrid_norms import switchable_mixtures
 from models.precise_bn import recompute_bn_stats
 from workers.augment import Augmentation, apply_augmentation, augments, epoch_augmentation
 from workers.checkpoint import Checkpoint
@@ -249,6 +250,7 @@ class Trainer:
             elapsed=self.elapsed(),
             noise=self.noise.pop(),
             val_acc_train_mode=train_mode_accuracy(self.model, self.data, self.cfg.batch_size) if last else None,
+            mixtures=switchable_mixtures(self.model) if last else None,
         )
         points += [Point(self.step, float(self.epoch), name, value) for name, value in finals.items()]
         self.epoch_loss = torch.zeros((), device=self.device)

@@ -41,7 +41,9 @@ VARIANTS: list[tuple[str, dict[str, int | float | None]]] = [
     ("evonorm_s0", {}),
     ("evonorm_s0", {"groups": 2}),
 ]
-NORM_ORDER = "bn, gn, ln, in, none, bn_precise, brn, gn_ws, frn, evonorm_s0"
+# The catalogue's order: the classic choices first, then the zoo (whose later additions append to it).
+NORM_ORDER = ", ".join(catalogue.NORMS)
+assert NORM_ORDER.startswith("bn, gn, ln, in, none, bn_precise, brn, gn_ws, frn, evonorm_s0")
 
 
 def _randomize_affine(layer: nn.Module) -> None:
@@ -123,14 +125,16 @@ def test_bad_groups_name_the_layer() -> None:
 
 
 def test_unknown_arch_and_bad_inputs() -> None:
-    with pytest.raises(CatalogueError, match="unknown architecture 'vit'; valid choices: cnn, mlp, resnet"):
+    with pytest.raises(
+        CatalogueError, match=f"unknown architecture 'vit'; valid choices: {', '.join(sorted(catalogue.ARCHS))}$"
+    ):
         build_model("vit", (3, 32, 32), 10, "bn", {})
     with pytest.raises(CatalogueError, match="needs image inputs"):
         build_model("cnn", (64,), 10, "bn", {})
     with pytest.raises(CatalogueError, match="depth must be 6n\\+2"):
         build_model("resnet", (3, 32, 32), 10, "bn", {}, depth=10)
     with pytest.raises(CatalogueError, match="input shape"):
-        build_model("mlp", (8, 8), 10, "bn", {})
+        build_model("mlp", (2, 8, 8, 3), 10, "bn", {})
 
 
 # --- GroupNorm family against the definition ---------------------------------------------------------

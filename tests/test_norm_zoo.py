@@ -713,7 +713,7 @@ def test_variant_spec_documents_every_norm_and_parameter() -> None:
         takers = catalogue.norms_taking(param)
         assert takers and all(f"`{n}`" in description for n in takers), param
         assert catalogue.PARAMS[param].description in description
-    assert "`gn`, `gn_ws`, `evonorm_s0` only" in props["groups"]["description"]
+    assert "`gn`, `gn_ws`, `evonorm_s0`, `bgn` only" in props["groups"]["description"]
     assert "Default 8192" in props["precise_samples"]["description"]
 
 

@@ -1,4 +1,4 @@
-"""A job's dataset resident on the training device: uint8 images or float features, split once.
+"""A job's dataset resident on the training device: uint8 images, float features or float 1-D signals, split once.
 
 No DataLoader: batches are index slices of device tensors, augmented on the device (workers.augment).
 """
@@ -19,11 +19,11 @@ SPLIT_SEED = 20180322  # one validation split per dataset, the same for every ru
 @dataclass
 class DeviceData:
     kind: str
-    x_train: torch.Tensor  # uint8 NCHW or float32 NF, on device
+    x_train: torch.Tensor  # uint8 NCHW, float32 NF or float32 NCL (signals: never augmented), on device
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
-    mean: torch.Tensor  # per channel (images) or feature (tabular), broadcastable to a batch
+    mean: torch.Tensor  # per channel (images, signals) or feature (tabular), broadcastable to a batch
     std: torch.Tensor
     input_shape: tuple[int, ...]
     num_classes: int
@@ -43,13 +43,14 @@ STATS_CHUNK_BYTES = 8 * 2**20
 
 
 def channel_stats(x: np.ndarray, *, image: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (unbiased) standard deviation per channel over samples and positions (images, NCHW) or per
+    """Mean and (unbiased) standard deviation per channel over samples and positions (images NCHW, signals NCL) or per
     feature (tabular, NF), as float32 shaped to broadcast against a batch. Computed in float64 over chunks of
     samples, combined with Chan et al.'s pairwise update, so the pass needs one chunk (STATS_CHUNK_BYTES) on top of
     `x`: loading a dataset holds at most its stored arrays, their train/validation copies and one chunk, about
     twice its stored size (tests/test_admission.py), never a float copy of the whole dataset."""
-    axes = (0, 2, 3) if image else (0,)
-    shape = (1, -1, 1, 1) if image else (1, -1)
+    # `image`: per channel over positions, for images (NCHW) and 1-D signals (NCL) alike.
+    axes = (0, *range(2, x.ndim)) if image else (0,)
+    shape = (1, -1) + (1,) * (x.ndim - 2) if image else (1, -1)
     rows = max(1, STATS_CHUNK_BYTES // (8 * max(1, int(np.prod(x.shape[1:])))))
     count, mean, m2 = 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
     for start in range(0, len(x), rows):
@@ -78,7 +79,7 @@ def load_device_data(path: Path, budget: dict[str, int], device: torch.device) -
     if len(x_tr) != budget["train_size"]:
         raise ValueError(f"dataset changed since submit: {len(x_tr)} training samples, expected {budget['train_size']}")
     xt = torch.from_numpy(np.ascontiguousarray(x_tr)).to(device)
-    mean_np, std_np = channel_stats(x_tr, image=ds.kind == "image")
+    mean_np, std_np = channel_stats(x_tr, image=ds.kind != "tabular")  # signals: per channel, as images
     mean, std = torch.from_numpy(mean_np).to(device), torch.from_numpy(std_np).to(device)
     std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features stay constant
     return DeviceData(

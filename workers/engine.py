@@ -318,6 +318,7 @@ class PackTrainer:
                     elapsed=m.elapsed(),
                     noise=noise[i],
                     val_acc_train_mode=train_mode[i] if m.epoch == g.sched.epochs else None,
+                    mixtures=g.mixtures(i) if m.epoch == g.sched.epochs else None,
                 )
                 g.noise[i].zero_()
                 m.points += [Point(m.step, float(m.epoch), name, value) for name, value in finals.items()]

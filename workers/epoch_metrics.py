@@ -16,10 +16,12 @@ def epoch_metrics(
     elapsed: float,
     noise: tuple[float, float, float] | list[float],
     val_acc_train_mode: float | None = None,
+    mixtures: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """The epoch's finals: validation accuracy and loss (eval mode), mean training loss, the last step's
     learning rate, throughput so far, BN batch-statistics noise (mean, var and count sums; absent without
-    BN) and, after the last epoch, validation accuracy with batch statistics (train-mode norms)."""
+    BN) and, after the last epoch, validation accuracy with batch statistics (train-mode norms) and the shares
+    Switchable Normalization learned per layer (`mixtures`, see mixture_metrics)."""
     finals = {
         "val_acc": val_acc,
         "val_loss": val_loss,
@@ -30,4 +32,21 @@ def epoch_metrics(
     }
     if val_acc_train_mode is not None:
         finals["val_acc_train_mode"] = val_acc_train_mode
+    if mixtures:
+        finals |= mixture_metrics(mixtures)
     return finals
+
+
+MIX_PREFIX = "sn_mix/"
+_LONGEST_LAYER = 40  # metric names hold 64 characters: "sn_mix/" + layer + "/mean_bn"
+
+
+def mixture_metrics(mixtures: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`sn_mix/<layer>/<mean|var>_<in|ln|bn>`: each Switchable Normalization layer's learned shares of each
+    statistic in its mean and its variance (models.hybrid_norms.switchable_mixtures); a layer whose name is
+    too long for a metric name is `#<index>`."""
+    out: dict[str, float] = {}
+    for i, (layer, shares) in enumerate(mixtures.items()):
+        name = layer if 0 < len(layer) <= _LONGEST_LAYER else f"#{i}"
+        out |= {f"{MIX_PREFIX}{name}/{key}": value for key, value in shares.items()}
+    return out

@@ -32,6 +32,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from app.core.progress import Point
+from models.hybrid_norms import switchable_mixtures
 from workers.augment import Augmentation, apply_augmentation, augments, epoch_augmentation
 from workers.checkpoint import Checkpoint
 from workers.data import DeviceData, epoch_order
@@ -516,6 +517,10 @@ class PackGroup:
             for name, (mean_sum, var_sum) in zip(self.probe.names, sums, strict=True):
                 self.buffers[f"{name}.running_mean"][i].copy_(mean_sum[i] / nb)
                 self.buffers[f"{name}.running_var"][i].copy_(var_sum[i] / nb)
+
+    def mixtures(self, i: int) -> dict[str, dict[str, float]]:
+        """Model i's learned Switchable Normalization shares per layer (empty without that norm)."""
+        return switchable_mixtures(self.base, {name: p[i] for name, p in self.params.items()})
 
     def checkpoint(self, i: int, ring: list[list[float]] | None = None) -> Checkpoint:
         """Model i's training state (`ring`: a host copy of the loss ring, when the caller has one)."""

@@ -207,6 +207,26 @@ NORMS: dict[str, NormInfo] = {
             needs_spatial=True,
             includes_activation=True,
         ),
+        NormInfo(
+            "switchable",
+            "Switchable Normalization",
+            "Normalizes with a learned mix of InstanceNorm, LayerNorm and BatchNorm statistics: the mean is "
+            "Σ w_k μ_k and the variance Σ w'_k σ²_k with w = softmax of 3 learned weights per layer for the means and "
+            "w' another for the variances, then a per-channel affine (Luo et al. 2019). The BN part keeps running "
+            "statistics for evaluation. At batch 1 BN's statistics over one sample equal IN's; on flat inputs "
+            "(the MLP) only LN and BN are mixed. The learned shares per layer are reported after training.",
+            batch_dependent=True,
+        ),
+        NormInfo(
+            "bgn",
+            "Batch Group Normalization",
+            "Normalizes each group of channels with one mean and variance over the whole batch and the group's "
+            "channels and positions (Zhou et al. 2020): BatchNorm statistics over more values at small batches; "
+            "`groups` = channels is BatchNorm, batch 1 is GroupNorm. Set `groups` (default "
+            f"{DEFAULT_GN_GROUPS}, capped like `gn`). Running statistics are used at evaluation.",
+            batch_dependent=True,
+            params=("groups",),
+        ),
     )
 }
 
@@ -233,7 +253,7 @@ ARCHS: dict[str, ArchInfo] = {
         ArchInfo(
             "mlp",
             "Fully connected network on flattened inputs; `hidden` lists the layer widths.",
-            ("image", "tabular"),
+            ("image", "tabular", "signal"),
         ),
         ArchInfo(
             "cnn",
@@ -245,8 +265,26 @@ ARCHS: dict[str, ArchInfo] = {
             "CIFAR-style ResNet, `depth` = 6n+2; stage widths `width`, 2×`width`, 4×`width`.",
             ("image",),
         ),
+        ArchInfo(
+            "cnn1d",
+            "Small 3-stage 1-D CNN for signals (C×L): width-5 convolutions (stride 2 from stage 2), each followed by "
+            "the norm (over positions as BatchNorm1d, GroupNorm, ...); stage widths `width`, 2×`width`, 4×`width`.",
+            ("signal",),
+        ),
+        ArchInfo(
+            "resnet1d",
+            "1-D ResNet for signals (C×L): the CIFAR ResNet's layout with width-5 1-D convolutions, `depth` = 6n+2; "
+            "stage widths `width`, 2×`width`, 4×`width`.",
+            ("signal",),
+        ),
     )
 }
+
+
+# Convolution width of the 1-D networks (padding KERNEL_1D // 2 keeps the length at stride 1).
+KERNEL_1D = 5
+# The network a job with `model.arch: auto` gets for each dataset kind.
+AUTO_ARCH = {"image": "cnn", "tabular": "mlp", "signal": "cnn1d"}
 
 
 def unknown_choice(kind: str, value: str, valid: list[str]) -> CatalogueError:
@@ -267,9 +305,9 @@ def norm_sites(arch: str, *, depth: int = 20, width: int = 16, hidden: list[int]
     """Every norm layer the network `arch` has, in build order, with its channel count."""
     if arch == "mlp":
         return [NormSite(f"hidden{i}", w, spatial=False) for i, w in enumerate(hidden or [256, 256])]
-    if arch == "cnn":
+    if arch in ("cnn", "cnn1d"):  # the 1-D networks mirror the 2-D ones layer for layer
         return [NormSite(f"stage{i}", w, spatial=True) for i, w in enumerate(stage_widths(width))]
-    if arch == "resnet":
+    if arch in ("resnet", "resnet1d"):
         n = resnet_blocks_per_stage(depth)
         sites = [NormSite("stem", width, spatial=True)]
         for s, w in enumerate(stage_widths(width)):
@@ -378,7 +416,7 @@ def variant_label(norm: str, params: NormParams) -> str:
     Parameters left at their defaults do not appear, so a spelled-out default and an
     omitted one get the same label.
     """
-    if norm in ("gn", "gn_ws", "evonorm_s0"):
+    if norm in ("gn", "gn_ws", "evonorm_s0", "bgn"):
         if params.get("groups") is not None:
             return f"{norm}({params['groups']})"
         if params.get("group_size") is not None:

@@ -1,7 +1,8 @@
 """The canonical stored dataset: one uncompressed `.npz` that the API writes and the workers read.
 
-* images: `x` uint8 N×C×H×W; tabular: `x` float32 N×F;
-* `y` int64 labels in [0, num_classes); `class_names`: one name per label index; `kind`: "image" or "tabular";
+* images: `x` uint8 N×C×H×W; tabular: `x` float32 N×F; 1-D signals: `x` float32 N×C×L (channels, length);
+* `y` int64 labels in [0, num_classes); `class_names`: one name per label index; `kind`: "image", "tabular" or
+  "signal";
 * optional `x_val`/`y_val` and `x_test`/`y_test` with the same per-sample shape.
 
 NumPy only, so the torch-free API and the workers share it; the upload parsers live in `app.ingest`.
@@ -20,8 +21,8 @@ from typing import Literal, cast
 
 import numpy as np
 
-Kind = Literal["image", "tabular"]
-KINDS: tuple[Kind, ...] = ("image", "tabular")
+Kind = Literal["image", "tabular", "signal"]
+KINDS: tuple[Kind, ...] = ("image", "tabular", "signal")
 # (split, samples key, labels key); "train" is the only split every dataset has.
 SPLITS = (("train", "x", "y"), ("val", "x_val", "y_val"), ("test", "x_test", "y_test"))
 
@@ -33,7 +34,7 @@ class DatasetFormatError(ValueError):
 @dataclass
 class CanonicalDataset:
     kind: Kind
-    x: np.ndarray  # uint8 N×C×H×W (image) or float32 N×F (tabular)
+    x: np.ndarray  # uint8 N×C×H×W (image), float32 N×F (tabular) or float32 N×C×L (signal)
     y: np.ndarray  # int64 (N,)
     class_names: list[str]
     x_val: np.ndarray | None = None
@@ -43,7 +44,7 @@ class CanonicalDataset:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Per-sample shape: (C, H, W) for images, (F,) for tabular data."""
+        """Per-sample shape: (C, H, W) for images, (F,) for tabular data, (C, L) for signals."""
         return tuple(int(d) for d in self.x.shape[1:])
 
     @property
@@ -81,8 +82,13 @@ def check_canonical(ds: CanonicalDataset) -> None:
             raise DatasetFormatError(
                 f"canonical tabular x must be float32 N×F, got {ds.x.dtype} {shape_text(ds.x.shape)}"
             )
+    elif ds.kind == "signal":
+        if ds.x.dtype != np.float32 or ds.x.ndim != 3:
+            raise DatasetFormatError(
+                f"canonical signal x must be float32 N×C×L, got {ds.x.dtype} {shape_text(ds.x.shape)}"
+            )
     else:
-        raise DatasetFormatError(f"canonical kind must be 'image' or 'tabular', got {ds.kind!r}")
+        raise DatasetFormatError(f"canonical kind must be one of {', '.join(KINDS)}, got {ds.kind!r}")
     for split, xk, yk in SPLITS:
         _check_split(ds, split, xk, yk)
 
@@ -149,7 +155,7 @@ def load_canonical(path: Path) -> CanonicalDataset:
         raise DatasetFormatError(f"{str(path)!r} is not a readable canonical dataset ({e}); re-ingest it") from e
     kind = str(data["kind"].item())
     if kind not in KINDS:
-        raise DatasetFormatError(f"canonical kind must be 'image' or 'tabular', got {kind!r}")
+        raise DatasetFormatError(f"canonical kind must be one of {', '.join(KINDS)}, got {kind!r}")
     ds = CanonicalDataset(
         kind=cast(Kind, kind),
         x=data["x"],

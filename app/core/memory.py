@@ -48,7 +48,11 @@ NORM_PARAMS_PER_CHANNEL: dict[str, int] = {
     "gn_ws": 2,
     "frn": 3,
     "evonorm_s0": 3,
+    "switchable": 2,
+    "bgn": 2,
 }
+# Learned parameters per norm layer whatever its width: Switchable Normalization's two sets of 3 mixing weights.
+NORM_PARAMS_PER_LAYER: dict[str, int] = {"switchable": 6}
 # Float32 tensors per norm site's output (elements per sample) kept for the backward pass, with the
 # transients of its own backward: measured per norm on the real layers (the norms written in Python keep
 # their intermediates), rounded up.
@@ -63,6 +67,8 @@ NORM_ACTIVATION_FACTOR: dict[str, float] = {
     "gn_ws": 4,
     "frn": 6,
     "evonorm_s0": 7,
+    "switchable": 9,
+    "bgn": 5,
 }
 # Weight-sized float32 tensors weight standardization keeps per forward (mean-centred, scaled, gradients).
 WS_COPIES = 6
@@ -83,7 +89,8 @@ class Net:
 
     def parameters(self, norm: str) -> int:
         """Learned parameters with `norm` at every site: equals `sum(p.numel() for p in model.parameters())`."""
-        return self.weights + NORM_PARAMS_PER_CHANNEL[norm] * self.norm_channels
+        per_layer = NORM_PARAMS_PER_LAYER.get(norm, 0) * self.norm_layers
+        return self.weights + NORM_PARAMS_PER_CHANNEL[norm] * self.norm_channels + per_layer
 
     def buffer_bytes(self, norm: str) -> int:
         # Batch-dependent norms keep running mean and variance per channel, and an int64 step count per layer.
@@ -139,6 +146,8 @@ def network(
         weights += prev * num_classes + head_bias
         elements = tuple(s.channels for s in sites)
         return Net(weights, channels, len(sites), elements, math.prod(shape) + 2 * num_classes)
+    if arch in ("cnn1d", "resnet1d"):
+        return _network_1d(arch, shape, num_classes, depth=depth, width=width)
     if len(shape) != 3:
         raise catalogue.CatalogueError(f"architecture '{arch}' needs (C, H, W) image inputs; got shape {shape}")
     c, h, w = shape
@@ -172,6 +181,40 @@ def network(
         weights += prev * num_classes + head_bias
         return Net(weights, channels, len(sites), tuple(elems), other + prev + 2 * num_classes)
     raise catalogue.unknown_choice("architecture", arch, sorted(catalogue.ARCHS))
+
+
+def _network_1d(arch: str, shape: tuple[int, ...], num_classes: int, *, depth: int, width: int) -> Net:
+    """`cnn1d` and `resnet1d` (models.nets1d): the 2-D networks' layouts over (C, L) with width-KERNEL_1D kernels."""
+    if len(shape) != 2:
+        raise catalogue.CatalogueError(f"architecture '{arch}' needs (C, L) signal inputs; got shape {shape}")
+    c, length = shape
+    k = catalogue.KERNEL_1D
+    sites = catalogue.norm_sites(arch, depth=depth, width=width)
+    channels = sum(s.channels for s in sites)
+    if arch == "cnn1d":
+        weights, prev, elems = 0, c, []
+        for i, cw in enumerate(catalogue.stage_widths(width)):
+            length = _conv_out(length, 1 if i == 0 else 2)
+            weights += prev * cw * k
+            elems.append(cw * length)
+            prev = cw
+        weights += prev * num_classes + num_classes
+        return Net(weights, channels, len(sites), tuple(elems), c * shape[1] + prev + 2 * num_classes)
+    n = catalogue.resnet_blocks_per_stage(depth)
+    weights, elems, other, prev = c * width * k, [width * length], c * length, width
+    for i, cw in enumerate(catalogue.stage_widths(width)):
+        for b in range(n):
+            stride = 2 if i > 0 and b == 0 else 1
+            length = _conv_out(length, stride)
+            weights += prev * cw * k + cw * cw * k
+            if stride != 1 or prev != cw:
+                weights += prev * cw  # 1-wide projection shortcut, no bias
+                other += cw * length
+            other += cw * length  # the residual sum
+            elems += [cw * length, cw * length]
+            prev = cw
+    weights += prev * num_classes + num_classes
+    return Net(weights, channels, len(sites), tuple(elems), other + prev + 2 * num_classes)
 
 
 @dataclass(frozen=True)

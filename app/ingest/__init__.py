@@ -24,8 +24,11 @@ def ingest_file(
     *,
     label_column: str = "label",
     limits: IngestLimits = IngestLimits(),
+    kind: str | None = None,
 ) -> CanonicalDataset:
-    """Validate the upload at `path` (named `filename` by the user) and return its canonical form."""
+    """Validate the upload at `path` (named `filename` by the user) and return its canonical form. `kind`:
+    what the uploader says the samples are (`signal` is only ever stated: an .npz's (N, C, L) array would
+    otherwise be grayscale images); None lets the format and x's rank decide."""
     path = Path(path)
     ext = PurePosixPath(filename.replace("\\", "/")).suffix.lower()
     if ext not in (".npz", ".zip", ".csv"):
@@ -40,8 +43,12 @@ def ingest_file(
         raise IngestError(f"{filename!r} is empty (0 bytes); upload the complete file")
     with path.open("rb") as f:
         check_magic(ext, f.read(8), filename)
+    if kind == "signal" and ext != ".npz":
+        raise IngestError(
+            f"kind=signal needs a .npz upload with x of shape (N, L) or (N, C, L) and labels y; {filename!r} is {ext}"
+        )
     if ext == ".npz":
-        return read_npz(path, filename, limits)
+        return read_npz(path, filename, limits, kind)
     if ext == ".zip":
         return read_image_zip(path, filename, limits)
     return read_csv(path, filename, label_column, limits)

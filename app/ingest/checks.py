@@ -48,6 +48,9 @@ class IngestLimits:
     max_csv_rows: int = 5_000_000
     max_csv_columns: int = 10_000
     max_csv_line_chars: int = 1 << 20
+    # 1-D signals (kind=signal): values per channel and channels per sample.
+    max_signal_length: int = 1 << 20
+    max_signal_channels: int = 1024
     # Decompressed/compressed size of anything over 1 MiB (zip entry, npz member, decoded image). Images
     # and real data barely compress, so a legitimate upload stays far below; a bomb reaches hundreds to millions.
     max_compression_ratio: float = 200.0

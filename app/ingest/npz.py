@@ -40,8 +40,9 @@ _UNCOMPRESSED = (
 )
 
 
-def read_npz(path: Path, filename: str, limits: IngestLimits) -> CanonicalDataset:
-    """Validate the `.npz` at `path` and convert it to the canonical form."""
+def read_npz(path: Path, filename: str, limits: IngestLimits, kind: str | None = None) -> CanonicalDataset:
+    """Validate the `.npz` at `path` and convert it to the canonical form; `kind` (`signal`, `image`,
+    `tabular`; None: decided by x's rank) is what the uploader says the samples are."""
     _check_members(path, filename, limits)
     try:
         npz = np.load(path, allow_pickle=False)
@@ -54,7 +55,7 @@ def read_npz(path: Path, filename: str, limits: IngestLimits) -> CanonicalDatase
         _check_keys(keys, filename)
         arrays = {k: _npz_array(npz, k) for _, xk, yk in SPLITS for k in (xk, yk) if k in keys}
         names = _npz_class_names(_npz_array(npz, "class_names")) if "class_names" in keys else None
-    return from_arrays(arrays, names, limits)
+    return from_arrays(arrays, names, limits, kind)
 
 
 def _check_members(path: Path, filename: str, limits: IngestLimits) -> None:
@@ -187,10 +188,12 @@ def _npz_class_names(arr: np.ndarray) -> list[str]:
 # ------------------------------------------------------------------------------ arrays → canonical
 
 
-def from_arrays(arrays: dict[str, np.ndarray], class_names: list[str] | None, limits: IngestLimits) -> CanonicalDataset:
-    """Canonical form of user arrays keyed like `SPLITS` (`x`, `y`, `x_val`, ...)."""
+def from_arrays(
+    arrays: dict[str, np.ndarray], class_names: list[str] | None, limits: IngestLimits, kind: str | None = None
+) -> CanonicalDataset:
+    """Canonical form of user arrays keyed like `SPLITS` (`x`, `y`, `x_val`, ...); `kind` as in `read_npz`."""
     x = arrays["x"]
-    kind = _kind_of(x)
+    kind = _stated_kind(x, kind)
     present = [(s, xk, yk) for s, xk, yk in SPLITS if xk in arrays]
     total = 0
     for split, xk, yk in present:
@@ -202,7 +205,9 @@ def from_arrays(arrays: dict[str, np.ndarray], class_names: list[str] | None, li
             f"the dataset has {total} samples over all splits, more than the limit of {limits.max_samples}; "
             "upload a subset"
         )
-    if kind == "tabular":
+    if kind == "signal":
+        xs_out = _signals_to_float32({xk: arrays[xk] for _, xk, _ in present}, limits)
+    elif kind == "tabular":
         cells = sum(int(arrays[xk].size) for _, xk, _ in present)
         check_decoded_total("as float32 the features take", 4 * cells, limits, "upload fewer samples or features")
         xs_out = {xk: _tabular_to_float32(arrays[xk], xk) for _, xk, _ in present}
@@ -220,6 +225,24 @@ def from_arrays(arrays: dict[str, np.ndarray], class_names: list[str] | None, li
         x_test=xs_out.get("x_test"),
         y_test=y_out.get("y_test"),
     )
+
+
+def _stated_kind(x: np.ndarray, stated: str | None) -> Kind:
+    """The kind the uploader stated (checked against x's rank), or the one x's rank implies."""
+    if stated == "signal":
+        if x.ndim not in (2, 3):
+            raise IngestError(
+                f"x has shape {shape_text(x.shape)} ({x.ndim}-D), but a signal dataset (kind=signal) needs x of shape "
+                "(N, L) for one channel or (N, C, L) for C channels of length L"
+            )
+        return "signal"
+    kind = _kind_of(x)
+    if stated not in (None, kind):
+        raise IngestError(
+            f"x has shape {shape_text(x.shape)}, which is {kind} data, not {stated}: use (N, F) for tabular "
+            "features, (N, H, W[, C]) for images, or kind=signal with (N, L) / (N, C, L) for 1-D signals"
+        )
+    return kind
 
 
 def _kind_of(x: np.ndarray) -> Kind:
@@ -305,6 +328,47 @@ def _tabular_to_float32(a: np.ndarray, key: str) -> np.ndarray:
     return out
 
 
+def _signals_to_float32(arrays: dict[str, np.ndarray], limits: IngestLimits) -> dict[str, np.ndarray]:
+    """Signal arrays (N, L) or (N, C, L) as float32 N×C×L: numbers only, finite, within the length and channel
+    limits (IngestLimits.max_signal_length, max_signal_channels)."""
+    x = arrays["x"]
+    channels, length = (1, x.shape[1]) if x.ndim == 2 else (x.shape[1], x.shape[2])
+    if length > limits.max_signal_length:
+        raise IngestError(
+            f"signals have length {length}, more than the limit of {limits.max_signal_length} values per channel; "
+            "downsample or cut them into windows"
+        )
+    if channels > limits.max_signal_channels:
+        raise IngestError(
+            f"signals have {channels} channels, more than the limit of {limits.max_signal_channels}; for (N, L, C) "
+            "data transpose it to (N, C, L) with x.transpose(0, 2, 1)"
+        )
+    cells = sum(int(a.size) for a in arrays.values())
+    check_decoded_total("as float32 the signals take", 4 * cells, limits, "upload fewer or shorter signals")
+    out: dict[str, np.ndarray] = {}
+    for key, a in arrays.items():
+        if a.dtype.kind not in "biuf":
+            raise IngestError(f"{key} has dtype {a.dtype}; signal values must be numbers (int or float)")
+        with np.errstate(over="ignore", invalid="ignore"):
+            f = np.ascontiguousarray(a, dtype=np.float32)
+        bad = ~np.isfinite(f)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            what = (
+                "NaN or infinite values"
+                if a.dtype.kind == "f" and not np.isfinite(a[at])
+                else "a value too large for float32"
+            )
+            where = f"sample {at[0]}, " + (
+                f"channel {at[1]}, position {at[2]}" if len(at) == 3 else f"position {at[1]}"
+            )
+            raise IngestError(
+                f"{key} contains {what} (first at {where}); fill in or drop those samples before uploading"
+            )
+        out[key] = f if f.ndim == 3 else f[:, None, :]
+    return out
+
+
 def _image_layout(x: np.ndarray) -> tuple[str, int, int]:
     """("NHW" | "NHWC" | "NCHW", height, width) of the training images."""
     if x.ndim == 3:
@@ -335,7 +399,8 @@ def _float_image_scale(arrays: dict[str, np.ndarray]) -> float:
         return 1.0
     raise IngestError(
         f"float images must be in [0,1] or [0,255], but the values range over [{lo:g}, {hi:g}]; "
-        "undo any normalization (mean/std) before uploading"
+        "undo any normalization (mean/std) before uploading, or, for 1-D signals of shape (N, C, L), upload "
+        "with kind=signal"
     )
 
 

@@ -15,15 +15,25 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    arch: Literal["auto", "mlp", "cnn", "resnet", "resnet18", "resnet50", "mobilenet_v3_small", "convnext_tiny"] = (
-        Field(
-            "auto",
-            description="Network: `mlp` (flattened inputs; any dataset), `cnn` (small CNN for tiny images), "
-            "`resnet` (CIFAR-style ResNet), or torchvision's ImageNet networks `resnet18`, `resnet50`, "
-            "`mobilenet_v3_small`, `convnext_tiny` (built by torchvision with the variant's norm at every norm "
-            "layer; `depth`/`width`/`hidden` do not apply; fine-tune them from uploaded weights with `init`). "
-            "`auto` picks `mlp` for tabular data and `cnn` for images.",
-        )
+    arch: Literal[
+        "auto",
+        "mlp",
+        "cnn",
+        "resnet",
+        "resnet18",
+        "resnet50",
+        "mobilenet_v3_small",
+        "convnext_tiny",
+        "cnn1d",
+        "resnet1d",
+    ] = Field(
+        "auto",
+        description="Network: `mlp` (flattened inputs; any dataset), `cnn` (small CNN for tiny images), "
+        "`resnet` (CIFAR-style ResNet), or torchvision's ImageNet networks `resnet18`, `resnet50`, "
+        "`mobilenet_v3_small`, `convnext_tiny` (built by torchvision with the variant's norm at every norm "
+        "layer; `depth`/`width`/`hidden` do not apply; fine-tune them from uploaded weights with `init`), "
+        "or for 1-D signals `cnn1d` (small 1-D CNN) and `resnet1d` (1-D ResNet). "
+        "`auto` picks `mlp` for tabular data, `cnn` for images and `cnn1d` for signals.",
     )
     depth: int = Field(20, ge=8, le=110, description="ResNet depth, 6n+2 (8, 14, 20, 32, 44, 56, 110).")
     width: int = Field(16, ge=1, le=256, description="CNN/ResNet first-stage channel count; stages use ×1, ×2, ×4.")

@@ -60,6 +60,7 @@ def create_dataset(
     filename: str,
     name: str | None,
     label_column: str,
+    kind: str | None = None,
 ) -> Dataset:
     """Validate and store one upload. Nothing is left behind on any failure: the temporary folder goes
     with the `with` block, and the stored blob is deleted if the row cannot be committed."""
@@ -85,7 +86,9 @@ def create_dataset(
             raw = Path(tmp) / f"upload{suffix}"
             _copy_capped(source, raw, settings.max_upload_bytes)
             try:
-                canonical = ingest_file(raw, filename, label_column=label_column, limits=ingest_limits(settings))
+                canonical = ingest_file(
+                    raw, filename, label_column=label_column, limits=ingest_limits(settings), kind=kind
+                )
             except IngestError as e:
                 raise InvalidDataset(str(e)) from None
             stored = Path(tmp) / "canonical.npz"

@@ -32,15 +32,20 @@ log = logging.getLogger(__name__)
 def resolve_arch(spec: JobSpec, dataset: Dataset) -> str:
     if spec.model.arch != "auto":
         return spec.model.arch
-    return "mlp" if dataset.kind == "tabular" else "cnn"
+    return catalogue.AUTO_ARCH.get(dataset.kind, "cnn")
 
 
 def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str, dict[str, int]]:
     arch = resolve_arch(spec, dataset)
-    if dataset.kind not in catalogue.ARCHS[arch].input_kinds:
-        raise InvalidSpec(f"model.arch '{arch}' needs image data; dataset '{dataset.id}' is {dataset.kind}: use 'mlp'")
-    if dataset.kind == "tabular" and (spec.augment.hflip or spec.augment.crop_padding):
-        raise InvalidSpec("augment applies to images only; dataset is tabular: remove hflip/crop_padding")
+    kinds = catalogue.ARCHS[arch].input_kinds
+    if dataset.kind not in kinds:
+        fits = sorted(a for a, info in catalogue.ARCHS.items() if dataset.kind in info.input_kinds)
+        raise InvalidSpec(
+            f"model.arch '{arch}' needs {' or '.join(kinds)} data; dataset '{dataset.id}' is {dataset.kind}: use "
+            + " or ".join(f"'{a}'" for a in fits)
+        )
+    if dataset.kind != "image" and (spec.augment.hflip or spec.augment.crop_padding):
+        raise InvalidSpec(f"augment applies to images only; dataset is {dataset.kind}: remove hflip/crop_padding")
     try:
         sites = catalogue.norm_sites(arch, depth=spec.model.depth, width=spec.model.width, hidden=spec.model.hidden)
     except catalogue.CatalogueError as e:

@@ -280,6 +280,7 @@ def render_report(session: Session, job: Job, options: PageOptions | None = None
         _statistics_table(results, colour_of),
         _runs_table(results),
     ]
+    out.append(switchable_mixtures_section(job_runs(session, job)))
     out += _spec(job, base)
     out.append(_environment(job_runs(session, job)))
     out.append(
@@ -751,3 +752,71 @@ def how_to_read_box(results: Results) -> str:
         return ""
     items = "".join(f"<li>{e(line)}</li>" for line in results.how_to_read)
     return f'<section class="card" id="how-to-read"><h2>How to read this</h2><ul class="small">{items}</ul></section>'
+
+
+MIX_PREFIX = "sn_mix/"  # workers.epoch_metrics.MIX_PREFIX: the finals Switchable Normalization runs report
+MIX_NAMES = {"bn": "BN", "in": "IN", "ln": "LN"}
+
+
+def switchable_mixtures_section(runs: list[Any]) -> str:
+    """Which statistics Switchable Normalization chose: per layer and batch size, the learned shares of BN, IN
+    and LN in the mean and in the variance (softmax of the layer's weights, averaged over the finished seeds).
+    Empty when no run reported them."""
+    shares: dict[tuple[str, int], dict[str, list[float]]] = {}
+    layers: list[str] = []
+    for r in runs:
+        for name, value in (r.final_metrics or {}).items():
+            if not name.startswith(MIX_PREFIX) or not isinstance(value, int | float):
+                continue
+            layer, _, key = name[len(MIX_PREFIX) :].rpartition("/")
+            if layer not in layers:
+                layers.append(layer)
+            shares.setdefault((r.variant, r.batch_size), {}).setdefault(f"{layer}/{key}", []).append(float(value))
+    if not shares:
+        return ""
+    cells = sorted(shares, key=lambda c: (c[0], c[1]))
+
+    def share(x: float | None) -> str:
+        return "—" if x is None else f"{pct(x, 0)}%"
+
+    def mean(cell: tuple[str, int], key: str) -> float | None:
+        values = shares[cell].get(key)
+        return sum(values) / len(values) if values else None
+
+    def mix(cell: tuple[str, int], layer: str, part: str) -> str:
+        values = {s: mean(cell, f"{layer}/{part}_{s}") for s in MIX_NAMES}
+        if all(v is None for v in values.values()):
+            return "—"
+        top = max(values, key=lambda s: values[s] or 0.0)
+        return " · ".join(
+            f"<b>{MIX_NAMES[s]} {share(v)}</b>" if s == top else f"{MIX_NAMES[s]} {share(v)}" for s, v in values.items()
+        )
+
+    def overall(cell: tuple[str, int], part: str, stat: str) -> float | None:
+        values = [v for layer in layers if (v := mean(cell, f"{layer}/{part}_{stat}")) is not None]
+        return sum(values) / len(values) if values else None
+
+    summary = "; ".join(
+        f"{e(v)} at batch {b}: BN {share(overall((v, b), 'mean', 'bn'))} of the mean and "
+        f"{share(overall((v, b), 'var', 'bn'))} of the variance"
+        for v, b in cells
+    )
+    out = [
+        '<section class="card" id="switchable-mixtures"><h2>Which statistics did Switchable Normalization choose?</h2>',
+        '<p class="small">Each Switchable Normalization layer learns how much of its mean and of its variance comes '
+        "from BatchNorm's statistics (over the batch), InstanceNorm's (per sample and channel) and LayerNorm's (per "
+        "sample): the shares after training, averaged over seeds, largest in bold. Averaged over the layers, "
+        f"{summary}. At batch 1 BN's statistics over one sample are IN's, so the two share one role in training "
+        "(their weights move together); on flat inputs (MLP) there are no IN statistics.</p>",
+        '<table><thead><tr><th class="l">layer</th>',
+    ]
+    out += [f'<th class="l">{e(v)} · batch {b}</th>' for v, b in cells]
+    out.append("</tr></thead><tbody>")
+    for layer in layers:
+        out.append(f'<tr><td class="l">{e(layer)}</td>')
+        out += [
+            f'<td class="l small">mean: {mix(c, layer, "mean")}<br>variance: {mix(c, layer, "var")}</td>' for c in cells
+        ]
+        out.append("</tr>")
+    out.append("</tbody></table></section>")
+    return "".join(out)

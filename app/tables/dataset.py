@@ -17,7 +17,7 @@ class Dataset(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
     owner: Mapped[str | None] = mapped_column(String(64), index=True)  # NULL: built in, visible to all
     name: Mapped[str] = mapped_column(String(200))
-    kind: Mapped[str] = mapped_column(String(16))  # image | tabular
+    kind: Mapped[str] = mapped_column(String(16))  # image | tabular | signal
     shape: Mapped[list[int]] = mapped_column(JsonType)  # (C, H, W) or (F,)
     num_classes: Mapped[int]
     class_names: Mapped[list[str]] = mapped_column(JsonType)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
 
@@ -21,8 +21,8 @@ ERRORS = ERROR_RESPONSES
     response_model=DatasetOut,
     responses=ERRORS,
     summary="Upload a dataset",
-    # One file and two short text fields; anything else in the form is refused while parsing.
-    form_limits={"max_files": 1, "max_fields": 2, "max_part_size": 4096},
+    # One file and three short text fields; anything else in the form is refused while parsing.
+    form_limits={"max_files": 1, "max_fields": 3, "max_part_size": 4096},
 )
 def upload_dataset(
     session: SessionDep,
@@ -39,6 +39,14 @@ def upload_dataset(
     ],
     name: Annotated[str | None, Form(max_length=200, description="Display name; defaults to the file name.")] = None,
     label_column: Annotated[str, Form(max_length=200, description="CSV only: the column holding labels.")] = "label",
+    kind: Annotated[
+        Literal["auto", "image", "tabular", "signal"],
+        Form(
+            description="What the samples are. `auto`: decided by the format and x's rank (2-D tabular, 3-/4-D "
+            "images). `signal`: a .npz whose x is (N, L) or (N, C, L) 1-D signals (stored as float32 N×C×L; "
+            "length at most 1,048,576, channels at most 1,024, finite values). `image`/`tabular`: checked."
+        ),
+    ] = "auto",
 ) -> DatasetOut:
     row = service.create_dataset(
         session,
@@ -49,6 +57,7 @@ def upload_dataset(
         filename=file.filename or "upload",
         name=name,
         label_column=label_column,
+        kind=None if kind == "auto" else kind,
     )
     response.headers["Location"] = f"/v1/datasets/{row.id}"
     return DatasetOut.model_validate(row)
