@@ -166,9 +166,11 @@ class BasicBlock(nn.Module):
         # scale `weight` (for frn and evonorm_s0 a zero scale makes the output β = 0 and
         # max(0, τ = 0) = 0, so the branch starts at zero too). A norm without an affine
         # weight (`none`) has nothing to zero.
+        # A frozen norm's scale is a buffer: zeroed too, so the block starts the same for every norm.
         weight = getattr(self.norm2, "weight", None)
-        if isinstance(weight, nn.Parameter):
-            nn.init.zeros_(weight)
+        if isinstance(weight, torch.Tensor):
+            with torch.no_grad():
+                weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.shortcut is None else self.shortcut(x)
@@ -233,6 +235,7 @@ def build_model(
     """Network `arch` with norm `norm` for inputs of `input_shape` ((C, H, W), (C, L) signals or (F,)).
 
     `zero_init_last` (ResNet only) zero-initializes each residual block's last norm scale.
+    torchvision networks (`catalogue.ARCHS[arch].torchvision`) come from `models.torchvision_nets`.
     Raises CatalogueError (the catalogue's own messages where it has one) for choices
     that cannot be built.
     """
@@ -249,6 +252,10 @@ def build_model(
         )
     if num_classes < 1 or width < 1 or any(h < 1 for h in hidden or []):
         raise catalogue.CatalogueError("num_classes, width and hidden widths must be positive")
+    if info.torchvision:  # imported here: torchvision is needed only for its networks
+        from models.torchvision_nets import build_torchvision
+
+        return build_torchvision(arch, shape, num_classes, norm, norm_params)
     if arch in ("cnn1d", "resnet1d"):  # imported here: models.nets1d builds on this module
         from models.nets1d import build_1d
 
@@ -266,7 +273,6 @@ def build_model(
             standardize_weights=info_1d.standardize_weights,
             act_layer=nn.Identity if info_1d.includes_activation else _relu,
         )
-
 
     sites = catalogue.norm_sites(arch, depth=depth, width=width, hidden=hidden)
     catalogue.check_variant(norm, norm_params, sites)

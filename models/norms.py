@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -27,8 +28,11 @@ __all__ = [
     "BatchNorm",
     "BatchGroupNorm",
     "BatchRenorm",
+    "ChannelLayerNorm",
+    "EvalBatchNorm",
     "EvoNormS0",
     "FilterResponseNorm",
+    "FrozenBatchNorm",
     "GroupNorm",
     "GroupNorm1",
     "GroupNormWS",
@@ -281,6 +285,95 @@ class EvoNormS0(nn.Module):
         return f"{self.num_channels}, groups={self.num_groups}, eps={self.eps}"
 
 
+class ChannelLayerNorm(nn.Module):
+    """`ln_channel`: LayerNorm over the channels at each position of each sample, with a per-channel affine.
+
+    On (N, C, H, W) it is torchvision's LayerNorm2d (ConvNeXt's stem, downsampling and head norm, and the
+    block norm nn.LayerNorm applies to channels-last tensors); on (N, C) it is nn.LayerNorm(C). Parameters
+    are named like nn.LayerNorm's, so ConvNeXt's pretrained norms load into it.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"expected an (N, C, *) input with at least 2 dims, got {x.dim()}D")
+        y = F.layer_norm(x.movedim(1, -1), (self.num_channels,), self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}"
+
+
+class FrozenBatchNorm(nn.Module):
+    """`bn_frozen`: BatchNorm with fixed statistics and affine, as torchvision.ops.misc.FrozenBatchNorm2d.
+
+    y = (x − running_mean) · rsqrt(running_var + eps) · weight + bias over (N, C, *) inputs, in training
+    and evaluation alike. All four tensors are buffers (nothing here trains); a BatchNorm state dict loads
+    into it (its `num_batches_tracked` is ignored). Not a _BatchNorm: it never computes batch statistics.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.weight: torch.Tensor
+        self.bias: torch.Tensor
+        self.running_mean: torch.Tensor
+        self.running_var: torch.Tensor
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = _channel_shape(x)
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(shape) + shift.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class EvalBatchNorm(nn.Module):
+    """`bn_eval`: BatchNorm that always runs as in eval mode: normalized by its running statistics (never
+    updated) with a trainable affine. Its state dict is BatchNorm's (weight, bias, running_mean, running_var,
+    num_batches_tracked), so pretrained BatchNorm weights load unchanged. Not a _BatchNorm: it never computes
+    batch statistics, so the batch-noise probe and precise BN leave it alone."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum  # unused: kept so BatchNorm's constructor arguments build it
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.running_mean: torch.Tensor
+        self.running_var: torch.Tensor
+        self.num_batches_tracked: torch.Tensor
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = _channel_shape(x)
+        y = (x - self.running_mean.reshape(shape)) * torch.rsqrt(self.running_var + self.eps).reshape(shape)
+        return y * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
 class NoNorm(nn.Identity):
     """Identity that takes (and records) the channel count, for the unnormalized baseline."""
 
@@ -304,6 +397,9 @@ _NORM_LAYERS: dict[str, type[nn.Module]] = {
     "frn": FilterResponseNorm,
     "evonorm_s0": EvoNormS0,
     "none": NoNorm,
+    "ln_channel": ChannelLayerNorm,
+    "bn_frozen": FrozenBatchNorm,
+    "bn_eval": EvalBatchNorm,
     "switchable": SwitchableNorm,
     "bgn": BatchGroupNorm,
 }

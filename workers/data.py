@@ -27,6 +27,9 @@ class DeviceData:
     std: torch.Tensor
     input_shape: tuple[int, ...]
     num_classes: int
+    # The uploaded test split, when there is one: evaluated once, after training (it picks nothing).
+    x_test: torch.Tensor | None = None
+    y_test: torch.Tensor | None = None
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Raw device batch → normalized float32, once per batch."""
@@ -92,6 +95,8 @@ def load_device_data(path: Path, budget: dict[str, int], device: torch.device) -
         std=std,
         input_shape=tuple(ds.shape),
         num_classes=ds.num_classes,
+        x_test=None if ds.x_test is None else torch.from_numpy(np.ascontiguousarray(ds.x_test)).to(device),
+        y_test=None if ds.y_test is None else torch.from_numpy(ds.y_test).to(device),
     )
 
 

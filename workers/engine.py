@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from app.core.progress import Point, Progress
+from app.core.run_states import CANCELLED_BY_USER, SHUT_DOWN, RunStatus
 from workers.checkpoint import Checkpoint
 from workers.data import DeviceData
 from workers.epoch_metrics import epoch_metrics
@@ -44,7 +45,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 2.0
-SHARED_FIELDS = ("arch", "budget", "model", "optimizer", "augment", "log_every_steps", "precision")
+SHARED_FIELDS = ("arch", "budget", "model", "optimizer", "augment", "log_every_steps", "precision", "input", "init")
 
 
 class RunReporter(Protocol):
@@ -172,7 +173,7 @@ class PackTrainer:
         for m in self.members:
             m.started = m.window_start = m.last_report = self.started
             if m.epoch >= m.sched.epochs:
-                self.finish(m, self.outcome(m, "succeeded"))
+                self.finish(m, self.outcome(m, RunStatus.SUCCEEDED))
         while True:
             active = [m for m in self.members if m.result is None]
             if not active:
@@ -254,12 +255,12 @@ class PackTrainer:
                 continue
             if stop == "cancelled":
                 if self.report(m):
-                    self.finish(m, self.outcome(m, "cancelled", "cancelled by user"))
+                    self.finish(m, self.outcome(m, RunStatus.CANCELLED, CANCELLED_BY_USER))
             elif stop == "shutdown" and m.batch < m.sched.per_epoch:
                 g, i = self.group_of(m)
                 ckpt = g.checkpoint(i)
                 if self.report(m, ckpt):
-                    self.finish(m, self.outcome(m, "interrupted", "worker shut down; resumes from its checkpoint"))
+                    self.finish(m, self.outcome(m, "interrupted", SHUT_DOWN))
         ends = [m for m in active if m.result is None and m.batch == m.sched.per_epoch]
         if ends:
             self.end_epochs(ends)
@@ -273,7 +274,7 @@ class PackTrainer:
             step = m.step - len(window) + bad + 1
             error = f"training loss became non-finite at step {step} (epoch {m.epoch + 1})"
             if self.report(m):
-                self.finish(m, self.outcome(m, "diverged", error))
+                self.finish(m, self.outcome(m, RunStatus.DIVERGED, error))
             return True
         now = time.perf_counter()
         if m.step % cfg.log_every_steps == 0 and window:
@@ -302,6 +303,8 @@ class PackTrainer:
             val_acc, val_loss = g.evaluate()
             last = [i for i in at if g.members[i].epoch + 1 == g.sched.epochs]
             train_mode = g.train_mode_accuracy() if last else []
+            # The test split, once, after the last epoch: reported beside validation, never used to pick.
+            test = g.evaluate("test") if last and self.data.x_test is not None else None
             noise = g.noise.tolist()
             epoch_loss = g.epoch_loss.tolist()
             for i in at:
@@ -318,6 +321,7 @@ class PackTrainer:
                     elapsed=m.elapsed(),
                     noise=noise[i],
                     val_acc_train_mode=train_mode[i] if m.epoch == g.sched.epochs else None,
+                    test=(test[0][i], test[1][i]) if test is not None and m.epoch == g.sched.epochs else None,
                     mixtures=g.mixtures(i) if m.epoch == g.sched.epochs else None,
                 )
                 g.noise[i].zero_()
@@ -331,14 +335,16 @@ class PackTrainer:
                 m.points = []
                 if not math.isfinite(finals["val_loss"]):
                     self.finish(
-                        m, self.outcome(m, "diverged", f"validation loss became non-finite after epoch {m.epoch}")
+                        m,
+                        self.outcome(m, RunStatus.DIVERGED, f"validation loss became non-finite after epoch {m.epoch}"),
                     )
                 elif m.epoch == g.sched.epochs:
-                    self.finish(m, self.outcome(m, "succeeded", finals=finals))
+                    self.finish(m, self.outcome(m, RunStatus.SUCCEEDED, finals=finals))
 
     # -- what ran ------------------------------------------------------------------------------
-    def execution(self) -> dict[str, Any]:
-        """How this pack ran, for each run's recorded environment."""
+    def execution(self, index: int | None = None) -> dict[str, Any]:
+        """How this pack ran, for each run's recorded environment; with the run's `index`, also what its
+        `init` transferred (fine-tuning)."""
         graphed = self.graphed_groups + sum(g.graphed for g in self.groups)
         reasons = self.eager_reasons | {g.eager_reason for g in self.groups if not g.graphed and g.eager_reason}
         info: dict[str, Any] = {
@@ -349,6 +355,9 @@ class PackTrainer:
         }
         if reasons:
             info["eager_reason"] = "; ".join(sorted(reasons))
+        transfer = self.members[index].transfer if index is not None else None
+        if transfer is not None:
+            info["init"] = transfer
         return info
 
 

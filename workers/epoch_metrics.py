@@ -16,12 +16,14 @@ def epoch_metrics(
     elapsed: float,
     noise: tuple[float, float, float] | list[float],
     val_acc_train_mode: float | None = None,
+    test: tuple[float, float] | None = None,
     mixtures: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """The epoch's finals: validation accuracy and loss (eval mode), mean training loss, the last step's
     learning rate, throughput so far, BN batch-statistics noise (mean, var and count sums; absent without
-    BN) and, after the last epoch, validation accuracy with batch statistics (train-mode norms) and the shares
-    Switchable Normalization learned per layer (`mixtures`, see mixture_metrics)."""
+    BN) and, after the last epoch, validation accuracy with batch statistics (train-mode norms) and, when the
+    dataset has a test split, `test_acc` and `test_loss` on it (eval mode; reported, never used to pick); after
+    the last epoch, the shares Switchable Normalization learned per layer (`mixtures`, see mixture_metrics)."""
     finals = {
         "val_acc": val_acc,
         "val_loss": val_loss,
@@ -32,6 +34,8 @@ def epoch_metrics(
     }
     if val_acc_train_mode is not None:
         finals["val_acc_train_mode"] = val_acc_train_mode
+    if test is not None:
+        finals["test_acc"], finals["test_loss"] = test
     if mixtures:
         finals |= mixture_metrics(mixtures)
     return finals

@@ -33,13 +33,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from app.core.progress import Point
 from models.hybrid_norms import switchable_mixtures
-from workers.augment import Augmentation, apply_augmentation, augments, epoch_augmentation
+from workers.augment import Augmentation, Feed, apply_augmentation, augments, epoch_augmentation, epoch_crops
 from workers.checkpoint import Checkpoint
 from workers.data import DeviceData, epoch_order
 from workers.diagnostics import NOISE_SAMPLE_EVERY, noise_terms
 from workers.graphs import GraphedStep
 from workers.precise_bn import precise_bn_batches, precise_bn_order
-from workers.run_config import RunConfig, autocast, build_run_model, make_optimizer, optimizer_param_names
+from workers.run_config import (
+    RunConfig,
+    autocast,
+    build_run_model_and_init,
+    lr_scales,
+    make_optimizer,
+    optimizer_param_names,
+)
 from workers.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -77,6 +84,7 @@ class Member:
     last_report: float = 0.0
     points: list[Point] = field(default_factory=list)
     result: Outcome | BaseException | None = None
+    transfer: dict[str, Any] | None = None  # what its `init` transferred, once its network was built
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -130,6 +138,7 @@ class PackGroup:
         self.cfg, self.sched = members[0].cfg, members[0].sched  # what the group's runs share
         self.k = len(members)
         self.vmap_one = False  # a group of one steps without vmap (tests switch this to compare)
+        self.gathered_loss = False  # the loss from log_softmax and gather (while a vmapped CPU step runs)
         self._stack_models()
         self._init_positions()
         self._build_steps()
@@ -139,7 +148,7 @@ class PackGroup:
         k, device = self.k, self.device
         models = []
         for m in self.members:
-            model = build_run_model(m.cfg, self.data, device)
+            model, m.transfer = build_run_model_and_init(m.cfg, self.data, device)
             if m.carry is not None:
                 model.load_state_dict(m.carry.model)
             model.train()
@@ -175,12 +184,30 @@ class PackGroup:
         self.owner = None
         if not self.lockstep:
             self.owner = torch.cat([torch.arange(k, device=device).repeat_interleave(n) for n in sizes])
+        # Per-parameter learning-rate multipliers (fine-tuning's backbone_lr_mult), spread over the flat buffer.
+        scales = lr_scales(self.shadow, self.cfg)
+        self.lr_scale: torch.Tensor | None = None
+        if scales:
+            self.lr_scale = torch.cat(
+                [
+                    torch.full((k * n,), scales.get(name, 1.0), device=device)
+                    for name, n in zip(self.names, sizes, strict=True)
+                ]
+            )
         with torch.no_grad():
             for name in self.names:
                 self.params[name].copy_(stacked_params[name])
         for view in self.params.values():
             view.requires_grad_(True)
         self.param_list = [self.params[n] for n in self.names]
+        # On a CPU the step gathers gradients into a buffer of the flat layout (a GPU step concatenates them,
+        # as it always did, inside its CUDA graph).
+        self.grad_views: list[torch.Tensor] | None = None
+        if device.type == "cpu":
+            self.grad = torch.empty_like(self.flat)
+            self.grad_views = [
+                self.grad[p.storage_offset() : p.storage_offset() + p.numel()].view(p.shape) for p in self.param_list
+            ]
         self.buffers = {name: b.detach().clone() for name, b in stacked_buffers.items()}
         for i, m in enumerate(self.members):
             if m.carry is None:
@@ -199,6 +226,10 @@ class PackGroup:
         self.arange_b = torch.arange(b, device=device)
         self.orders = torch.zeros(k, per_epoch * b, dtype=torch.long, device=device)
         self.augmenting = augments(cfg.augment, self.data.kind)
+        self.feed = Feed.of(cfg.input, self.data.input_shape, self.data.kind)
+        crops = self.feed is not None and self.feed.random_crop
+        self.cy = torch.zeros(k, per_epoch * b if crops else 0, dtype=torch.long, device=device)
+        self.cx = torch.zeros_like(self.cy)
         self.flip = torch.zeros(k, per_epoch * b, dtype=torch.bool, device=device)
         self.dy = torch.zeros(k, per_epoch * b, dtype=torch.long, device=device)
         self.dx = torch.zeros(k, per_epoch * b, dtype=torch.long, device=device)
@@ -267,6 +298,10 @@ class PackGroup:
             if aug.dy is not None and aug.dx is not None:
                 self.dy[i].copy_(aug.dy)
                 self.dx[i].copy_(aug.dx)
+        crops = epoch_crops(self.feed, m.cfg.seed, m.epoch, n, self.device) if self.feed is not None else None
+        if crops is not None:
+            self.cy[i].copy_(crops[0])
+            self.cx[i].copy_(crops[1])
 
     # -- the step ----------------------------------------------------------------------------
     def lr(self) -> torch.Tensor:
@@ -288,13 +323,33 @@ class PackGroup:
                 padding,
             )
             xb = apply_augmentation(xb.flatten(0, 1), aug).view(xb.shape)
-        return data.prepare(xb), data.y_train[idx]
+        x = data.prepare(xb)
+        if self.feed is not None:
+            random = self.feed.random_crop
+            fed = self.feed.train(
+                x.flatten(0, 1),
+                self.cy.gather(1, cols).flatten() if random else None,
+                self.cx.gather(1, cols).flatten() if random else None,
+            )
+            x = fed.view(*x.shape[:2], *fed.shape[1:])
+        return x, data.y_train[idx]
+
+    def fed(self, x: torch.Tensor) -> torch.Tensor:
+        """A raw evaluation (or statistics) batch as the network sees it: normalized, resized, centre-cropped."""
+        x = self.data.prepare(x)
+        if self.feed is None:
+            return x
+        out = self.feed.eval(x.flatten(0, x.dim() - 4))  # any leading dims: (N, ...) or (K, B, ...)
+        return out.view(*x.shape[:-3], *out.shape[1:])
 
     def _forward(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> Any:
         return functional_call(self.base, (params, buffers), (x,))
 
     def _loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor, y: Any) -> Any:
-        return F.cross_entropy(self._forward(params, buffers, x), y)
+        logits = self._forward(params, buffers, x)
+        if self.gathered_loss:  # cross_entropy's arithmetic (fp32, mean over the batch) from ops vmap batches natively
+            return -F.log_softmax(logits.float(), -1).gather(-1, y.unsqueeze(-1)).mean()
+        return F.cross_entropy(logits, y)
 
     def _loss_and_noise(
         self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
@@ -309,7 +364,13 @@ class PackGroup:
         on model 0's views (the same arithmetic, without vmap's per-op dispatch, which on a CPU costs a
         single run a third of its speed). Results have the leading model dimension either way."""
         if self.k > 1 or self.vmap_one:
-            return vmap(fn)(self.params, self.buffers, x, y)
+            # On a CPU, vmap runs cross_entropy through a Python decomposition, a tenth of a small model's step;
+            # log_softmax and gather have batching rules (the same loss to round-off; a GPU step is unchanged).
+            self.gathered_loss = self.device.type == "cpu"
+            try:
+                return vmap(fn)(self.params, self.buffers, x, y)
+            finally:
+                self.gathered_loss = False
         params = {name: p[0] for name, p in self.params.items()}
         buffers = {name: b[0] for name, b in self.buffers.items()}  # views: in-place statistics updates land
         out = fn(params, buffers, x[0], y[0])
@@ -332,7 +393,11 @@ class PackGroup:
                 losses = self._each(self._loss, x, y)
         grads = torch.autograd.grad(losses.sum(), self.param_list)
         with torch.no_grad():
-            g = torch.cat([gr.reshape(-1) for gr in grads])
+            if self.grad_views is None:
+                g = torch.cat([gr.reshape(-1) for gr in grads])
+            else:  # one copy into the flat layout (cat would first copy the non-contiguous ones, then all)
+                torch._foreach_copy_(self.grad_views, grads)
+                g = self.grad
             if gradnorm:  # as torch.nn.utils.get_total_norm, per model, on the steps a window reports it
                 per_tensor = torch.stack([torch.linalg.vector_norm(gr.flatten(1), dim=1) for gr in grads], dim=1)
                 due = (self.step + 1) % cfg.log_every_steps == 0
@@ -343,6 +408,8 @@ class PackGroup:
             self.mom.mul_(cfg.optimizer["momentum"]).add_(g)
             lr = self.lr()
             lr = lr[0] if self.owner is None else lr.index_select(0, self.owner)
+            if self.lr_scale is not None:
+                lr = lr * self.lr_scale
             self.flat.addcmul_(self.mom, lr, value=-1.0)
             loss = losses.detach().float()
             self.epoch_loss.add_(loss)
@@ -387,26 +454,29 @@ class PackGroup:
         return [ring[i][s % self.window] for s in range(m.window_from, m.step)]
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[list[float], list[float]]:
-        """Validation accuracy and mean loss of every model, in eval mode (running statistics)."""
+    def evaluate(self, split: str = "val") -> tuple[list[float], list[float]]:
+        """Accuracy and mean loss of every model on the validation (or test) split, in eval mode (running
+        statistics)."""
         data, k = self.data, self.k
+        xs, ys = (data.x_val, data.y_val) if split == "val" else (data.x_test, data.y_test)
+        assert xs is not None and ys is not None, f"no {split} split"
         correct = torch.zeros(k, dtype=torch.long, device=self.device)
         loss_sum = torch.zeros(k, device=self.device)
         chunk = max(128, EVAL_BATCH // k)
         self.base.eval()
         try:
             fwd = vmap(self._forward, in_dims=(0, 0, None))
-            for i in range(0, len(data.x_val), chunk):
-                x = data.prepare(data.x_val[i : i + chunk])
-                y = data.y_val[i : i + chunk]
+            for i in range(0, len(xs), chunk):
+                x = self.fed(xs[i : i + chunk])
+                y = ys[i : i + chunk]
                 logits = fwd(self.params, self.buffers, x)
                 n = logits.shape[1]
                 loss_sum += F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none").view(k, n).sum(1)
                 correct += (logits.argmax(2) == y).sum(1)
         finally:
             self.base.train()
-        n_val = len(data.x_val)
-        return [c / n_val for c in correct.tolist()], [v / n_val for v in loss_sum.tolist()]
+        n = len(xs)
+        return [c / n for c in correct.tolist()], [v / n for v in loss_sum.tolist()]
 
     def repeat(
         self,
@@ -449,7 +519,7 @@ class PackGroup:
 
         def one_batch() -> None:
             idx = pos * b + self.arange_b
-            logits = fwd(self.params, scratch, data.prepare(data.x_val[idx]))
+            logits = fwd(self.params, scratch, self.fed(data.x_val[idx]))
             correct.add_((logits.argmax(2) == data.y_val[idx]).sum(1))
             pos.add_(1)
 
@@ -459,7 +529,7 @@ class PackGroup:
         if full:
             self.repeat(one_batch, scratch, [correct, pos], full, "train-mode eval")
         if rest and not (self.batch_stats and rest < 2 <= b):
-            logits = fwd(self.params, scratch, data.prepare(data.x_val[full * b :]))
+            logits = fwd(self.params, scratch, self.fed(data.x_val[full * b :]))
             correct += (logits.argmax(2) == data.y_val[full * b :]).sum(1)
             seen += rest
         return [c / max(seen, 1) for c in correct.tolist()]
@@ -501,7 +571,7 @@ class PackGroup:
             idx = orders.gather(1, (pos * b + self.arange_b).expand(self.k, b))
             self.probe.mode = "precise"
             try:
-                means, variances = vstats(self.params, scratch, data.prepare(data.x_train[idx]))
+                means, variances = vstats(self.params, scratch, self.fed(data.x_train[idx]))
             finally:
                 self.probe.mode = None
             live = (pos < n_batches).unsqueeze(1)

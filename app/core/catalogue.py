@@ -7,8 +7,8 @@ two can never disagree about norm names, their parameters or layer widths.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 DEFAULT_GN_GROUPS = 32
 # Most classes a dataset may define, so a classifier head (and every per-class table) stays bounded.
@@ -120,6 +120,7 @@ class NormInfo:
     needs_spatial: bool = False
     includes_activation: bool = False
     standardize_weights: bool = False
+    needs_init: bool = False  # meaningful only from pretrained BatchNorm statistics (a job's `init`)
 
 
 # Listed (and offered in error messages) classic choices first, then the zoo.
@@ -208,6 +209,31 @@ NORMS: dict[str, NormInfo] = {
             includes_activation=True,
         ),
         NormInfo(
+            "ln_channel",
+            "LayerNorm over channels",
+            "Normalizes each sample's channels at every spatial position separately (the LayerNorm of ConvNeXt "
+            "and transformers; torchvision's LayerNorm2d), with a per-channel affine; eps 1e-6 as in ConvNeXt. "
+            "On flat inputs it is `ln`.",
+            batch_dependent=False,
+        ),
+        NormInfo(
+            "bn_frozen",
+            "Frozen BatchNorm",
+            "BatchNorm fixed at the pretrained weights' running statistics and affine, which never change "
+            "(torchvision.ops.FrozenBatchNorm2d, as detection codebases fine-tune): y = (x − μ)/√(σ² + eps)·γ + β. "
+            "Needs `init` weights with BatchNorm statistics. With a trainable affine it is `bn_eval`.",
+            batch_dependent=False,
+            needs_init=True,
+        ),
+        NormInfo(
+            "bn_eval",
+            "BatchNorm in eval mode",
+            "BatchNorm that always normalizes with the pretrained running statistics (never updating them, also "
+            "in training) and a trainable affine. Needs `init` weights with BatchNorm statistics.",
+            batch_dependent=False,
+            needs_init=True,
+        ),
+        NormInfo(
             "switchable",
             "Switchable Normalization",
             "Normalizes with a learned mix of InstanceNorm, LayerNorm and BatchNorm statistics: the mean is "
@@ -229,23 +255,57 @@ NORMS: dict[str, NormInfo] = {
         ),
     )
 }
+# The norms that hold BatchNorm's running statistics (and so take them from pretrained weights).
+BN_FAMILY = ("bn", "bn_precise", "brn", "bn_frozen", "bn_eval")
 
 
 @dataclass(frozen=True)
 class NormSite:
-    """One place in a network where a norm layer sits."""
+    """One place in a network where a norm layer sits. `positions`: spatial positions (H×W) of its input
+    for the job's input size, when known (torchvision networks given an input shape)."""
 
     layer: str
     channels: int
     spatial: bool
+    positions: int | None = None
 
 
 @dataclass(frozen=True)
 class ArchInfo:
+    """A network a job can name. `torchvision`: built by torchvision's builder with `norm_layer=`; `head`: the
+    module name of its last classifier layer (re-initialised when fine-tuning); `refuses`: zoo norms that do
+    not make sense in it, with the reason the API gives; `min_side`: smallest image side it accepts."""
+
     name: str
     description: str
     input_kinds: tuple[str, ...]
+    torchvision: bool = False
+    head: str = "head"
+    refuses: Mapping[str, str] = field(default_factory=dict)
+    min_side: int = 1
 
+
+_SHARED_RELU = (
+    "it ends in its own nonlinearity, which replaces the activation after each norm; torchvision's blocks apply "
+    "one shared activation after a norm and after the residual addition, so it cannot be swapped in without "
+    "rewriting them (use the CIFAR `resnet`)"
+)
+_LINEAR_BOTTLENECK = (
+    "it ends in its own nonlinearity, and MobileNetV3's projection layers are linear by design (a norm with no "
+    "activation after it): the norm would add one"
+)
+_CONVNEXT_MLP = (
+    "it ends in its own nonlinearity, and ConvNeXt's block norm feeds a linear layer directly (the block's one "
+    "activation is the GELU inside its MLP)"
+)
+_WS_DEPTHWISE = (
+    "Weight Standardization is defined for dense convolutions; in this network most norms follow depthwise "
+    "convolutions ({n} weights per output channel), which it would reduce to fixed patterns"
+)
+_NO_BN_STATS = (
+    "ConvNeXt has no BatchNorm: its pretrained weights carry LayerNorm affines and no running statistics to "
+    "freeze or evaluate with"
+)
 
 ARCHS: dict[str, ArchInfo] = {
     a.name: a
@@ -277,6 +337,53 @@ ARCHS: dict[str, ArchInfo] = {
             "stage widths `width`, 2×`width`, 4×`width`.",
             ("signal",),
         ),
+        ArchInfo(
+            "resnet18",
+            "torchvision's ResNet-18 (ImageNet design: 7×7 stride-2 stem, max pool, four stages of basic blocks, "
+            "output stride 32); `depth`/`width`/`hidden` do not apply.",
+            ("image",),
+            torchvision=True,
+            head="fc",
+            refuses={"frn": _SHARED_RELU, "evonorm_s0": _SHARED_RELU},
+        ),
+        ArchInfo(
+            "resnet50",
+            "torchvision's ResNet-50 (bottleneck blocks, 25.6M parameters, output stride 32).",
+            ("image",),
+            torchvision=True,
+            head="fc",
+            refuses={"frn": _SHARED_RELU, "evonorm_s0": _SHARED_RELU},
+        ),
+        ArchInfo(
+            "mobilenet_v3_small",
+            "torchvision's MobileNetV3-Small (depthwise-separable inverted residuals with squeeze-excitation; "
+            "BatchNorm eps 1e-3, momentum 0.01 as torchvision sets them; dropout off so runs are deterministic).",
+            ("image",),
+            torchvision=True,
+            head="classifier.3",
+            refuses={
+                "frn": _LINEAR_BOTTLENECK,
+                "evonorm_s0": _LINEAR_BOTTLENECK,
+                "gn_ws": _WS_DEPTHWISE.format(n="9 or 25"),
+            },
+        ),
+        ArchInfo(
+            "convnext_tiny",
+            "torchvision's ConvNeXt-Tiny (LayerNorm by design: `ln_channel` is its own norm; every norm site, the "
+            "blocks' included, is swapped; stochastic depth off so runs are deterministic). Images of at least "
+            "32×32 (4×4 stem, output stride 32).",
+            ("image",),
+            torchvision=True,
+            head="classifier.2",
+            refuses={
+                "frn": _CONVNEXT_MLP,
+                "evonorm_s0": _CONVNEXT_MLP,
+                "gn_ws": _WS_DEPTHWISE.format(n="49"),
+                "bn_frozen": _NO_BN_STATS,
+                "bn_eval": _NO_BN_STATS,
+            },
+            min_side=32,
+        ),
     )
 }
 
@@ -301,8 +408,19 @@ def resnet_blocks_per_stage(depth: int) -> int:
     return (depth - 2) // 6
 
 
-def norm_sites(arch: str, *, depth: int = 20, width: int = 16, hidden: list[int] | None = None) -> list[NormSite]:
-    """Every norm layer the network `arch` has, in build order, with its channel count."""
+def norm_sites(
+    arch: str,
+    *,
+    depth: int = 20,
+    width: int = 16,
+    hidden: list[int] | None = None,
+    input_shape: tuple[int, ...] | list[int] | None = None,
+) -> list[NormSite]:
+    """Every norm layer the network `arch` has, in build order, with its channel count.
+
+    For torchvision networks the layer names are the modules' (and the state-dict keys' prefixes) and, given
+    the job's `input_shape` (C, H, W as fed to the network), each site's spatial positions: a site with a single
+    position is not `spatial` (an instance-wise norm there sees one value per channel)."""
     if arch == "mlp":
         return [NormSite(f"hidden{i}", w, spatial=False) for i, w in enumerate(hidden or [256, 256])]
     if arch in ("cnn", "cnn1d"):  # the 1-D networks mirror the 2-D ones layer for layer
@@ -314,7 +432,137 @@ def norm_sites(arch: str, *, depth: int = 20, width: int = 16, hidden: list[int]
             for b in range(n):
                 sites += [NormSite(f"stage{s}.block{b}.norm{j}", w, spatial=True) for j in (1, 2)]
         return sites
-    raise unknown_choice("architecture", arch, sorted(ARCHS))
+    builder = _TORCHVISION_SITES.get(arch)
+    if builder is None:
+        raise unknown_choice("architecture", arch, sorted(ARCHS))
+    side: tuple[int, int] | None = None
+    if input_shape is not None:
+        if len(input_shape) != 3:
+            raise CatalogueError(f"architecture '{arch}' needs (C, H, W) image inputs; got shape {tuple(input_shape)}")
+        side = (int(input_shape[1]), int(input_shape[2]))
+        low = ARCHS[arch].min_side
+        if min(side) < low:
+            raise CatalogueError(
+                f"architecture '{arch}' needs images of at least {low}×{low} pixels as fed to it; got "
+                f"{side[0]}×{side[1]}: set `input.resize` or pick another architecture"
+            )
+    out = []
+    for layer, channels, size in builder(side or (224, 224)):
+        if side is None:
+            out.append(NormSite(layer, channels, spatial=size != (1, 1) or layer == "classifier.0"))
+        else:
+            positions = size[0] * size[1]
+            out.append(NormSite(layer, channels, spatial=positions > 1, positions=positions))
+    if side is None and arch == "convnext_tiny":  # its classifier norm sees one position whatever the input
+        out[-1] = NormSite(out[-1].layer, out[-1].channels, spatial=False)
+    return out
+
+
+Size = tuple[int, int]
+SiteList = list[tuple[str, int, Size]]
+
+
+def _half_up(size: Size) -> Size:
+    """A stride-2 convolution or pooling padded to keep the size at stride 1 (3×3 pad 1, 7×7 pad 3, 1×1)."""
+    return ((size[0] + 1) // 2, (size[1] + 1) // 2)
+
+
+def _resnet_sites(blocks: tuple[int, ...], bottleneck: bool) -> Callable[[Size], SiteList]:
+    def sites(size: Size) -> SiteList:
+        size = _half_up(size)  # 7×7 stride-2 stem
+        out: SiteList = [("bn1", 64, size)]
+        size = _half_up(size)  # 3×3 stride-2 max pool
+        inplanes, expansion = 64, 4 if bottleneck else 1
+        for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks, strict=True)):
+            for b in range(n):
+                stride = 2 if stage > 0 and b == 0 else 1
+                name = f"layer{stage + 1}.{b}"
+                after = _half_up(size) if stride == 2 else size
+                if bottleneck:  # torchvision's v1.5: the stride is in the 3×3 conv
+                    out += [(f"{name}.bn1", planes, size), (f"{name}.bn2", planes, after)]
+                    out += [(f"{name}.bn3", planes * expansion, after)]
+                else:
+                    out += [(f"{name}.bn1", planes, after), (f"{name}.bn2", planes, after)]
+                if b == 0 and (stride != 1 or inplanes != planes * expansion):
+                    out.append((f"{name}.downsample.1", planes * expansion, after))
+                inplanes, size = planes * expansion, after
+        return out
+
+    return sites
+
+
+# MobileNetV3-Small's inverted residual settings (torchvision): input, kernel, expanded, output, SE, stride.
+_MOBILENET_V3_SMALL = (
+    (16, 3, 16, 16, True, 2),
+    (16, 3, 72, 24, False, 2),
+    (24, 3, 88, 24, False, 1),
+    (24, 5, 96, 40, True, 2),
+    (40, 5, 240, 40, True, 1),
+    (40, 5, 240, 40, True, 1),
+    (40, 5, 120, 48, True, 1),
+    (48, 5, 144, 48, True, 1),
+    (48, 5, 288, 96, True, 2),
+    (96, 5, 576, 96, True, 1),
+    (96, 5, 576, 96, True, 1),
+)
+
+
+def _mobilenet_sites(size: Size) -> SiteList:
+    size = _half_up(size)
+    out: SiteList = [("features.0.1", 16, size)]
+    for i, (inp, _, expanded, outp, se, stride) in enumerate(_MOBILENET_V3_SMALL, start=1):
+        j = 0
+        if expanded != inp:
+            out.append((f"features.{i}.block.{j}.1", expanded, size))
+            j += 1
+        size = _half_up(size) if stride == 2 else size  # depthwise conv, padded: ceil(size / stride)
+        out.append((f"features.{i}.block.{j}.1", expanded, size))
+        j += 2 if se else 1
+        out.append((f"features.{i}.block.{j}.1", outp, size))
+    out.append((f"features.{len(_MOBILENET_V3_SMALL) + 1}.1", 576, size))
+    return out
+
+
+def _convnext_sites(size: Size) -> SiteList:
+    size = (size[0] // 4, size[1] // 4)  # 4×4 stride-4 stem, no padding
+    out: SiteList = [("features.0.1", 96, size)]
+    for stage, (dim, n) in enumerate(zip((96, 192, 384, 768), (3, 3, 9, 3), strict=True)):
+        out += [(f"features.{2 * stage + 1}.{b}.block.2", dim, size) for b in range(n)]
+        if stage < 3:
+            out.append((f"features.{2 * stage + 2}.0", dim, size))  # the downsampling layer's norm, then 2×2 stride 2
+            size = (size[0] // 2, size[1] // 2)
+    out.append(("classifier.0", 768, (1, 1)))  # after global average pooling
+    return out
+
+
+_TORCHVISION_SITES: dict[str, Callable[[Size], SiteList]] = {
+    "resnet18": _resnet_sites((2, 2, 2, 2), bottleneck=False),
+    "resnet50": _resnet_sites((3, 4, 6, 3), bottleneck=True),
+    "mobilenet_v3_small": _mobilenet_sites,
+    "convnext_tiny": _convnext_sites,
+}
+
+
+def fed_shape(input_shape: tuple[int, ...] | list[int], resize: int | None, crop: int | None) -> tuple[int, ...]:
+    """The (C, H, W) an image network is fed from stored images of `input_shape` after the job's `input` options:
+    `resize` scales the shorter side to that many pixels (keeping the aspect ratio), `crop` cuts a square."""
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3:
+        if resize is not None or crop is not None:
+            raise CatalogueError("input.resize and input.crop apply to images only")
+        return shape
+    c, h, w = shape
+    if resize is not None:
+        short = min(h, w)
+        # torchvision's Resize(int): the shorter side becomes `resize`, the longer one scales with it (truncated).
+        h, w = (resize, int(resize * w / h)) if h == short else (int(resize * h / w), resize)
+    if crop is not None:
+        if crop > min(h, w):
+            raise CatalogueError(
+                f"input.crop {crop} is larger than the images as fed ({h}×{w}); lower it or set input.resize"
+            )
+        h = w = crop
+    return (c, h, w)
 
 
 def resolve_groups(
@@ -369,16 +617,19 @@ def _check_value(norm: str, info: ParamInfo, value: object) -> None:
         )
 
 
-def check_variant(norm: str, params: NormParams, sites: list[NormSite]) -> None:
+def check_variant(norm: str, params: NormParams, sites: list[NormSite], *, arch: str | None = None) -> None:
     """Raise CatalogueError with an actionable message if `norm` cannot be built on `sites`.
 
-    Checks the norm's name, that it takes every parameter given (None counts as not
-    given), each value's type and range, spatial positions where the norm needs them,
-    and that the grouping divides every site's channel count.
+    Checks the norm's name, that `arch` (when given) does not refuse it, that it takes every
+    parameter given (None counts as not given), each value's type and range, spatial positions
+    where the norm needs them, and that the grouping divides every site's channel count.
     """
     info = NORMS.get(norm)
     if info is None:
         raise unknown_choice("norm", norm, list(NORMS))
+    reason = ARCHS[arch].refuses.get(norm) if arch in ARCHS else None
+    if reason is not None:
+        raise CatalogueError(f"norm '{norm}' does not make sense in {arch}: {reason}")
     given = {k: v for k, v in params.items() if v is not None}
     extra = set(given) - set(info.params)
     if extra:
@@ -386,8 +637,14 @@ def check_variant(norm: str, params: NormParams, sites: list[NormSite]) -> None:
         raise CatalogueError(f"norm '{norm}' does not take {', '.join(sorted(extra))} (takes {allowed})")
     for key, value in given.items():
         _check_value(norm, PARAMS[key], value)
-    if info.needs_spatial and not all(s.spatial for s in sites):
-        raise CatalogueError(f"norm '{norm}' needs spatial positions; use it with 'cnn' or 'resnet', not 'mlp'")
+    flat = next((s for s in sites if not s.spatial), None)
+    if info.needs_spatial and flat is not None:
+        if flat.positions is None and not flat.layer.startswith("classifier"):
+            raise CatalogueError(f"norm '{norm}' needs spatial positions; use it with 'cnn' or 'resnet', not 'mlp'")
+        raise CatalogueError(
+            f"norm '{norm}' needs spatial positions; layer '{flat.layer}' sees a single position per channel "
+            "(feed larger images, or pick another norm)"
+        )
     if "groups" in info.params:
         # Integers by now (checked above).
         groups, group_size = given.get("groups"), given.get("group_size")
