@@ -63,9 +63,10 @@ FROM base AS worker
 # CUDA 13.x needs driver >= 580, CUDA 12.8 >= 570 (NVIDIA's CUDA compatibility table; `nvidia-smi` shows the
 # host's). TORCH_INDEX_URL picks another build: https://download.pytorch.org/whl/cpu (the compose `cpu`
 # profile), or .../whl/cu126 for an older driver (>= 560).
-ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_SPEC="torch==2.14.1"
+ARG TORCHVISION_SPEC="torchvision==0.29.1"
 ARG TORCH_INDEX_URL=""
-RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
+RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC" "$TORCHVISION_SPEC"
 RUN pip install --no-cache-dir ".[worker]"
 COPY scripts/worker_health.py ./scripts/
 

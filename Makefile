@@ -5,7 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Pinned so pip takes the matching wheel: a CPU build where one is provided locally, the
 # CUDA build from PyPI on a GPU machine. Override with TORCH_SPEC='torch==x.y' if needed.
-TORCH_SPEC ?= torch==2.13.0
+TORCH_SPEC ?= torch==2.14.1
+# torchvision builds the ImageNet networks (models/torchvision_nets.py); its release is tied to torch's.
+TORCHVISION_SPEC ?= torchvision==0.29.1
 # Extra pytest arguments, e.g. `make test-fast PYTEST_ARGS='-k ingest'`. Exit status 5 (no test selected)
 # counts as success, so a selection that matches nothing does not fail the build.
 PYTEST_ARGS ?=
@@ -28,7 +30,7 @@ $(BIN)/.installed: pyproject.toml
 	@echo "installing NormBench, PyTorch and the test tools into $(VENV) (the first time: a few minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(PIP_INSTALL) "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)"
 	$(PIP_INSTALL) -e '.[worker,test]'
 	touch $@
 

@@ -237,3 +237,90 @@ def test_the_test_split_is_loaded_beside_validation(tmp_path: Path) -> None:
     data = load_device_data(tmp_path / "d.npz", {"train_size": 10, "val_size": 4}, CPU)
     assert data.x_test is not None and data.y_test is not None
     assert torch.equal(data.x_test, torch.from_numpy(ds.x_test)) and data.y_test.tolist() == [0, 1, 0, 1, 0, 1]
+
+
+# --- the API: torchvision networks, refused norms, input options, fine-tuning jobs -----------------------
+
+
+def test_api_validates_torchvision_jobs_and_fine_tuning(client: Any, tmp_path: Path) -> None:
+    from tests.factories import image_npz, job_spec
+    from tests.factories import upload as upload_dataset
+
+    small = upload_dataset(client, "d8.npz", image_npz(n_per_class=8, size=8)).json()["id"]
+    big = upload_dataset(client, "d32.npz", image_npz(n_per_class=8, size=32)).json()["id"]
+
+    def submit(dataset: str, **overrides: Any) -> Any:
+        spec = job_spec(dataset, batch_sizes=[2], budget={"epochs": 1}, **overrides)
+        return client.post("/v1/jobs", json=spec)
+
+    def refused(resp: Any, *needles: str) -> None:
+        assert resp.status_code == 422, resp.text
+        for needle in needles:
+            assert needle in resp.json()["detail"], resp.json()["detail"]
+
+    assert submit(big, model={"arch": "resnet18"}).status_code == 202
+    refused(submit(big, model={"arch": "resnet18"}, variants=[{"norm": "frn"}]), "does not make sense in resnet18")
+    refused(
+        submit(big, model={"arch": "mobilenet_v3_small"}, variants=[{"norm": "gn", "groups": 16}]),
+        "groups=16 does not divide a layer with 72 channels",
+    )
+    refused(submit(small, model={"arch": "convnext_tiny"}, variants=[{"norm": "ln_channel"}]), "at least 32×32")
+    ok = submit(small, model={"arch": "convnext_tiny"}, variants=[{"norm": "ln_channel"}], input={"resize": 32})
+    assert ok.status_code == 202, ok.text
+    refused(submit(small, input={"crop": 16}), "input.crop 16 is larger than the images as fed (8×8)")
+    refused(submit(big, model={"arch": "resnet18"}, variants=[{"norm": "bn_frozen"}]), "set init.weights_id")
+
+    bn_path, _ = upload(tmp_path)
+    gn_path, _ = upload(tmp_path, norm="gn")
+    ids = {}
+    for name, path in (("bn", bn_path), ("gn", gn_path)):
+        resp = client.post(
+            "/v1/weights", files={"file": ("w.safetensors", path.read_bytes())}, data={"arch": "resnet18"}
+        )
+        assert resp.status_code == 201, resp.text
+        ids[name] = resp.json()["id"]
+    variants = [{"norm": n} for n in ("bn", "bn_frozen", "bn_eval", "gn")]
+    init = {"weights_id": ids["bn"], "backbone_lr_mult": 0.1}
+    resp = submit(big, model={"arch": "resnet18"}, variants=variants, init=init)
+    assert resp.status_code == 202, resp.text
+    init = {"weights_id": ids["gn"]}
+    refused(submit(big, model={"arch": "resnet18"}, variants=variants, init=init), "have none")
+
+
+@pytest.mark.e2e
+def test_a_fine_tuning_job_through_the_worker(client: Any, worker: Any, tmp_path: Path) -> None:
+    """Weights and a dataset with a test split uploaded, a resnet18 fine-tuning job trained by a real worker:
+    the runs record what their init transferred, and the results carry test-split metrics per run and cell."""
+    from tests.factories import npz_bytes, pattern_images, wait_for_job
+    from tests.factories import upload as upload_dataset
+
+    x, y = pattern_images(n_per_class=4, classes=2, size=32)
+    xt, yt = pattern_images(n_per_class=3, classes=2, size=32, seed=5)
+    dataset = upload_dataset(client, "ft.npz", npz_bytes(x=x, y=y, x_test=xt, y_test=yt)).json()["id"]
+    path, _ = upload(tmp_path)
+    resp = client.post("/v1/weights", files={"file": ("w.safetensors", path.read_bytes())}, data={"arch": "resnet18"})
+    assert resp.status_code == 201, resp.text
+    spec = {
+        "dataset_id": dataset,
+        "model": {"arch": "resnet18"},
+        "variants": [{"norm": "bn_frozen"}, {"norm": "gn"}],
+        "batch_sizes": [2],
+        "budget": {"epochs": 1},
+        "init": {"weights_id": resp.json()["id"], "backbone_lr_mult": 0.5},
+        "input": {"resize": 36, "crop": 32, "random_crop": True},
+        "validation_fraction": 0.25,
+    }
+    resp = client.post("/v1/jobs", json=spec)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    job = wait_for_job(client, job_id, timeout=300)
+    assert job["status"] == "succeeded", job
+    results = client.get(f"/v1/jobs/{job_id}/results").json()
+    for run in results["runs"]:
+        assert run["test_acc"] is not None and run["test_loss"] is not None, run
+        env = client.get(f"/v1/runs/{run['run_id']}").json()["environment"]
+        assert env["init"]["backbone_lr_mult"] == 0.5 and env["init"]["head"].startswith("re-initialised for 2")
+        gray = "first conv summed over RGB for 1-channel input"  # the pattern images are grayscale
+        bn = ["bn affine", "bn statistics"] if run["variant"] == "bn_frozen" else []
+        assert env["init"]["transferred"] == [*bn, "conv weights", gray]
+    assert all(cell["test_acc"]["n"] == 1 for cell in results["cells"])

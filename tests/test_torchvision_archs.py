@@ -251,3 +251,18 @@ def test_fed_shape() -> None:
     assert catalogue.fed_shape((3, 30, 40), None, None) == (3, 30, 40)
     with pytest.raises(catalogue.CatalogueError, match="images only"):
         catalogue.fed_shape((64,), 32, None)
+
+
+@pytest.mark.parametrize("arch", TV_ARCHS)
+def test_memory_estimate_counts_the_real_parameters_and_buffers(arch: str) -> None:
+    """The torch-free admission estimate (app.core.memory) knows each torchvision network's exact size, for RGB
+    and grayscale inputs and any classes, with every norm the architecture allows."""
+    from app.core import memory
+
+    for shape in ((3, 64, 64), (1, 32, 32)):
+        net = memory.network(arch, shape, 7)
+        norms = ["bn", "gn"] + (["bn_frozen", "bn_eval"] if arch != "convnext_tiny" else ["ln_channel"])
+        for norm in norms:
+            model = build_model(arch, shape, 7, norm, {})
+            assert net.parameters(norm) == sum(p.numel() for p in model.parameters()), (norm, shape)
+            assert net.buffer_bytes(norm) == sum(b.numel() * b.element_size() for b in model.buffers()), norm

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ from app.queue import TRAIN_RUN_TASK
 from app.repositories.runs import Claim, claim_pack, finish_run
 from app.schemas.jobs import JobSpec
 from app.storage import DatasetCache, Storage, settings_storage
-from app.tables import Dataset, Job, Run
+from app.tables import Dataset, Job, Run, Weights
 from workers.celery_app import celery_app
 from workers.checkpoint import Checkpoint
 from workers.data import DeviceData, load_device_data
@@ -66,6 +66,9 @@ def run_config(run: Run, spec: JobSpec, budget: dict[str, int]) -> RunConfig:
         augment=spec.augment.model_dump(),
         log_every_steps=spec.log_every_steps,
         precision=spec.precision,
+        input=spec.input.model_dump(),
+        # The local copy of the weights file (`path`) is added once it is on this machine.
+        init=None if spec.init is None else spec.init.model_dump(),
     )
 
 
@@ -108,9 +111,11 @@ class JobInputs:
     dataset_sha256: str
     cancelled: bool
     abort: bool  # fault injection (tests only): the worker dies at the first report
+    weights_uri: str | None = None  # fine-tuning: the uploaded weights the runs start from
+    weights_sha256: str | None = None
 
 
-T = TypeVar("T", Run, Job, Dataset)
+T = TypeVar("T", Run, Job, Dataset, Weights)
 
 
 def _row(session: Session, table: type[T], key: str) -> T:
@@ -138,7 +143,11 @@ def _load_claimed(settings: Settings, claims: list[Claim], device: torch.device)
             claimed.append(ClaimedRun(claim, cfg, env))
         fault = settings.fault_abort_job_name
         abort = fault is not None and job.name == fault
-        return claimed, JobInputs(dataset.storage_uri, dataset.sha256, job.cancel_requested, abort)
+        inputs = JobInputs(dataset.storage_uri, dataset.sha256, job.cancel_requested, abort)
+        if job.weights_id is not None:
+            weights = _row(s, Weights, job.weights_id)
+            inputs.weights_uri, inputs.weights_sha256 = weights.storage_uri, weights.sha256
+        return claimed, inputs
 
 
 def _planned_sizes(session: Session, job_id: str, pack_keys: set[str]) -> dict[str, int]:
@@ -168,8 +177,14 @@ def _train_claimed(
             return RunStatus.CANCELLED
         budget = json.dumps(runs[0].cfg.budget, sort_keys=True)
         # Remote storage: a local copy by content hash, downloaded once per worker machine.
-        local = DatasetCache.for_settings(settings).path(storage, inputs.dataset_uri, inputs.dataset_sha256)
+        cache = DatasetCache.for_settings(settings)
+        local = cache.path(storage, inputs.dataset_uri, inputs.dataset_sha256)
         data = _cached_data(str(local), inputs.dataset_sha256, budget, str(device))
+        if inputs.weights_uri is not None and inputs.weights_sha256 is not None:
+            # Weights are blobs like datasets: the same local copy by content hash (safetensors, read by the engine).
+            weights = cache.path(storage, inputs.weights_uri, inputs.weights_sha256)
+            for r in runs:
+                r.cfg = replace(r.cfg, init={**(r.cfg.init or {}), "path": str(weights)})
     except Exception as e:  # nothing trained yet: settle every claimed run the same way
         statuses = {c.run_id: settle(settings, c, environment(device), e) for c in claims}
         return statuses[run_id]
@@ -210,7 +225,7 @@ def _train_pack(
 
     def on_done(index: int, result: Outcome | BaseException) -> None:
         r = live[index]
-        r.env.update(trainer.execution())
+        r.env.update(trainer.execution(index))
         heartbeat.finished.add(r.claim.run_id)
         r.status = settle(settings, r.claim, r.env, result)
 

@@ -283,6 +283,15 @@ class ArchInfo:
     head: str = "head"
     refuses: Mapping[str, str] = field(default_factory=dict)
     min_side: int = 1
+    # torchvision networks, for the torch-free memory estimate (app.core.memory): learned parameters of the
+    # network with no norm, for RGB input, head left out; the head's input features; the stem convolution's
+    # output channels and kernel side (its weights scale with the image channels); activation elements per
+    # norm-site element outside the norms (residual sums, activations, MobileNet's squeeze-excitation,
+    # ConvNeXt's 4× MLP), rounded up.
+    backbone_weights: int = 0
+    head_features: int = 0
+    stem: tuple[int, int] = (0, 0)
+    other_per_site: int = 2
 
 
 _SHARED_RELU = (
@@ -345,6 +354,9 @@ ARCHS: dict[str, ArchInfo] = {
             torchvision=True,
             head="fc",
             refuses={"frn": _SHARED_RELU, "evonorm_s0": _SHARED_RELU},
+            backbone_weights=11_166_912,
+            head_features=512,
+            stem=(64, 7),
         ),
         ArchInfo(
             "resnet50",
@@ -353,6 +365,9 @@ ARCHS: dict[str, ArchInfo] = {
             torchvision=True,
             head="fc",
             refuses={"frn": _SHARED_RELU, "evonorm_s0": _SHARED_RELU},
+            backbone_weights=23_454_912,
+            head_features=2048,
+            stem=(64, 7),
         ),
         ArchInfo(
             "mobilenet_v3_small",
@@ -366,6 +381,10 @@ ARCHS: dict[str, ArchInfo] = {
                 "evonorm_s0": _LINEAR_BOTTLENECK,
                 "gn_ws": _WS_DEPTHWISE.format(n="9 or 25"),
             },
+            backbone_weights=1_505_744,
+            head_features=1024,
+            stem=(16, 3),
+            other_per_site=3,
         ),
         ArchInfo(
             "convnext_tiny",
@@ -383,6 +402,10 @@ ARCHS: dict[str, ArchInfo] = {
                 "bn_eval": _NO_BN_STATS,
             },
             min_side=32,
+            backbone_weights=27_803_808,
+            head_features=768,
+            stem=(96, 4),
+            other_per_site=10,
         ),
     )
 }

@@ -50,7 +50,13 @@ NORM_PARAMS_PER_CHANNEL: dict[str, int] = {
     "evonorm_s0": 3,
     "switchable": 2,
     "bgn": 2,
+    "ln_channel": 2,
+    "bn_frozen": 0,  # its affine is fixed: buffers
+    "bn_eval": 2,
 }
+# Norms that keep buffers without depending on the batch (fine-tuning's): float32 values per channel, int64 step
+# counts per layer.
+FIXED_STAT_BUFFERS: dict[str, tuple[int, int]] = {"bn_eval": (2, 1), "bn_frozen": (4, 0)}
 # Learned parameters per norm layer whatever its width: Switchable Normalization's two sets of 3 mixing weights.
 NORM_PARAMS_PER_LAYER: dict[str, int] = {"switchable": 6}
 # Float32 tensors per norm site's output (elements per sample) kept for the backward pass, with the
@@ -69,6 +75,9 @@ NORM_ACTIVATION_FACTOR: dict[str, float] = {
     "evonorm_s0": 7,
     "switchable": 9,
     "bgn": 5,
+    "ln_channel": 5,
+    "bn_frozen": 3,
+    "bn_eval": 5,
 }
 # Weight-sized float32 tensors weight standardization keeps per forward (mean-centred, scaled, gradients).
 WS_COPIES = 6
@@ -94,6 +103,9 @@ class Net:
 
     def buffer_bytes(self, norm: str) -> int:
         # Batch-dependent norms keep running mean and variance per channel, and an int64 step count per layer.
+        if norm in FIXED_STAT_BUFFERS:
+            per_channel, per_layer = FIXED_STAT_BUFFERS[norm]
+            return per_channel * FLOAT_BYTES * self.norm_channels + 8 * per_layer * self.norm_layers
         if not catalogue.NORMS[norm].batch_dependent:
             return 0
         return 2 * FLOAT_BYTES * self.norm_channels + 8 * self.norm_layers
@@ -136,6 +148,9 @@ def network(
     """The memory description of `arch` (as `models.nets.build_model` builds it) for inputs of `input_shape`."""
     shape = tuple(input_shape)
     head_bias = num_classes
+    info = catalogue.ARCHS.get(arch)
+    if info is not None and info.torchvision:
+        return _torchvision_network(info, shape, num_classes)
     sites = catalogue.norm_sites(arch, depth=depth, width=width, hidden=hidden)
     channels = sum(s.channels for s in sites)
     if arch == "mlp":
@@ -215,6 +230,17 @@ def _network_1d(arch: str, shape: tuple[int, ...], num_classes: int, *, depth: i
             prev = cw
     weights += prev * num_classes + num_classes
     return Net(weights, channels, len(sites), tuple(elems), other + prev + 2 * num_classes)
+
+
+def _torchvision_network(info: catalogue.ArchInfo, shape: tuple[int, ...], num_classes: int) -> Net:
+    """A torchvision network (`shape`: the input as fed to it) from the catalogue's description: exact weights,
+    norm sites with their spatial positions, and the activations outside the norms per `other_per_site`."""
+    sites = catalogue.norm_sites(info.name, input_shape=shape)
+    out, k = info.stem
+    weights = info.backbone_weights + (shape[0] - 3) * out * k * k + (info.head_features + 1) * num_classes
+    elems = tuple(s.channels * (s.positions or 1) for s in sites)
+    other = math.prod(shape) + info.other_per_site * sum(elems) + info.head_features + 2 * num_classes
+    return Net(weights, sum(s.channels for s in sites), len(sites), elems, other)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,12 @@ class RunResult(BaseModel):
     best_val_loss: float | None = Field(
         None, description="Lowest finite per-epoch validation loss recorded so far (null before the first epoch)."
     )
+    test_acc: float | None = Field(
+        None,
+        description="Accuracy on the dataset's test split after training (null without one); reported beside the "
+        "validation split, never used to pick anything.",
+    )
+    test_loss: float | None = Field(None, description="Cross-entropy on the test split after training.")
     steps: int = Field(description="Optimizer steps taken.")
     samples_seen: int = Field(description="Training samples consumed.")
     wall_time_s: float | None = Field(description="Training wall time in seconds.")
@@ -91,6 +97,13 @@ class CellSummary(BaseModel):
     )
     val_acc: Stat = Field(description="Final validation accuracy over seeds, 0..1.")
     val_loss: Stat = Field(description="Final validation loss over seeds.")
+    test_acc: Stat = Field(
+        default_factory=lambda: Stat(mean=None, std=None),
+        description="Test-split accuracy over seeds, 0..1 (no values without a test split).",
+    )
+    test_loss: Stat = Field(
+        default_factory=lambda: Stat(mean=None, std=None), description="Test-split loss over seeds."
+    )
     train_loss: Stat = Field(description="Final-epoch training loss over seeds.")
     best_val_acc: Stat = Field(
         default_factory=lambda: Stat(mean=None, std=None),

@@ -47,13 +47,19 @@ def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str,
     if dataset.kind != "image" and (spec.augment.hflip or spec.augment.crop_padding):
         raise InvalidSpec(f"augment applies to images only; dataset is {dataset.kind}: remove hflip/crop_padding")
     try:
-        sites = catalogue.norm_sites(arch, depth=spec.model.depth, width=spec.model.width, hidden=spec.model.hidden)
+        fed = catalogue.fed_shape(dataset.shape, spec.input.resize, spec.input.crop)  # as the network sees it
+    except catalogue.CatalogueError as e:
+        raise InvalidSpec(f"input: {e}") from None
+    try:
+        sites = catalogue.norm_sites(
+            arch, depth=spec.model.depth, width=spec.model.width, hidden=spec.model.hidden, input_shape=fed
+        )
     except catalogue.CatalogueError as e:
         raise InvalidSpec(f"model: {e}") from None
     for i, variant in enumerate(spec.variants):
         for single in variant.expand():
             try:
-                catalogue.check_variant(single.norm, single.params(), sites)
+                catalogue.check_variant(single.norm, single.params(), sites, arch=arch)
             except catalogue.CatalogueError as e:
                 raise InvalidSpec(f"variants[{i}]: {e}") from None
     if spec.budget.epochs > settings.max_epochs:
@@ -91,10 +97,11 @@ def _check_memory(spec: JobSpec, dataset: Dataset, settings: Settings, arch: str
     variants = spec.expanded_variants()
     keys = [training_key(v.norm, {k: x for k, x in v.params().items() if x is not None}) for v in variants]
     per_key = max(keys.count(k) for k in keys) * len(spec.seeds)  # a pack is one batch size and training key
+    fed = catalogue.fed_shape(dataset.shape, spec.input.resize, spec.input.crop)  # checked by _validate
     shape = memory.JobShape(
         net=memory.network(
             arch,
-            dataset.shape,
+            fed,
             dataset.num_classes,
             depth=spec.model.depth,
             width=spec.model.width,
@@ -106,7 +113,7 @@ def _check_memory(spec: JobSpec, dataset: Dataset, settings: Settings, arch: str
         val_size=val_size,
         dataset_bytes=memory.dataset_bytes(dataset.kind, dataset.shape, dataset.split_sizes),
     )
-    mlp = memory.MlpBuilder(dataset.shape, dataset.num_classes) if arch == "mlp" else None
+    mlp = memory.MlpBuilder(fed, dataset.num_classes) if arch == "mlp" else None
     try:
         memory.check_fits(shape, settings.worker_memory_bytes, mlp=mlp, hidden=spec.model.hidden)
     except catalogue.CatalogueError as e:
@@ -118,7 +125,14 @@ def _check_init(session: Session, owner: str, spec: JobSpec, arch: str) -> str |
     otherwise, also for another owner's id); share-locked until the job commits, so no delete can race it."""
     if spec.init is None:
         return None
-    return weights_for_job(session, owner, spec.init.weights_id, arch).id
+    row = weights_for_job(session, owner, spec.init.weights_id, arch)
+    needy = sorted({v.norm for v in spec.variants if catalogue.NORMS[v.norm].needs_init})
+    if needy and not row.has_bn_stats:
+        raise InvalidSpec(
+            f"variants: {', '.join(needy)} keep pretrained BatchNorm statistics, and weights '{row.id}' have none "
+            "(trained without BatchNorm): drop those variants or upload BatchNorm weights"
+        )
+    return row.id
 
 
 def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) -> Job:
