@@ -17,6 +17,15 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TRAIN_QUEUE = "train"
+MAX_AUTO_WORKERS = 8  # `workers` = 0 starts one worker per core up to this many (each holds its own torch)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: taskset, a container's cpuset), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -103,7 +112,20 @@ class Settings(BaseSettings):
     max_active_jobs_per_owner: int = Field(
         10, description="Quota: jobs with queued or running runs per owner at one time."
     )
-    torch_threads: int = Field(0, description="Worker torch threads; 0 = torch's default.")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Torch threads per worker process; 0 = automatic: on a CPU, the cores divided among this "
+        "machine's `workers` (one each when there is a worker per core: small models lose speed to a second "
+        "thread); with a GPU, torch's default.",
+    )
+    workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Training worker processes on one machine: how many `make run` starts, and what a CPU worker "
+        "divides the cores by for its torch threads. 0 = one per core (at most 8) without an NVIDIA GPU, one with.",
+    )
     lease_seconds: float = Field(30.0, gt=0, description="A run's claim expires this long after its last heartbeat.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often a training worker renews its lease.")
     max_attempts: int = Field(3, ge=1, description="Claims of a run before infrastructure failures fail it.")
@@ -203,6 +225,18 @@ class Settings(BaseSettings):
     @property
     def resolved_cache_dir(self) -> Path:
         return (self.cache_dir or self.home / "cache").resolve()
+
+    @property
+    def resolved_workers(self) -> int:
+        if self.workers:
+            return self.workers
+        if Path("/dev/nvidia0").exists():  # a GPU: one worker drives it, as before (torch is not imported here)
+            return 1
+        return min(usable_cores(), MAX_AUTO_WORKERS)
+
+    def cpu_threads(self) -> int:
+        """Torch threads for a CPU worker process: the setting, or this machine's cores shared by its workers."""
+        return self.torch_threads or max(1, usable_cores() // self.resolved_workers)
 
     @property
     def is_embedded(self) -> bool:

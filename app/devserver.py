@@ -1,8 +1,8 @@
-"""`make run`: the embedded-default service (SQLite, filesystem broker, one local worker) plus the demo.
+"""`make run`: the embedded-default service (SQLite, filesystem broker, local workers) plus the demo.
 
-Migrates the database, starts the API and one worker as child processes, runs the built-in demo comparison
-over HTTP (or shows the one an earlier start already trained), prints its table and verdicts, then serves
-until Ctrl-C or SIGTERM, which stop both children and exit 0.
+Migrates the database, starts the API and the workers (one per core on a CPU) as child processes, runs the
+built-in demo comparison over HTTP (or shows the one an earlier start already trained), prints its table and
+verdicts, then serves until Ctrl-C or SIGTERM, which stop the children and exit 0.
 """
 
 from __future__ import annotations
@@ -191,10 +191,13 @@ def worker_env() -> dict[str, str]:
 
 
 def start_children(host: str, port: int, procs: list[subprocess.Popen[bytes]]) -> None:
-    """Worker first, then the API, each appended to `procs` as soon as it exists (a stop signal between the
-    two still finds the first)."""
-    worker = worker_command("WARNING", "--hostname", "normbench-local@%h", quiet=True)
-    for cmd, env in ((worker, worker_env()), (api_command(host, port), None)):
+    """The workers first (NORMBENCH_WORKERS: one per core without a GPU, so packs train side by side), then the
+    API, each appended to `procs` as soon as it exists (a stop signal on the way still finds those started)."""
+    workers = [
+        worker_command("WARNING", "--hostname", f"normbench-local{'' if i == 0 else f'-{i + 1}'}@%h", quiet=True)
+        for i in range(get_settings().resolved_workers)
+    ]
+    for cmd, env in [*((w, worker_env()) for w in workers), (api_command(host, port), None)]:
         procs.append(
             subprocess.Popen(
                 cmd,
@@ -252,7 +255,7 @@ def wait_healthy(client: httpx.Client, procs: list[subprocess.Popen[bytes]], tim
 
 
 def check_children(procs: list[subprocess.Popen[bytes]]) -> None:
-    for name, p in zip(("worker", "API"), procs, strict=False):
+    for name, p in zip(["worker"] * (len(procs) - 1) + ["API"], procs, strict=True):
         if p.poll() is not None:
             raise SystemExit(f"the {name} process exited (status {p.returncode}); see its messages above")
 

@@ -26,9 +26,12 @@ def on_worker_ready(**_: Any) -> None:
 
 
 def apply_thread_setting() -> None:
+    """NORMBENCH_TORCH_THREADS, or on a CPU the cores shared among this machine's workers (a GPU worker keeps
+    torch's default unless the setting names a number)."""
     import torch
 
-    threads = get_settings().torch_threads
+    settings = get_settings()
+    threads = settings.torch_threads if torch.cuda.is_available() else settings.cpu_threads()
     if threads > 0:
         torch.set_num_threads(threads)
 
