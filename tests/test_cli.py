@@ -95,8 +95,10 @@ def test_submit_waits_then_prints_the_table_and_verdicts(
     assert "batch 8" in lines[1]
     rows = {line.split()[0]: line for line in lines[3:5]}
     assert set(rows) == {"bn", "gn(4)"}
-    assert all(re.search(r"\d+\.\d ± \d+\.\d$", row) for row in rows.values()), rows
-    verdicts = lines[lines.index("verdicts:") + 1 :]
+    # mean ± half-width, or the interval's ends when it was clipped to 0–100%, or no interval at zero spread
+    cell = r"\d+\.\d( ± \d+\.\d| \(\d+\.\d–\d+\.\d\)| \(no spread\))$"
+    assert all(re.search(cell, row) for row in rows.values()), rows
+    verdicts = lines[lines.index("verdicts:") + 1 : lines.index("how to read this:") - 1]
     assert verdicts and all(v.startswith("  - ") for v in verdicts)
     assert any("gn(4)" in v and "bn" in v for v in verdicts)
 
