@@ -121,7 +121,7 @@ def test_kill_9_mid_epoch_resumes_from_checkpoint_on_a_new_worker(
 ) -> None:
     first = workers.start("a")
     job_id = client.post("/v1/jobs", json=slow_spec()).json()["id"]
-    wait_until(lambda: only_run(client, job_id)["epochs_done"] >= 1, 60, "epoch 1")
+    wait_until(lambda: only_run(client, job_id)["epochs_done"] >= 1, 120, "epoch 1")
     first.proc.kill()  # SIGKILL during epoch 2
     first.proc.wait()
     workers.start("b")
@@ -139,16 +139,16 @@ def test_frozen_worker_writes_nothing_after_another_took_over(
 ) -> None:
     frozen = workers.start("frozen")
     job_id = client.post("/v1/jobs", json=slow_spec()).json()["id"]
-    wait_until(lambda: only_run(client, job_id)["epochs_done"] >= 1, 60, "epoch 1")
+    wait_until(lambda: only_run(client, job_id)["epochs_done"] >= 1, 120, "epoch 1")
     os.kill(frozen.proc.pid, signal.SIGSTOP)
     taker = workers.start("taker")
-    wait_until(lambda: only_run(client, job_id)["attempt"] == 2, 30, "the second worker's claim")
+    wait_until(lambda: only_run(client, job_id)["attempt"] == 2, 90, "the second worker's claim")
     os.kill(frozen.proc.pid, signal.SIGCONT)
     wait_for_job(client, job_id, timeout=120)
     run = only_run(client, job_id)
     assert run["status"] == "succeeded" and run["attempt"] == 2
     assert run["worker"].endswith(f":{taker.proc.pid}")
-    wait_until(lambda: b"was superseded" in frozen.log_path.read_bytes(), 30, "the frozen worker to notice")
+    wait_until(lambda: b"was superseded" in frozen.log_path.read_bytes(), 90, "the frozen worker to notice")
     assert_complete_curves(client, settings, run)
 
 
@@ -160,7 +160,7 @@ def test_a_run_published_twice_trains_once(client: TestClient, settings: Setting
     publish_train_run(settings, run_id)
     wait_for_job(client, job_id, timeout=60)
     logs = lambda: b"".join(w.log_path.read_bytes() for w in pair)  # noqa: E731
-    wait_until(lambda: logs().count(b"is not claimable") >= 2, 30, "both duplicates to be skipped")
+    wait_until(lambda: logs().count(b"is not claimable") >= 2, 90, "both duplicates to be skipped")
     assert logs().count(b"trained to succeeded") == 1
     run = only_run(client, job_id)
     assert run["status"] == "succeeded" and run["attempt"] == 1
@@ -201,7 +201,7 @@ def test_a_run_that_kills_its_worker_fails_after_max_attempts_and_the_queue_drai
 def test_sigterm_checkpoints_and_hands_the_run_back(client: TestClient, workers: Workers) -> None:
     leaving = workers.start("leaving")
     job_id = client.post("/v1/jobs", json=slow_spec()).json()["id"]
-    wait_until(lambda: only_run(client, job_id)["epochs_done"] >= 1, 60, "epoch 1")
+    wait_until(lambda: only_run(client, job_id)["epochs_done"] >= 1, 120, "epoch 1")
     time.sleep(0.3)
     leaving.proc.send_signal(signal.SIGTERM)
     assert leaving.proc.wait(timeout=30) == 0
@@ -218,7 +218,7 @@ def test_sigterm_checkpoints_and_hands_the_run_back(client: TestClient, workers:
 def test_cancel_lands_within_seconds_and_the_worker_takes_the_next_job(client: TestClient, workers: Workers) -> None:
     workers.start("w")
     job_id = client.post("/v1/jobs", json=slow_spec(seeds=[0, 1, 2], budget={"epochs": 20})).json()["id"]
-    wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["counts"]["running"], 60, "a running run")
+    wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["counts"]["running"], 120, "a running run")
     client.post(f"/v1/jobs/{job_id}/cancel")
     started = time.monotonic()
     job = wait_for_job(client, job_id, timeout=10)
@@ -288,7 +288,7 @@ def test_redis_restart_loses_no_run(settings: Settings, workers: Workers, own_re
     with TestClient(create_app(local)) as api:
         workers.start("w")
         job_id = api.post("/v1/jobs", json=slow_spec(budget={"epochs": 1}, seeds=[0, 1, 2, 3])).json()["id"]
-        wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["counts"]["running"], 60, "a running run")
+        wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["counts"]["running"], 120, "a running run")
         own_redis()  # queued messages vanish with the broker; the running run keeps training
         job = wait_for_job(api, job_id, timeout=120)
         runs = api.get(f"/v1/jobs/{job_id}/runs").json()
@@ -306,7 +306,7 @@ def test_postgres_outage_is_reported_and_recovered(settings: Settings, workers: 
         with TestClient(create_app(via_proxy)) as api:
             workers.start("w")
             job_id = api.post("/v1/jobs", json=slow_spec()).json()["id"]
-            wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["counts"]["running"], 60, "running")
+            wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["counts"]["running"], 120, "running")
             proxy.cut()
             started = time.monotonic()
             assert api.get("/readyz").status_code == 503
