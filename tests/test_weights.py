@@ -297,7 +297,8 @@ def test_upload_get_list_and_delete(client: TestClient, settings: Settings) -> N
     assert w["sha256"] == hashlib.sha256(data).hexdigest() and w["size_bytes"] == len(data)
     assert w["has_bn_stats"] and not w["has_gn_weights"] and w["head_classes"] == 10
     assert w["created_at"].endswith("Z") or w["created_at"].endswith("+00:00")
-    (stored,) = [p for p in stored_files(settings) if p.parent.name == "weights"]
+    # Other tests of the session may have stored weights too: find this upload's file by its id.
+    (stored,) = [p for p in stored_files(settings) if p.parent.name == "weights" and p.stem == w["id"]]
     assert stored.read_bytes() == data and stored.name == f"{w['id']}.safetensors"
     assert client.get(f"/v1/weights/{w['id']}").json() == w
     gn = upload(client, weights_bytes(stats=False, classes=None), filename="gn.safetensors").json()
