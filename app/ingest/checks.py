@@ -278,3 +278,14 @@ def check_labels(y: np.ndarray, splits: dict[str, np.ndarray], class_names: list
                 f"(0..{k - 1}); every split must use the training classes"
             )
     return class_names if class_names is not None else [str(i) for i in range(k)]
+
+
+def display_name(kind: str, name: str | None, filename: str) -> str:
+    """The name the user gave an upload, else its file's name; checked as `check_name` does (IngestError)."""
+    if name:
+        what, value = f"{kind} name", name
+    else:
+        what = f"{kind} name (taken from the file name; rename the file or pass `name`)"
+        value = Path(filename).name[:200]
+    check_name(value, what)
+    return value

@@ -17,7 +17,7 @@ from app.core.dataset_format import save_canonical
 from app.core.units import human_bytes
 from app.errors import Conflict, InvalidDataset, NotFound, PayloadTooLarge, QuotaExceeded
 from app.ingest import IngestError, IngestLimits, ingest_file
-from app.ingest.checks import check_name
+from app.ingest.checks import display_name
 from app.services import quotas
 from app.storage import Storage
 from app.tables import Dataset, Job, new_id
@@ -124,19 +124,10 @@ def create_dataset(
 
 
 def _display_name(name: str | None, filename: str) -> str:
-    """The name the user gave, else the file's name; short and free of control and bidi-override characters."""
-    if name:
-        what, value = "dataset name", name
-    else:
-        what, value = (
-            "dataset name (taken from the file name; rename the file or pass `name`)",
-            Path(filename).name[:200],
-        )
     try:
-        check_name(value, what)
+        return display_name("dataset", name, filename)
     except IngestError as e:
         raise InvalidDataset(str(e)) from None
-    return value
 
 
 def _sha256(path: Path) -> str:

@@ -16,7 +16,7 @@ from app.config import Settings
 from app.core.arch_manifests import manifest
 from app.core.units import human_bytes
 from app.errors import Conflict, DomainError, InvalidSpec, NotFound, PayloadTooLarge, QuotaExceeded
-from app.ingest.checks import IngestError, check_name
+from app.ingest.checks import IngestError, display_name
 from app.ingest.safetensors_check import WeightsFileError, check_weights_file
 from app.services import quotas
 from app.storage import Storage
@@ -116,17 +116,10 @@ def create_weights(
 
 
 def _display_name(name: str | None, filename: str) -> str:
-    """The name the user gave, else the file's name; short and free of control and bidi-override characters."""
-    if name:
-        what, value = "weights name", name
-    else:
-        what = "weights name (taken from the file name; rename the file or pass `name`)"
-        value = Path(filename).name[:200]
     try:
-        check_name(value, what)
+        return display_name("weights", name, filename)
     except IngestError as e:
         raise InvalidWeights(str(e)) from None
-    return value
 
 
 def list_weights(session: Session, owner: str, *, limit: int, offset: int) -> tuple[list[Weights], int]:
