@@ -1,20 +1,13 @@
-"""initial schema
+"""initial schema"""
 
-Revision ID: 0001
-Revises: 
-Create Date: 2026-11-26 08:43:09.762882
-"""
-
-from collections.abc import Sequence
+# Created 2026-11-26.
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = '0001'
-down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = '0001'
+down_revision = None
 
 
 def upgrade() -> None:

@@ -1,20 +1,13 @@
-"""run published_at
+"""run published_at"""
 
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-26 08:49:56.665710
-"""
-
-from collections.abc import Sequence
+# Created 2026-11-26.
 
 import sqlalchemy as sa
 from alembic import op
 
 
-revision: str = '0002'
-down_revision: str | None = '0001'
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = '0002'
+down_revision = '0001'
 
 
 def upgrade() -> None:

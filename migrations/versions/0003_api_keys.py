@@ -1,20 +1,13 @@
-"""api keys
+"""api keys"""
 
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-11-26 08:59:13.869626
-"""
-
-from collections.abc import Sequence
+# Created 2026-11-26.
 
 import sqlalchemy as sa
 from alembic import op
 
 
-revision: str = '0003'
-down_revision: str | None = '0002'
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = '0003'
+down_revision = '0002'
 
 
 def upgrade() -> None:

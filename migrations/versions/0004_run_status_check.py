@@ -1,18 +1,11 @@
-"""runs.status is one of the run states (a CHECK constraint)
+"""runs.status is one of the run states (a CHECK constraint)"""
 
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-11-30 12:00:00
-"""
-
-from collections.abc import Sequence
+# Created 2026-11-30.
 
 from alembic import op
 
-revision: str = "0004"
-down_revision: str | None = "0003"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0004"
+down_revision = "0003"
 
 # The states as of this revision, spelled out: a migration records history, so it must not follow
 # later edits of app.core.run_states.RunStatus (a new state gets its own migration).

@@ -1,20 +1,14 @@
 """runs.pack_key (deterministic pack composition), runs.publish_count (republish back-off),
 runs.failure_class (infrastructure / data / resource / divergence)
-
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-11-30 12:40:00
 """
 
-from collections.abc import Sequence
+# Created 2026-11-30.
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
-down_revision: str | None = "0004"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0005"
+down_revision = "0004"
 
 
 def upgrade() -> None:

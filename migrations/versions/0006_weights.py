@@ -1,20 +1,13 @@
-"""weights (uploaded safetensors state dicts) and jobs.weights_id
+"""weights (uploaded safetensors state dicts) and jobs.weights_id"""
 
-Revision ID: 0006
-Revises: 0005
-Create Date: 2026-12-02 10:00:00
-"""
-
-from collections.abc import Sequence
+# Created 2026-12-02.
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0006"
-down_revision: str | None = "0005"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0006"
+down_revision = "0005"
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
 
