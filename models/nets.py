@@ -1,4 +1,4 @@
-"""Networks for the norm benchmark: MLP, small CNN and CIFAR-style ResNet.
+"""Networks for the norm benchmark: MLP, small CNN and CIFAR-style ResNet, the conv ones on images or 1-D signals.
 
 Each network takes a resolved `norm_layer(num_channels)` and creates its norm layers
 in the order `app.core.catalogue.norm_sites` lists them. Conv/linear parameter shapes and
@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,23 @@ from torch import nn
 from app.core import catalogue
 from models.norms import NormLayer, get_norm_layer
 
-__all__ = ["MLP", "BasicBlock", "ResNet", "SmallCNN", "WSConv2d", "WSLinear", "build_model", "standardize_weight"]
+__all__ = [
+    "IMAGE",
+    "MLP",
+    "SIGNAL",
+    "BasicBlock",
+    "ResNet",
+    "SmallCNN",
+    "Spatial",
+    "WSConv1d",
+    "WSConv2d",
+    "WSLinear",
+    "build_model",
+    "standardize_weight",
+]
 
 ActLayer = Callable[[], nn.Module]
+ConvLayer = Callable[..., nn.Module]
 _relu: ActLayer = functools.partial(nn.ReLU, inplace=True)
 
 WS_EPS = 1e-5
@@ -57,16 +72,38 @@ class WSLinear(nn.Linear):
         return F.linear(x, standardize_weight(self.weight), self.bias)
 
 
-def _conv3x3(in_channels: int, out_channels: int, stride: int = 1, conv: type[nn.Conv2d] = nn.Conv2d) -> nn.Conv2d:
+@dataclass(frozen=True)
+class Spatial:
+    """What a conv network changes between images (N, C, H, W) and 1-D signals (N, C, L); the layouts are one."""
+
+    conv: type[nn.Conv1d] | type[nn.Conv2d]  # plain: shortcut projections, and every conv without gn_ws
+    ws_conv: type[nn.Conv1d] | type[nn.Conv2d]  # weight-standardized, for the convs feeding a norm under gn_ws
+    pool: type[nn.AdaptiveAvgPool1d] | type[nn.AdaptiveAvgPool2d]
+    kernel: int
+
+
+class WSConv1d(nn.Conv1d):
+    """Conv1d with a weight-standardized kernel (`gn_ws`), as WSConv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, standardize_weight(self.weight), self.bias)
+
+
+IMAGE = Spatial(nn.Conv2d, WSConv2d, nn.AdaptiveAvgPool2d, 3)
+# cnn1d/resnet1d: the same layouts over (C, L) with width-KERNEL_1D kernels.
+SIGNAL = Spatial(nn.Conv1d, WSConv1d, nn.AdaptiveAvgPool1d, catalogue.KERNEL_1D)
+
+
+def _conv(in_channels: int, out_channels: int, stride: int, conv: ConvLayer, kernel: int) -> nn.Module:
     # No bias: every conv is followed by a norm (or, for `none`, kept bias-free so the
-    # conv parameters are identical across variants).
-    return conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+    # conv parameters are identical across variants). Padding kernel // 2 keeps the size at stride 1.
+    return conv(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
 
 
-def _init_convs(module: nn.Module) -> None:
+def _init_convs(module: nn.Module, spatial: Spatial) -> None:
     # He et al. (2015) init as in the CIFAR ResNets; linear layers keep PyTorch's default.
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, spatial.conv):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
@@ -99,7 +136,7 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Three conv3x3 -> norm -> ReLU stages (stride 2 from stage 2) -> global avg pool -> Linear."""
+    """Three conv -> norm -> ReLU stages (stride 2 from stage 2) -> global avg pool -> Linear (`cnn`, `cnn1d`)."""
 
     def __init__(
         self,
@@ -108,26 +145,28 @@ class SmallCNN(nn.Module):
         width: int,
         norm_layer: NormLayer,
         *,
-        conv: type[nn.Conv2d] = nn.Conv2d,
+        spatial: Spatial = IMAGE,
+        conv: ConvLayer | None = None,
         act_layer: ActLayer = _relu,
     ) -> None:
         super().__init__()
+        conv = conv or spatial.conv
         layers: list[nn.Module] = []
         prev = in_channels
         for i, w in enumerate(catalogue.stage_widths(width)):
-            layers += [_conv3x3(prev, w, 1 if i == 0 else 2, conv), norm_layer(w), act_layer()]
+            layers += [_conv(prev, w, 1 if i == 0 else 2, conv, spatial.kernel), norm_layer(w), act_layer()]
             prev = w
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = spatial.pool(1)
         self.head = nn.Linear(prev, num_classes)
-        _init_convs(self)
+        _init_convs(self, spatial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.pool(self.features(x)), 1))
 
 
 class BasicBlock(nn.Module):
-    """conv3x3 -> norm1 -> ReLU -> conv3x3 -> norm2, plus shortcut, then ReLU.
+    """conv -> norm1 -> ReLU -> conv -> norm2, plus shortcut, then ReLU.
 
     `act_layer` replaces the ReLU after norm1 (nn.Identity for norms with their own
     activation); the ReLU after the addition is always kept.
@@ -140,14 +179,16 @@ class BasicBlock(nn.Module):
         stride: int,
         norm_layer: NormLayer,
         *,
-        conv: type[nn.Conv2d] = nn.Conv2d,
+        spatial: Spatial = IMAGE,
+        conv: ConvLayer | None = None,
         act_layer: ActLayer = _relu,
     ) -> None:
         super().__init__()
-        self.conv1 = _conv3x3(in_channels, out_channels, stride, conv)
+        conv = conv or spatial.conv
+        self.conv1 = _conv(in_channels, out_channels, stride, conv, spatial.kernel)
         self.norm1 = norm_layer(out_channels)
         self.act1 = act_layer()
-        self.conv2 = _conv3x3(out_channels, out_channels, 1, conv)
+        self.conv2 = _conv(out_channels, out_channels, 1, conv, spatial.kernel)
         self.norm2 = norm_layer(out_channels)
         self.act2 = nn.ReLU(inplace=True)
         # Projection shortcut (He et al. option B) when the shape changes, but without
@@ -156,9 +197,9 @@ class BasicBlock(nn.Module):
         # be an unvalidated layer. None (not nn.Identity) so it is never mistaken for a
         # `none` norm layer. A plain conv even for `gn_ws`: standardizing a conv with no
         # norm after it would scale the shortcut by about sqrt(in_channels).
-        self.shortcut: nn.Conv2d | None = None
+        self.shortcut: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+            self.shortcut = spatial.conv(in_channels, out_channels, 1, stride=stride, bias=False)
 
     def zero_init_last(self) -> None:
         # Starts each residual branch at zero so the block is initially the identity
@@ -180,7 +221,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR-style ResNet (He et al. 2016): depth 6n+2, three stages of n BasicBlocks."""
+    """CIFAR-style ResNet (He et al. 2016): depth 6n+2, three stages of n BasicBlocks (`resnet`, `resnet1d`)."""
 
     def __init__(
         self,
@@ -191,25 +232,27 @@ class ResNet(nn.Module):
         norm_layer: NormLayer,
         zero_init_last: bool = True,
         *,
-        conv: type[nn.Conv2d] = nn.Conv2d,
+        spatial: Spatial = IMAGE,
+        conv: ConvLayer | None = None,
         act_layer: ActLayer = _relu,
     ) -> None:
         super().__init__()
+        conv = conv or spatial.conv
         blocks_per_stage = catalogue.resnet_blocks_per_stage(depth)
-        self.stem = nn.Sequential(_conv3x3(in_channels, width, 1, conv), norm_layer(width), act_layer())
+        self.stem = nn.Sequential(_conv(in_channels, width, 1, conv, spatial.kernel), norm_layer(width), act_layer())
         stages: list[nn.Module] = []
         prev = width
         for i, w in enumerate(catalogue.stage_widths(width)):
             blocks = []
             for b in range(blocks_per_stage):
                 stride = 2 if i > 0 and b == 0 else 1
-                blocks.append(BasicBlock(prev, w, stride, norm_layer, conv=conv, act_layer=act_layer))
+                blocks.append(BasicBlock(prev, w, stride, norm_layer, spatial=spatial, conv=conv, act_layer=act_layer))
                 prev = w
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = spatial.pool(1)
         self.head = nn.Linear(prev, num_classes)
-        _init_convs(self)
+        _init_convs(self, spatial)
         if zero_init_last:
             for m in self.modules():
                 if isinstance(m, BasicBlock):
@@ -256,38 +299,29 @@ def build_model(
         from models.torchvision_nets import build_torchvision
 
         return build_torchvision(arch, shape, num_classes, norm, norm_params)
-    if arch in ("cnn1d", "resnet1d"):  # imported here: models.nets1d builds on this module
-        from models.nets1d import build_1d
-
-        sites = catalogue.norm_sites(arch, depth=depth, width=width)
-        catalogue.check_variant(norm, norm_params, sites)
-        info_1d = catalogue.NORMS[norm]
-        return build_1d(
-            arch,
-            shape[0],
-            num_classes,
-            get_norm_layer(norm, **norm_params),
-            depth=depth,
-            width=width,
-            zero_init_last=zero_init_last,
-            standardize_weights=info_1d.standardize_weights,
-            act_layer=nn.Identity if info_1d.includes_activation else _relu,
-        )
-
     sites = catalogue.norm_sites(arch, depth=depth, width=width, hidden=hidden)
     catalogue.check_variant(norm, norm_params, sites)
     norm_layer = get_norm_layer(norm, **norm_params)
     norm_info = catalogue.NORMS[norm]
     act_layer: ActLayer = nn.Identity if norm_info.includes_activation else _relu
-    conv = WSConv2d if norm_info.standardize_weights else nn.Conv2d
 
     if arch == "mlp":
         # Widths from the sites, so the MLP's default hidden sizes are the catalogue's.
         linear = WSLinear if norm_info.standardize_weights else nn.Linear
         widths = [s.channels for s in sites]
         return MLP(math.prod(shape), num_classes, widths, norm_layer, linear=linear, act_layer=act_layer)
-    if arch == "cnn":
-        return SmallCNN(shape[0], num_classes, width, norm_layer, conv=conv, act_layer=act_layer)
+    spatial = SIGNAL if kind == "signal" else IMAGE
+    conv = spatial.ws_conv if norm_info.standardize_weights else spatial.conv
+    if arch in ("cnn", "cnn1d"):
+        return SmallCNN(shape[0], num_classes, width, norm_layer, spatial=spatial, conv=conv, act_layer=act_layer)
     return ResNet(
-        depth, width, shape[0], num_classes, norm_layer, zero_init_last=zero_init_last, conv=conv, act_layer=act_layer
+        depth,
+        width,
+        shape[0],
+        num_classes,
+        norm_layer,
+        zero_init_last=zero_init_last,
+        spatial=spatial,
+        conv=conv,
+        act_layer=act_layer,
     )

@@ -199,7 +199,7 @@ def network(
 
 
 def _network_1d(arch: str, shape: tuple[int, ...], num_classes: int, *, depth: int, width: int) -> Net:
-    """`cnn1d` and `resnet1d` (models.nets1d): the 2-D networks' layouts over (C, L) with width-KERNEL_1D kernels."""
+    """`cnn1d` and `resnet1d` (models.nets.SIGNAL): the 2-D layouts over (C, L) with width-KERNEL_1D kernels."""
     if len(shape) != 2:
         raise catalogue.CatalogueError(f"architecture '{arch}' needs (C, L) signal inputs; got shape {shape}")
     c, length = shape
