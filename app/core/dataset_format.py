@@ -1,8 +1,10 @@
 """The canonical stored dataset: one uncompressed `.npz` that the API writes and the workers read.
 
 * images: `x` uint8 N×C×H×W; tabular: `x` float32 N×F; 1-D signals: `x` float32 N×C×L (channels, length);
-* `y` int64 labels in [0, num_classes); `class_names`: one name per label index; `kind`: "image", "tabular" or
-  "signal";
+* `y` int64 labels in [0, num_classes); `class_names`: one name per label index; `kind`: "image", "tabular",
+  "signal" or "segmentation";
+* segmentation: `x` uint8 N×C×H×W images and `y` uint8 N×H×W masks of class indices in [0, num_classes), with
+  `IGNORE_LABEL` (255) on pixels that count for nothing (the upload's `ignore_index`, remapped);
 * optional `x_val`/`y_val` and `x_test`/`y_test` with the same per-sample shape.
 
 NumPy only, so the torch-free API and the workers share it; the upload parsers live in `app.ingest`.
@@ -21,8 +23,11 @@ from typing import Literal, cast
 
 import numpy as np
 
-Kind = Literal["image", "tabular", "signal"]
-KINDS: tuple[Kind, ...] = ("image", "tabular", "signal")
+Kind = Literal["image", "tabular", "signal", "segmentation"]
+KINDS: tuple[Kind, ...] = ("image", "tabular", "signal", "segmentation")
+# Segmentation masks are stored as uint8: this value marks ignored pixels, so at most 255 classes.
+IGNORE_LABEL = 255
+MAX_SEG_CLASSES = 255
 # (split, samples key, labels key); "train" is the only split every dataset has.
 SPLITS = (("train", "x", "y"), ("val", "x_val", "y_val"), ("test", "x_test", "y_test"))
 
@@ -35,7 +40,7 @@ class DatasetFormatError(ValueError):
 class CanonicalDataset:
     kind: Kind
     x: np.ndarray  # uint8 N×C×H×W (image), float32 N×F (tabular) or float32 N×C×L (signal)
-    y: np.ndarray  # int64 (N,)
+    y: np.ndarray  # int64 (N,); segmentation: uint8 (N, H, W) masks
     class_names: list[str]
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
@@ -44,7 +49,7 @@ class CanonicalDataset:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Per-sample shape: (C, H, W) for images, (F,) for tabular data, (C, L) for signals."""
+        """Per-sample shape: (C, H, W) for images and segmentation, (F,) for tabular data, (C, L) for signals."""
         return tuple(int(d) for d in self.x.shape[1:])
 
     @property
@@ -87,6 +92,13 @@ def check_canonical(ds: CanonicalDataset) -> None:
             raise DatasetFormatError(
                 f"canonical signal x must be float32 N×C×L, got {ds.x.dtype} {shape_text(ds.x.shape)}"
             )
+    elif ds.kind == "segmentation":
+        if ds.x.dtype != np.uint8 or ds.x.ndim != 4:
+            raise DatasetFormatError(
+                f"canonical segmentation x must be uint8 N×C×H×W, got {ds.x.dtype} {shape_text(ds.x.shape)}"
+            )
+        if len(ds.class_names) > MAX_SEG_CLASSES:
+            raise DatasetFormatError(f"canonical segmentation holds at most {MAX_SEG_CLASSES} classes")
     else:
         raise DatasetFormatError(f"canonical kind must be one of {', '.join(KINDS)}, got {ds.kind!r}")
     for split, xk, yk in SPLITS:
@@ -103,11 +115,20 @@ def _check_split(ds: CanonicalDataset, split: str, xk: str, yk: str) -> None:
         raise DatasetFormatError(
             f"canonical {xk} is {xs.dtype} {shape_text(xs.shape)} but x is {ds.x.dtype} {shape_text(ds.x.shape)}"
         )
+    k = len(ds.class_names)
+    if ds.kind == "segmentation":
+        want = (len(xs), *xs.shape[2:])
+        if ys.dtype != np.uint8 or ys.shape != want:
+            raise DatasetFormatError(
+                f"canonical {yk} must be uint8 masks of shape {shape_text(want)}, got {ys.dtype} {shape_text(ys.shape)}"
+            )
+        if ys.size and int(ys[ys != IGNORE_LABEL].max(initial=0)) >= k:
+            raise DatasetFormatError(f"canonical {yk} has classes outside 0..{k - 1} (and {IGNORE_LABEL}: ignored)")
+        return
     if ys.dtype != np.int64 or ys.ndim != 1 or len(ys) != len(xs):
         raise DatasetFormatError(
             f"canonical {yk} must be int64 of shape ({len(xs)},), got {ys.dtype} {shape_text(ys.shape)}"
         )
-    k = len(ds.class_names)
     if ys.size and (int(ys.min()) < 0 or int(ys.max()) >= k):
         raise DatasetFormatError(f"canonical {yk} has labels outside 0..{k - 1}")
 

@@ -14,6 +14,7 @@ from app.ingest.checks import ACCEPTED_FORMATS, IngestError, IngestLimits, check
 from app.ingest.csv_table import read_csv
 from app.ingest.image_zip import read_image_zip
 from app.ingest.npz import read_npz
+from app.ingest.segmentation import is_segmentation_zip, read_segmentation_zip
 
 __all__ = ["ACCEPTED_FORMATS", "IngestError", "IngestLimits", "ingest_file"]
 
@@ -25,10 +26,13 @@ def ingest_file(
     label_column: str = "label",
     limits: IngestLimits = IngestLimits(),
     kind: str | None = None,
+    ignore_index: int | None = None,
 ) -> CanonicalDataset:
     """Validate the upload at `path` (named `filename` by the user) and return its canonical form. `kind`:
     what the uploader says the samples are (`signal` is only ever stated: an .npz's (N, C, L) array would
-    otherwise be grayscale images); None lets the format and x's rank decide."""
+    otherwise be grayscale images); None lets the format and x's rank decide (a zip with images/ and masks/
+    folders, or an .npz whose y is (N, H, W), is segmentation). `ignore_index`: segmentation masks' value
+    for pixels that count for nothing."""
     path = Path(path)
     ext = PurePosixPath(filename.replace("\\", "/")).suffix.lower()
     if ext not in (".npz", ".zip", ".csv"):
@@ -47,8 +51,19 @@ def ingest_file(
         raise IngestError(
             f"kind=signal needs a .npz upload with x of shape (N, L) or (N, C, L) and labels y; {filename!r} is {ext}"
         )
+    if ext == ".csv" and (kind == "segmentation" or ignore_index is not None):
+        raise IngestError(
+            "segmentation needs images with masks: a .zip with images/ and masks/ folders or a .npz with "
+            f"x (N, H, W[, C]) and y (N, H, W); {filename!r} is .csv"
+        )
+    if ignore_index is not None and kind not in (None, "segmentation"):
+        raise IngestError(f"ignore_index applies to segmentation masks only, not kind={kind}; remove it")
     if ext == ".npz":
-        return read_npz(path, filename, limits, kind)
+        return read_npz(path, filename, limits, kind, ignore_index)
     if ext == ".zip":
+        if kind == "segmentation" or (kind is None and is_segmentation_zip(path)):
+            return read_segmentation_zip(path, filename, limits, ignore_index)
+        if ignore_index is not None:
+            raise IngestError(f"ignore_index applies to segmentation masks; {filename!r} has no images/ and masks/")
         return read_image_zip(path, filename, limits)
     return read_csv(path, filename, label_column, limits)

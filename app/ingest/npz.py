@@ -27,6 +27,7 @@ from app.ingest.checks import (
     plain_reason,
     preview,
 )
+from app.ingest.segmentation import from_npz_arrays
 
 _NPY_DTYPE_KINDS = "biufUS"  # bool, ints, floats, fixed-width strings; never objects, structs or void
 _INT64_MAX = np.iinfo(np.int64).max
@@ -40,9 +41,12 @@ _UNCOMPRESSED = (
 )
 
 
-def read_npz(path: Path, filename: str, limits: IngestLimits, kind: str | None = None) -> CanonicalDataset:
+def read_npz(
+    path: Path, filename: str, limits: IngestLimits, kind: str | None = None, ignore_index: int | None = None
+) -> CanonicalDataset:
     """Validate the `.npz` at `path` and convert it to the canonical form; `kind` (`signal`, `image`,
-    `tabular`; None: decided by x's rank) is what the uploader says the samples are."""
+    `tabular`, `segmentation`; None: decided by x's rank, and a 3-D `y` of masks) is what the uploader says
+    the samples are; `ignore_index`: segmentation masks' value for pixels that count for nothing."""
     _check_members(path, filename, limits)
     try:
         npz = np.load(path, allow_pickle=False)
@@ -55,6 +59,13 @@ def read_npz(path: Path, filename: str, limits: IngestLimits, kind: str | None =
         _check_keys(keys, filename)
         arrays = {k: _npz_array(npz, k) for _, xk, yk in SPLITS for k in (xk, yk) if k in keys}
         names = _npz_class_names(_npz_array(npz, "class_names")) if "class_names" in keys else None
+    if kind == "segmentation" or (kind is None and arrays["y"].ndim == 3):
+        return from_npz_arrays(arrays, names, limits, ignore_index)
+    if ignore_index is not None:
+        raise IngestError(
+            f"ignore_index applies to segmentation masks, but y has shape {shape_text(arrays['y'].shape)}; "
+            "masks are (N, H, W)"
+        )
     return from_arrays(arrays, names, limits, kind)
 
 

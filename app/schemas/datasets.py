@@ -14,11 +14,13 @@ class DatasetOut(BaseModel):
 
     id: str = Field(description="Dataset id; built-in datasets use their name (e.g. `digits`).")
     name: str = Field(description="Name given at upload (defaults to the file name).")
-    kind: Literal["image", "tabular", "signal"] = Field(
-        description="`image` (uint8 C×H×W), `tabular` (F features) or `signal` (float32 C×L 1-D signals)."
+    kind: Literal["image", "tabular", "signal", "segmentation"] = Field(
+        description="`image` (uint8 C×H×W), `tabular` (F features), `signal` (float32 C×L 1-D signals) or "
+        "`segmentation` (uint8 C×H×W images with an H×W mask of class indices each)."
     )
     shape: list[int] = Field(
-        description="Per-sample shape: [C, H, W] for images, [F] for tabular data, [C, L] for signals."
+        description="Per-sample shape: [C, H, W] for images and segmentation, [F] for tabular data, [C, L] for "
+        "signals."
     )
     num_classes: int = Field(description="Number of classes; labels are 0..num_classes-1.")
     class_names: list[str] = Field(description="Class name for each label index.")

@@ -61,6 +61,7 @@ def create_dataset(
     name: str | None,
     label_column: str,
     kind: str | None = None,
+    ignore_index: int | None = None,
 ) -> Dataset:
     """Validate and store one upload. Nothing is left behind on any failure: the temporary folder goes
     with the `with` block, and the stored blob is deleted if the row cannot be committed."""
@@ -87,7 +88,12 @@ def create_dataset(
             _copy_capped(source, raw, settings.max_upload_bytes)
             try:
                 canonical = ingest_file(
-                    raw, filename, label_column=label_column, limits=ingest_limits(settings), kind=kind
+                    raw,
+                    filename,
+                    label_column=label_column,
+                    limits=ingest_limits(settings),
+                    kind=kind,
+                    ignore_index=ignore_index,
                 )
             except IngestError as e:
                 raise InvalidDataset(str(e)) from None

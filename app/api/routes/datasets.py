@@ -21,8 +21,8 @@ ERRORS = ERROR_RESPONSES
     response_model=DatasetOut,
     responses=ERRORS,
     summary="Upload a dataset",
-    # One file and three short text fields; anything else in the form is refused while parsing.
-    form_limits={"max_files": 1, "max_fields": 3, "max_part_size": 4096},
+    # One file and four short text fields; anything else in the form is refused while parsing.
+    form_limits={"max_files": 1, "max_fields": 4, "max_part_size": 4096},
 )
 def upload_dataset(
     session: SessionDep,
@@ -40,13 +40,24 @@ def upload_dataset(
     name: Annotated[str | None, Form(max_length=200, description="Display name; defaults to the file name.")] = None,
     label_column: Annotated[str, Form(max_length=200, description="CSV only: the column holding labels.")] = "label",
     kind: Annotated[
-        Literal["auto", "image", "tabular", "signal"],
+        Literal["auto", "image", "tabular", "signal", "segmentation"],
         Form(
             description="What the samples are. `auto`: decided by the format and x's rank (2-D tabular, 3-/4-D "
             "images). `signal`: a .npz whose x is (N, L) or (N, C, L) 1-D signals (stored as float32 N×C×L; "
-            "length at most 1,048,576, channels at most 1,024, finite values). `image`/`tabular`: checked."
+            "length at most 1,048,576, channels at most 1,024, finite values). `segmentation`: a .zip with "
+            "images/ and masks/ (same names; masks are PNGs of class indices or palette PNGs) or a .npz with x "
+            "(N, H, W[, C]) and y (N, H, W) masks; `auto` recognizes both. `image`/`tabular`: checked."
         ),
     ] = "auto",
+    ignore_index: Annotated[
+        int | None,
+        Form(
+            ge=0,
+            le=65535,
+            description="Segmentation only: the mask value of pixels that count for nothing (e.g. 255 for "
+            "object borders); stored as 255, excluded from loss and metrics.",
+        ),
+    ] = None,
 ) -> DatasetOut:
     row = service.create_dataset(
         session,
@@ -58,6 +69,7 @@ def upload_dataset(
         name=name,
         label_column=label_column,
         kind=None if kind == "auto" else kind,
+        ignore_index=ignore_index,
     )
     response.headers["Location"] = f"/v1/datasets/{row.id}"
     return DatasetOut.model_validate(row)
