@@ -32,6 +32,7 @@ __all__ = [
     "MLP",
     "SIGNAL",
     "BasicBlock",
+    "ConvLayers",
     "ResNet",
     "SmallCNN",
     "Spatial",
@@ -43,7 +44,6 @@ __all__ = [
 ]
 
 ActLayer = Callable[[], nn.Module]
-ConvLayer = Callable[..., nn.Module]
 _relu: ActLayer = functools.partial(nn.ReLU, inplace=True)
 
 WS_EPS = 1e-5
@@ -94,10 +94,20 @@ IMAGE = Spatial(nn.Conv2d, WSConv2d, nn.AdaptiveAvgPool2d, 3)
 SIGNAL = Spatial(nn.Conv1d, WSConv1d, nn.AdaptiveAvgPool1d, catalogue.KERNEL_1D)
 
 
-def _conv(in_channels: int, out_channels: int, stride: int, conv: ConvLayer, kernel: int) -> nn.Module:
-    # No bias: every conv is followed by a norm (or, for `none`, kept bias-free so the
-    # conv parameters are identical across variants). Padding kernel // 2 keeps the size at stride 1.
-    return conv(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
+@dataclass(frozen=True)
+class ConvLayers:
+    """The layers around a conv network's norms: its dimension, and what the norm's catalogue flags swap."""
+
+    spatial: Spatial = IMAGE
+    standardize: bool = False  # gn_ws: the convs feeding a norm are weight-standardized
+    act: ActLayer = _relu  # after each norm; nn.Identity for norms that end in their own nonlinearity
+
+    def conv(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        # No bias: every conv is followed by a norm (or, for `none`, kept bias-free so the
+        # conv parameters are identical across variants). Padding kernel // 2 keeps the size at stride 1.
+        conv = self.spatial.ws_conv if self.standardize else self.spatial.conv
+        k = self.spatial.kernel
+        return conv(in_channels, out_channels, k, stride=stride, padding=k // 2, bias=False)
 
 
 def _init_convs(module: nn.Module, spatial: Spatial) -> None:
@@ -139,27 +149,18 @@ class SmallCNN(nn.Module):
     """Three conv -> norm -> ReLU stages (stride 2 from stage 2) -> global avg pool -> Linear (`cnn`, `cnn1d`)."""
 
     def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        width: int,
-        norm_layer: NormLayer,
-        *,
-        spatial: Spatial = IMAGE,
-        conv: ConvLayer | None = None,
-        act_layer: ActLayer = _relu,
+        self, in_channels: int, num_classes: int, width: int, norm_layer: NormLayer, layers: ConvLayers = ConvLayers()
     ) -> None:
         super().__init__()
-        conv = conv or spatial.conv
-        layers: list[nn.Module] = []
+        stages: list[nn.Module] = []
         prev = in_channels
         for i, w in enumerate(catalogue.stage_widths(width)):
-            layers += [_conv(prev, w, 1 if i == 0 else 2, conv, spatial.kernel), norm_layer(w), act_layer()]
+            stages += [layers.conv(prev, w, 1 if i == 0 else 2), norm_layer(w), layers.act()]
             prev = w
-        self.features = nn.Sequential(*layers)
-        self.pool = spatial.pool(1)
+        self.features = nn.Sequential(*stages)
+        self.pool = layers.spatial.pool(1)
         self.head = nn.Linear(prev, num_classes)
-        _init_convs(self, spatial)
+        _init_convs(self, layers.spatial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.flatten(self.pool(self.features(x)), 1))
@@ -168,27 +169,18 @@ class SmallCNN(nn.Module):
 class BasicBlock(nn.Module):
     """conv -> norm1 -> ReLU -> conv -> norm2, plus shortcut, then ReLU.
 
-    `act_layer` replaces the ReLU after norm1 (nn.Identity for norms with their own
+    `layers.act` replaces the ReLU after norm1 (nn.Identity for norms with their own
     activation); the ReLU after the addition is always kept.
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        stride: int,
-        norm_layer: NormLayer,
-        *,
-        spatial: Spatial = IMAGE,
-        conv: ConvLayer | None = None,
-        act_layer: ActLayer = _relu,
+        self, in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer, layers: ConvLayers = ConvLayers()
     ) -> None:
         super().__init__()
-        conv = conv or spatial.conv
-        self.conv1 = _conv(in_channels, out_channels, stride, conv, spatial.kernel)
+        self.conv1 = layers.conv(in_channels, out_channels, stride)
         self.norm1 = norm_layer(out_channels)
-        self.act1 = act_layer()
-        self.conv2 = _conv(out_channels, out_channels, 1, conv, spatial.kernel)
+        self.act1 = layers.act()
+        self.conv2 = layers.conv(out_channels, out_channels, 1)
         self.norm2 = norm_layer(out_channels)
         self.act2 = nn.ReLU(inplace=True)
         # Projection shortcut (He et al. option B) when the shape changes, but without
@@ -199,7 +191,7 @@ class BasicBlock(nn.Module):
         # norm after it would scale the shortcut by about sqrt(in_channels).
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = spatial.conv(in_channels, out_channels, 1, stride=stride, bias=False)
+            self.shortcut = layers.spatial.conv(in_channels, out_channels, 1, stride=stride, bias=False)
 
     def zero_init_last(self) -> None:
         # Starts each residual branch at zero so the block is initially the identity
@@ -231,28 +223,24 @@ class ResNet(nn.Module):
         num_classes: int,
         norm_layer: NormLayer,
         zero_init_last: bool = True,
-        *,
-        spatial: Spatial = IMAGE,
-        conv: ConvLayer | None = None,
-        act_layer: ActLayer = _relu,
+        layers: ConvLayers = ConvLayers(),
     ) -> None:
         super().__init__()
-        conv = conv or spatial.conv
         blocks_per_stage = catalogue.resnet_blocks_per_stage(depth)
-        self.stem = nn.Sequential(_conv(in_channels, width, 1, conv, spatial.kernel), norm_layer(width), act_layer())
+        self.stem = nn.Sequential(layers.conv(in_channels, width, 1), norm_layer(width), layers.act())
         stages: list[nn.Module] = []
         prev = width
         for i, w in enumerate(catalogue.stage_widths(width)):
             blocks = []
             for b in range(blocks_per_stage):
                 stride = 2 if i > 0 and b == 0 else 1
-                blocks.append(BasicBlock(prev, w, stride, norm_layer, spatial=spatial, conv=conv, act_layer=act_layer))
+                blocks.append(BasicBlock(prev, w, stride, norm_layer, layers))
                 prev = w
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self.pool = spatial.pool(1)
+        self.pool = layers.spatial.pool(1)
         self.head = nn.Linear(prev, num_classes)
-        _init_convs(self, spatial)
+        _init_convs(self, layers.spatial)
         if zero_init_last:
             for m in self.modules():
                 if isinstance(m, BasicBlock):
@@ -274,9 +262,12 @@ def build_model(
     width: int = 16,
     hidden: list[int] | None = None,
     zero_init_last: bool = True,
+    layers: int = 2,
+    heads: int = 4,
 ) -> nn.Module:
     """Network `arch` with norm `norm` for inputs of `input_shape` ((C, H, W), (C, L) signals or (F,)).
 
+    `layers`, `heads`: the transformer's (models.transformer; texts of (L,) tokens).
     `zero_init_last` (ResNet only) zero-initializes each residual block's last norm scale.
     torchvision networks (`catalogue.ARCHS[arch].torchvision`) come from `models.torchvision_nets`.
     Raises CatalogueError (the catalogue's own messages where it has one) for choices
@@ -285,6 +276,12 @@ def build_model(
     info = catalogue.ARCHS.get(arch)
     if info is None:
         raise catalogue.unknown_choice("architecture", arch, sorted(catalogue.ARCHS))
+    if arch == "transformer":  # (L,) token ids, a rank tabular data shares: before the kinds by rank
+        from models.transformer import build_transformer
+
+        return build_transformer(
+            tuple(input_shape), num_classes, norm, norm_params, width=width, layers=layers, heads=heads
+        )
     shape = tuple(input_shape)
     if len(shape) not in (1, 2, 3) or any(not isinstance(d, int) or d < 1 for d in shape):
         raise catalogue.CatalogueError(f"input shape must be (C, H, W), (C, L) or (F,) of positive ints; got {shape}")
@@ -310,18 +307,7 @@ def build_model(
         linear = WSLinear if norm_info.standardize_weights else nn.Linear
         widths = [s.channels for s in sites]
         return MLP(math.prod(shape), num_classes, widths, norm_layer, linear=linear, act_layer=act_layer)
-    spatial = SIGNAL if kind == "signal" else IMAGE
-    conv = spatial.ws_conv if norm_info.standardize_weights else spatial.conv
+    conv_layers = ConvLayers(SIGNAL if kind == "signal" else IMAGE, norm_info.standardize_weights, act_layer)
     if arch in ("cnn", "cnn1d"):
-        return SmallCNN(shape[0], num_classes, width, norm_layer, spatial=spatial, conv=conv, act_layer=act_layer)
-    return ResNet(
-        depth,
-        width,
-        shape[0],
-        num_classes,
-        norm_layer,
-        zero_init_last=zero_init_last,
-        spatial=spatial,
-        conv=conv,
-        act_layer=act_layer,
-    )
+        return SmallCNN(shape[0], num_classes, width, norm_layer, conv_layers)
+    return ResNet(depth, width, shape[0], num_classes, norm_layer, zero_init_last, conv_layers)
