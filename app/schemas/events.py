@@ -4,26 +4,20 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from app.schemas.runs import RunKey
 
-class RunStarted(BaseModel):
+
+class RunStarted(RunKey):
     """A worker claimed a run (sent again with a higher `attempt` when the run is retried)."""
 
-    run_id: str = Field(description="Run id.")
-    variant: str = Field(description="Variant label, e.g. `bn` or `gn(32)`.")
-    batch_size: int = Field(description="Training batch size.")
-    seed: int = Field(description="Seed.")
     attempt: int = Field(description="Claim number: 1 on the first start, higher when a worker retried the run.")
     epochs_total: int = Field(description="Epochs in the job's budget.")
 
 
-class EpochDone(BaseModel):
+class EpochDone(RunKey):
     """A run recorded an epoch's metrics; sent once per (run, epoch): epochs a retried attempt redoes from its
     checkpoint are not sent again."""
 
-    run_id: str = Field(description="Run id.")
-    variant: str = Field(description="Variant label.")
-    batch_size: int = Field(description="Training batch size.")
-    seed: int = Field(description="Seed.")
     epoch: int = Field(description="Epochs completed, 1..`epochs_total`.")
     epochs_total: int = Field(description="Epochs in the job's budget.")
     val_acc: float | None = Field(description="Validation accuracy after this epoch, 0..1.")
@@ -31,14 +25,10 @@ class EpochDone(BaseModel):
     train_loss: float | None = Field(description="Mean training loss over this epoch (null if not finite).")
 
 
-class RunFinished(BaseModel):
+class RunFinished(RunKey):
     """A run reached a terminal state. Follows its `run_started` and `epoch_done` events; the only event of a
     run cancelled before it started."""
 
-    run_id: str = Field(description="Run id.")
-    variant: str = Field(description="Variant label.")
-    batch_size: int = Field(description="Training batch size.")
-    seed: int = Field(description="Seed.")
     status: str = Field(description="Terminal status: `succeeded`, `failed`, `diverged` or `cancelled`.")
     attempt: int = Field(description="Claim number of the attempt that ended it (0: cancelled before it started).")
     val_acc: float | None = Field(description="Final validation accuracy, 0..1 (null without a result).")

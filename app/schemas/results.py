@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas.runs import MetricPointOut
+from app.schemas.runs import MetricPointOut, RunKey
 
 VerdictOut = Literal["different", "equivalent", "inconclusive"]
 VERDICT_DESCRIPTION = (
@@ -24,11 +24,7 @@ VERDICT_DESCRIPTION = (
 )
 
 
-class RunResult(BaseModel):
-    run_id: str = Field(description="Run id.")
-    variant: str = Field(description="Variant label.")
-    batch_size: int = Field(description="Training batch size.")
-    seed: int = Field(description="Seed.")
+class RunResult(RunKey):
     status: str = Field(description="Run status.")
     val_acc: float | None = Field(description="Final validation accuracy, 0..1.")
     val_loss: float | None = Field(description="Final validation cross-entropy.")
@@ -282,11 +278,7 @@ class Results(BaseModel):
     )
 
 
-class CurveSeries(BaseModel):
-    run_id: str = Field(description="Run id.")
-    variant: str = Field(description="Variant label.")
-    batch_size: int = Field(description="Batch size.")
-    seed: int = Field(description="Seed.")
+class CurveSeries(RunKey):
     total_points: int = Field(description="Points recorded before downsampling.")
     window_points: int = Field(0, description="Points in the requested `offset`/`limit` window, before downsampling.")
     next_offset: int | None = Field(

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from app.schemas.common import UtcTimestamp
+
+
+class RunKey(BaseModel):
+    """Which run an item is about: the fields every per-run result, curve and event starts with."""
+
+    run_id: str = Field(description="Run id.")
+    variant: str = Field(description="Variant label, e.g. `bn` or `gn(32)`.")
+    batch_size: int = Field(description="Training batch size.")
+    seed: int = Field(description="Seed for initial weights and data order.")
+
+
+class KeyedRun(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def variant(self) -> str: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+
+
+def run_key(run: KeyedRun) -> dict[str, Any]:
+    """A run row's RunKey fields, to build any model that starts with them: `RunResult(**run_key(run), ...)`."""
+    return {"run_id": run.id, "variant": run.variant, "batch_size": run.batch_size, "seed": run.seed}
 
 
 class RunOut(BaseModel):

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.repositories.runs import ordered_runs
 from app.schemas.results import AggregatePointOut, CellCurve, CurveAggregate, Curves, CurveSeries
-from app.schemas.runs import MetricPointOut
+from app.schemas.runs import MetricPointOut, run_key
 from app.services import statistics as st
 from app.tables import Job, MetricPoint, Run
 
@@ -81,10 +81,7 @@ def _series(
     finite = [MetricPointOut(step=s, epoch=e, value=v) for s, e, v in rows if math.isfinite(v)]
     end = offset + len(rows)
     return CurveSeries(
-        run_id=run.id,
-        variant=run.variant,
-        batch_size=run.batch_size,
-        seed=run.seed,
+        **run_key(run),
         total_points=total,
         window_points=len(rows),
         next_offset=end if end < total else None,

@@ -37,6 +37,7 @@ from app.core.run_states import TERMINAL, RunStatus
 from app.db import read_with_retry, run_in_db_thread
 from app.repositories.runs import ordered_runs
 from app.schemas.events import EpochDone, JobFinished, RunFinished, RunStarted
+from app.schemas.runs import run_key
 from app.services.jobs import job_state
 from app.services.results import finite_or_none
 from app.tables import Job, MetricPoint, Run
@@ -142,10 +143,7 @@ class JobEventTracker:
     @staticmethod
     def _started(run: Run, epochs_total: int) -> RunStarted:
         return RunStarted(
-            run_id=run.id,
-            variant=run.variant,
-            batch_size=run.batch_size,
-            seed=run.seed,
+            **run_key(run),
             attempt=run.attempt,
             epochs_total=epochs_total,
         )
@@ -153,10 +151,7 @@ class JobEventTracker:
     @staticmethod
     def _epoch(run: Run, epoch: int, epochs_total: int, metrics: dict[str, float | None]) -> EpochDone:
         return EpochDone(
-            run_id=run.id,
-            variant=run.variant,
-            batch_size=run.batch_size,
-            seed=run.seed,
+            **run_key(run),
             epoch=epoch,
             epochs_total=epochs_total,
             val_acc=metrics.get("val_acc"),
@@ -168,10 +163,7 @@ class JobEventTracker:
     def _finished(run: Run) -> RunFinished:
         final = run.final_metrics or {}
         return RunFinished(
-            run_id=run.id,
-            variant=run.variant,
-            batch_size=run.batch_size,
-            seed=run.seed,
+            **run_key(run),
             status=run.status,
             attempt=run.attempt,
             val_acc=finite_or_none(final.get("val_acc")),

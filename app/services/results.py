@@ -19,6 +19,7 @@ from app.core.run_states import ACTIVE, TERMINAL, RunStatus
 from app.errors import DomainError
 from app.schemas.jobs import JobSpec
 from app.schemas.results import CellSummary, ComparisonOut, Results, RunResult, SensitivityOut, Stat
+from app.schemas.runs import run_key
 from app.services import statistics as st
 from app.services.curves import build_curves, downsample
 from app.tables import Job, MetricPoint, Run
@@ -69,10 +70,7 @@ def _run_result(run: Run, best: dict[str, float]) -> RunResult:
     final = run.final_metrics or {}
     env = run.environment or {}
     return RunResult(
-        run_id=run.id,
-        variant=run.variant,
-        batch_size=run.batch_size,
-        seed=run.seed,
+        **run_key(run),
         status=run.status,
         val_acc=final.get("val_acc"),
         val_loss=final.get("val_loss"),
