@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from http import HTTPStatus
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -15,54 +19,59 @@ BUSY_RETRY_AFTER = "2"  # seconds; a pool or thread wait that timed out clears w
 
 
 class DomainError(Exception):
-    status_code = 400
+    """An error the caller can act on, answered as `{"error": kind, "detail"}` with the class's status.
+
+    A subclass names its status (`class NotFound(DomainError, status=HTTPStatus.NOT_FOUND)`); its kind is its
+    name in snake case unless it sets `kind` itself."""
+
+    status_code = int(HTTPStatus.BAD_REQUEST)
     kind = "bad_request"
     headers: dict[str, str] | None = None
+
+    def __init_subclass__(cls, status: int | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status_code = int(status)
+        if "kind" not in cls.__dict__:
+            cls.kind = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
 
 
-class NotFound(DomainError):
-    status_code = 404
-    kind = "not_found"
+class NotFound(DomainError, status=HTTPStatus.NOT_FOUND):
+    """The resource does not exist, or is not the caller's."""
 
 
-class InvalidSpec(DomainError):
-    status_code = 422
-    kind = "invalid_spec"
+class InvalidSpec(DomainError, status=HTTPStatus.UNPROCESSABLE_ENTITY):
+    """The job spec breaks a rule (the detail says which and how to fix it)."""
 
 
-class InvalidDataset(DomainError):
-    status_code = 422
-    kind = "invalid_dataset"
+class InvalidDataset(DomainError, status=HTTPStatus.UNPROCESSABLE_ENTITY):
+    """The upload is not a dataset NormBench can read."""
 
 
-class PayloadTooLarge(DomainError):
-    status_code = 413
-    kind = "payload_too_large"
+class PayloadTooLarge(DomainError, status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
+    """The request or upload is over a size limit."""
 
 
-class Conflict(DomainError):
-    status_code = 409
-    kind = "conflict"
+class Conflict(DomainError, status=HTTPStatus.CONFLICT):
+    """The resource's state does not allow the change (for example, deleting a dataset a job uses)."""
 
 
-class Unavailable(DomainError):
-    status_code = 503
-    kind = "unavailable"
+class Unavailable(DomainError, status=HTTPStatus.SERVICE_UNAVAILABLE):
+    """A service the request needs is down; retrying later can succeed."""
 
 
-class Unauthorized(DomainError):
-    status_code = 401
-    kind = "unauthorized"
+class Unauthorized(DomainError, status=HTTPStatus.UNAUTHORIZED):
+    """No valid API key."""
+
     headers = {"WWW-Authenticate": "Bearer"}
 
 
-class QuotaExceeded(DomainError):
-    status_code = 429
-    kind = "quota_exceeded"
+class QuotaExceeded(DomainError, status=HTTPStatus.TOO_MANY_REQUESTS):
+    """The owner's storage or rate quota is used up."""
 
 
 def _body(kind: str, detail: str) -> dict[str, str]:
