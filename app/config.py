@@ -176,6 +176,13 @@ class Settings(BaseSettings):
     db_wait_seconds: float = Field(
         5.0, gt=0, description="A status poll that waits this long for a database thread is answered 503 + Retry-After."
     )
+    db_outage_wait_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="A GET that finds the database unreachable (a restart, a fail-over) is tried again every half "
+        "second for up to this long, waiting in the event loop (no thread, no connection), before it is answered "
+        "503 + Retry-After: a database restart shorter than this is a slower answer, not an error. 0: answer at once.",
+    )
     rate_limit_per_second: float = Field(
         100.0,
         ge=0,

@@ -16,6 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.db import DatabaseBusy
 
 BUSY_RETRY_AFTER = "2"  # seconds; a pool or thread wait that timed out clears within a poll or two
+# Marks a 503 that says "the database is unreachable" for app.api.middleware.DatabaseOutageWait, which removes it.
+DATABASE_DOWN_HEADER = "x-normbench-database-down"
 
 
 class DomainError(Exception):
@@ -118,7 +120,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
         detail = "the database is unreachable; retry in a few seconds (GET /readyz shows when it is back)"
-        return JSONResponse(_body("unavailable", detail), status_code=503, headers={"Retry-After": "5"})
+        headers = {"Retry-After": "5", DATABASE_DOWN_HEADER: "1"}
+        return JSONResponse(_body("unavailable", detail), status_code=503, headers=headers)
 
     @app.exception_handler(PoolTimeout)
     @app.exception_handler(DatabaseBusy)

@@ -7,6 +7,7 @@ import ipaddress
 import json
 from urllib.parse import urlsplit
 
+import anyio
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -14,6 +15,7 @@ from app.api.bind_check import BindVerdict
 from app.api.rate_limit import RateLimitMiddleware
 from app.config import Settings, is_loopback
 from app.core.units import human_bytes
+from app.errors import DATABASE_DOWN_HEADER
 
 UPLOAD_PATH = "/v1/datasets"
 WEIGHTS_PATH = "/v1/weights"
@@ -260,8 +262,61 @@ def _origin_key(origin: str) -> tuple[str, str, int] | None:
     return parts.scheme, parts.hostname.rstrip("."), port or DEFAULT_PORTS.get(parts.scheme, 0)
 
 
+class DatabaseOutageWait:
+    """GET and HEAD requests answered "the database is unreachable" (app.errors) are run again every half second
+    for up to `db_outage_wait_seconds` before that 503 goes out, so a database restart is a slower answer rather
+    than an error. The wait is in the event loop: it holds no thread and no connection. Only reads are repeated
+    (they change nothing); inside the rate limit, so a request spends one token however often it is tried."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.wait = app, settings.db_outage_wait_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        reads = scope["method"] in ("GET", "HEAD")
+        deadline = anyio.current_time() + (self.wait if reads else 0)
+        while True:
+            attempt = _OutageHold(send)
+            await self.app(scope, receive, attempt.send)
+            if not attempt.held:
+                return
+            if anyio.current_time() + RETRY_PAUSE > deadline:
+                await attempt.release()
+                return
+            await anyio.sleep(RETRY_PAUSE)
+
+
+RETRY_PAUSE = 0.5  # seconds between attempts of a read that found the database unreachable
+_MARKER = DATABASE_DOWN_HEADER.encode()
+
+
+class _OutageHold:
+    """One attempt's messages: passed on, unless it is a "database unreachable" 503, which is held back."""
+
+    def __init__(self, send: Send) -> None:
+        self.downstream = send
+        self.held: list[Message] = []
+
+    async def send(self, message: Message) -> None:
+        start = message["type"] == "http.response.start"
+        if self.held or (start and message["status"] == 503 and any(k == _MARKER for k, _ in message["headers"])):
+            self.held.append(message)
+        else:
+            await self.downstream(message)
+
+    async def release(self) -> None:
+        """Send the held 503, without the internal marker."""
+        first, *rest = self.held
+        await self.downstream({**first, "headers": [(k, v) for k, v in first["headers"] if k != _MARKER]})
+        for message in rest:
+            await self.downstream(message)
+
+
 def install_middleware(app: FastAPI, settings: Settings) -> None:
     """Add the guards; call after everything else is set up."""
+    app.add_middleware(DatabaseOutageWait, settings=settings)  # inside the rate limit: one token per request
     # Added last = outermost: the body cap applies before any other middleware or route sees the body.
     app.add_middleware(RateLimitMiddleware, settings=settings)  # innermost: refused requests spend no tokens
     app.add_middleware(BrowserGuard, settings=settings)
