@@ -262,6 +262,7 @@ def build_model(
     width: int = 16,
     hidden: list[int] | None = None,
     zero_init_last: bool = True,
+    levels: int = catalogue.UNET_LEVELS,
     layers: int = 2,
     heads: int = 4,
 ) -> nn.Module:
@@ -282,6 +283,10 @@ def build_model(
         return build_transformer(
             tuple(input_shape), num_classes, norm, norm_params, width=width, layers=layers, heads=heads
         )
+    if arch == "unet":  # (C, H, W) like images, with per-pixel classes: models.unet
+        from models.unet import build_unet
+
+        return build_unet(tuple(input_shape), num_classes, norm, norm_params, width=width, levels=levels)
     shape = tuple(input_shape)
     if len(shape) not in (1, 2, 3) or any(not isinstance(d, int) or d < 1 for d in shape):
         raise catalogue.CatalogueError(f"input shape must be (C, H, W), (C, L) or (F,) of positive ints; got {shape}")

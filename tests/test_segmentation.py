@@ -4,6 +4,7 @@ and one job end to end through a real worker (upload → job → results → rep
 
 from __future__ import annotations
 
+import base64
 import io
 import zipfile
 from pathlib import Path
@@ -11,13 +12,27 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from app.core import catalogue, memory
+from app.core.budget import resolve_budget
 from app.core.dataset_format import IGNORE_LABEL, load_canonical, save_canonical
 from app.ingest import IngestError, ingest_file
+from app.schemas.jobs import OptimizerSpec
 from bench.make_shapes_seg import CLASS_NAMES, shapes
+from models import build_model
+from models.norms import is_norm_layer
 from tests.factories import npz_bytes
 from tests.test_hostile_input import harness  # noqa: F401  (the fixture)
+from tests.test_packing import Recorder
+from workers.data import DeviceData, channel_stats
+from workers.engine import Outcome, PackTrainer, RunConfig
+from workers.packing import Member, PackGroup
+from workers.run_config import build_run_model, make_optimizer
+from workers.schedule import Schedule
+from workers.segmentation import confusion, iou_metrics, pixel_loss
 
 
 def png(arr: np.ndarray, mode: str | None = None, palette: bool = False, fmt: str = "PNG") -> bytes:
@@ -108,8 +123,11 @@ def _hostile_zips() -> list[tuple[dict[str, bytes], dict[str, str], str]]:
 
 @pytest.mark.parametrize(("entries", "form", "needle"), _hostile_zips())
 def test_hostile_mask_zips_store_nothing(
-    harness: Any, entries: dict[str, bytes], form: dict[str, str], needle: str
-) -> None:  # noqa: F811
+    harness: Any,  # noqa: F811
+    entries: dict[str, bytes],
+    form: dict[str, str],
+    needle: str,
+) -> None:
     with harness() as h:
         h.refuse_upload("s.zip", seg_zip(entries), 422, needle, **form)
 
@@ -139,9 +157,114 @@ def test_mask_pixel_bombs_are_refused(harness: Any) -> None:  # noqa: F811
     ],
 )
 def test_hostile_mask_npz_store_nothing(
-    harness: Any, arrays: dict[str, Any], form: dict[str, str], needle: str
-) -> None:  # noqa: F811
+    harness: Any,  # noqa: F811
+    arrays: dict[str, Any],
+    form: dict[str, str],
+    needle: str,
+) -> None:
     x, y = shapes(4, 16, seed=3)
     arrays = {"x": x, "y": y, **arrays}
     with harness() as h:
         h.refuse_upload("s.npz", npz_bytes(**arrays), 422, needle, **form)
+
+
+# --- model and engine ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("norm", "params"), [("bn", {}), ("gn", {"groups": 4}), ("switchable", {}), ("gn_ws", {"groups": 4})]
+)
+@pytest.mark.parametrize("levels", [1, 3])
+def test_the_unet_has_the_catalogues_norm_sites_and_the_estimated_parameters(
+    norm: str, params: dict[str, Any], levels: int
+) -> None:
+    model = build_model("unet", (3, 13, 10), 5, norm, params, width=8, levels=levels)
+    names = [n for n, m in model.named_modules() if is_norm_layer(m)]
+    assert names == [s.layer for s in catalogue.norm_sites("unet", width=8, levels=levels)]
+    assert model(torch.randn(2, 3, 13, 10)).shape == (2, 5, 13, 10)  # odd sizes come back at their own size
+    net = memory.network("unet", (3, 13, 10), 5, width=8, levels=levels)
+    assert net.parameters(norm) == sum(p.numel() for p in model.parameters())
+
+
+def test_pixel_loss_is_cross_entropy_with_ignored_pixels() -> None:
+    logits = torch.randn(3, 4, 5, 6)
+    y = torch.randint(0, 4, (3, 5, 6), dtype=torch.uint8)
+    y[0, 0] = IGNORE_LABEL
+    want = F.cross_entropy(logits, y.long(), ignore_index=IGNORE_LABEL)
+    assert float(pixel_loss(logits, y)) == pytest.approx(float(want), rel=1e-6)
+    assert float(pixel_loss(logits, torch.full_like(y, IGNORE_LABEL))) == 0.0
+
+
+def test_iou_from_a_confusion_matrix() -> None:
+    pred = torch.tensor([[[0, 0, 1, 1], [2, 2, 2, 0]]])  # one model, one 2×4 image
+    truth = torch.tensor([[[0, 1, 1, 1], [2, 2, IGNORE_LABEL, 3]]], dtype=torch.uint8)
+    cm = confusion(pred.unsqueeze(0), truth, 4)
+    # class 0: tp 1, union 3 (pred 0 at (0,0),(0,1),(1,3); truth 0 at (0,0)); 1: 2/3; 2: 2/2; 3: 0/1
+    m = iou_metrics(cm[0])
+    assert m["val_iou/0"] == pytest.approx(1 / 3) and m["val_iou/1"] == pytest.approx(2 / 3)
+    assert m["val_iou/2"] == 1.0 and m["val_iou/3"] == 0.0
+    assert m["val_miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 + 0) / 4)
+    assert iou_metrics(cm[0], "test") == {"test_miou": m["val_miou"]}
+
+
+def seg_data(n_train: int = 24, n_val: int = 8, size: int = 12) -> tuple[DeviceData, dict[str, int]]:
+    x, y = shapes(n_train + n_val, size, seed=4)
+    x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    y[:, 0, 0] = IGNORE_LABEL
+    mean, std = channel_stats(x[:n_train], image=True)
+    t = torch.from_numpy
+    data = DeviceData(
+        "segmentation",
+        t(x[:n_train]),
+        t(y[:n_train]),
+        t(x[n_train:]),
+        t(y[n_train:]),
+        t(mean),
+        t(std),
+        (3, size, size),
+        4,
+    )
+    return data, resolve_budget(n_train, n_val, 1, [4])
+
+
+@pytest.mark.parametrize("vmapped", [False, True])
+@pytest.mark.parametrize("norm", ["bn", "switchable"])
+def test_a_pack_of_one_segmentation_step_is_a_plain_eager_step(vmapped: bool, norm: str) -> None:
+    """The engine's step (pack of one; `vmapped`: through vmap, as packs of several run) against a module
+    forward, F.cross_entropy with ignore_index, backward and torch.optim.SGD."""
+    data, budget = seg_data()
+    cfg = RunConfig("unet", norm, {}, 4, 0, budget, {"width": 4, "levels": 2}, OptimizerSpec().model_dump(), {}, 5)
+    g = PackGroup([Member(0, cfg, Schedule.of(cfg), None, None)], data, torch.device("cpu"))  # type: ignore[arg-type]
+    g.vmap_one = vmapped
+    with torch.no_grad():
+        x, y = g.batch_inputs()
+    model = build_run_model(cfg, data, torch.device("cpu"))  # the same seed: the same initial weights
+    opt = make_optimizer(model, cfg.optimizer, float(g.lr()[0]))
+    loss = F.cross_entropy(model(x[0]), y[0].long(), ignore_index=IGNORE_LABEL)
+    loss.backward()
+    opt.step()
+    g.train_step(False, False)
+    assert float(g.ring[0, 0]) == pytest.approx(float(loss), rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(g.params[name][0], p, rtol=1e-4, atol=1e-6, msg=name)
+    for name, b in model.named_buffers():
+        if b.dtype.is_floating_point:
+            torch.testing.assert_close(g.buffers[name][0], b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_engine_reports_iou_metrics_and_a_preview_per_run() -> None:
+    data, budget = seg_data()
+    opt = OptimizerSpec().model_dump()
+    cfgs = [RunConfig("unet", n, {}, 4, 0, budget, {"width": 4, "levels": 2}, opt, {}, 5) for n in ("bn", "in")]
+    trainer = PackTrainer(cfgs, data, torch.device("cpu"), [Recorder(), Recorder()])
+    results = trainer.run()
+    for i, out in enumerate(results):
+        assert isinstance(out, Outcome) and out.status == "succeeded"
+        f = out.final_metrics
+        assert {"val_miou", "val_acc", "val_loss", "val_acc_train_mode"} <= f.keys()
+        assert 0 <= f["val_miou"] <= 1 and any(k.startswith("val_iou/") for k in f)
+        preview = trainer.execution(i)["seg_preview"]
+        pred = np.asarray(Image.open(io.BytesIO(base64.b64decode(preview["pred"]))))
+        truth = np.asarray(Image.open(io.BytesIO(base64.b64decode(preview["truth"]))))
+        assert pred.shape == truth.shape == (12, 12) and int(pred.max()) < 4
+        np.testing.assert_array_equal(truth, data.y_val[0].numpy())

@@ -30,6 +30,7 @@ from workers.graphs import graphs_unavailable
 from workers.packing import Member, PackGroup, train_signature
 from workers.run_config import RunConfig
 from workers.schedule import Schedule
+from workers.segmentation import iou_metrics
 
 __all__ = [
     "Outcome",
@@ -324,6 +325,10 @@ class PackTrainer:
                     test=(test[0][i], test[1][i]) if test is not None and m.epoch == g.sched.epochs else None,
                     mixtures=g.mixtures(i) if m.epoch == g.sched.epochs else None,
                 )
+                if g.segmentation:  # mean IoU (and per class) from this epoch's confusion matrices; test's at the end
+                    splits = ("val", "test") if m.epoch == g.sched.epochs else ("val",)
+                    for split in (s for s in splits if s in g.confusion):
+                        finals |= iou_metrics(g.confusion[split][i], split)
                 g.noise[i].zero_()
                 m.points += [Point(m.step, float(m.epoch), name, value) for name, value in finals.items()]
                 g.epoch_loss[i] = 0.0
@@ -358,6 +363,9 @@ class PackTrainer:
         transfer = self.members[index].transfer if index is not None else None
         if transfer is not None:
             info["init"] = transfer
+        preview = self.members[index].preview if index is not None else None
+        if preview is not None:  # segmentation: one validation image, its truth and this run's predicted mask
+            info["seg_preview"] = preview
         return info
 
 

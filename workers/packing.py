@@ -48,6 +48,8 @@ from workers.run_config import (
     optimizer_param_names,
 )
 from workers.schedule import Schedule
+from workers.segmentation import confusion, pixel_loss, previews
+from workers.segmentation import evaluate as evaluate_segmentation
 
 if TYPE_CHECKING:
     from workers.engine import Outcome, RunReporter
@@ -85,6 +87,7 @@ class Member:
     points: list[Point] = field(default_factory=list)
     result: Outcome | BaseException | None = None
     transfer: dict[str, Any] | None = None  # what its `init` transferred, once its network was built
+    preview: dict[str, Any] | None = None  # segmentation: its predicted mask of one validation image, at the end
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -139,6 +142,8 @@ class PackGroup:
         self.k = len(members)
         self.vmap_one = False  # a group of one steps without vmap (tests switch this to compare)
         self.gathered_loss = False  # the loss from log_softmax and gather (while a vmapped CPU step runs)
+        self.segmentation = data.kind == "segmentation"  # per-pixel classes: logits (B, K, H, W), masks (B, H, W)
+        self.confusion: dict[str, torch.Tensor] = {}  # segmentation: per split, (K models, classes, classes)
         self._stack_models()
         self._init_positions()
         self._build_steps()
@@ -347,6 +352,8 @@ class PackGroup:
 
     def _loss(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor, y: Any) -> Any:
         logits = self._forward(params, buffers, x)
+        if self.segmentation:  # masked log_softmax/gather over the class dim 1, on every device
+            return pixel_loss(logits, y)
         if self.gathered_loss:  # cross_entropy's arithmetic (fp32, mean over the batch) from ops vmap batches natively
             return -F.log_softmax(logits.float(), -1).gather(-1, y.unsqueeze(-1)).mean()
         return F.cross_entropy(logits, y)
@@ -460,6 +467,19 @@ class PackGroup:
         data, k = self.data, self.k
         xs, ys = (data.x_val, data.y_val) if split == "val" else (data.x_test, data.y_test)
         assert xs is not None and ys is not None, f"no {split} split"
+        if self.segmentation:  # pixel accuracy and loss; the confusion matrices give the IoU metrics
+            self.base.eval()
+            try:
+                fwd = vmap(self._forward, in_dims=(0, 0, None))
+                acc, loss, self.confusion[split] = evaluate_segmentation(
+                    fwd, self.params, self.buffers, self.fed, xs, ys, k, data.num_classes
+                )
+                if split == "val" and all(m.epoch + 1 == self.sched.epochs for m in self.members):
+                    for m, p in zip(self.members, previews(fwd, self.params, self.buffers, self.fed, xs, ys), strict=True):
+                        m.preview = p
+            finally:
+                self.base.train()
+            return acc, loss
         correct = torch.zeros(k, dtype=torch.long, device=self.device)
         loss_sum = torch.zeros(k, device=self.device)
         chunk = max(128, EVAL_BATCH // k)
@@ -512,6 +532,8 @@ class PackGroup:
         training size: its gap to eval-mode accuracy is BatchNorm's train/test discrepancy. Runs on
         scratch copies of the running statistics (which BRN's forward reads), so they stay untouched."""
         data, b, k = self.data, self.sched.batch_size, self.k
+        if self.segmentation:
+            return self._train_mode_pixel_accuracy()
         scratch = {name: t.clone() for name, t in self.buffers.items()}
         correct = torch.zeros(k, dtype=torch.long, device=self.device)
         pos = torch.zeros((), dtype=torch.long, device=self.device)
@@ -587,6 +609,22 @@ class PackGroup:
             for name, (mean_sum, var_sum) in zip(self.probe.names, sums, strict=True):
                 self.buffers[f"{name}.running_mean"][i].copy_(mean_sum[i] / nb)
                 self.buffers[f"{name}.running_var"][i].copy_(var_sum[i] / nb)
+
+    @torch.no_grad()
+    def _train_mode_pixel_accuracy(self) -> list[float]:
+        """Segmentation's train_mode_accuracy: pixel accuracy with batch statistics, batch by batch (eagerly)."""
+        data, b = self.data, self.sched.batch_size
+        scratch = {name: t.clone() for name, t in self.buffers.items()}
+        fwd = vmap(self._forward, in_dims=(0, 0, None))
+        full, rest = divmod(len(data.x_val), b)
+        spans = [(j * b, (j + 1) * b) for j in range(full)]
+        if rest and not (self.batch_stats and rest < 2 <= b):
+            spans.append((full * b, len(data.x_val)))
+        cm = torch.zeros(self.k, data.num_classes, data.num_classes, dtype=torch.long, device=self.device)
+        for lo, hi in spans:
+            logits = fwd(self.params, scratch, self.fed(data.x_val[lo:hi]))
+            cm += confusion(logits.argmax(2), data.y_val[lo:hi], data.num_classes)
+        return (cm.diagonal(dim1=1, dim2=2).sum(1) / cm.sum((1, 2)).clamp(min=1)).tolist()
 
     def mixtures(self, i: int) -> dict[str, dict[str, float]]:
         """Model i's learned Switchable Normalization shares per layer (empty without that norm)."""

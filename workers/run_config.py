@@ -64,6 +64,7 @@ def build_run_model_and_init(
         depth=cfg.model.get("depth", 20),
         width=cfg.model.get("width", 16),
         hidden=cfg.model.get("hidden"),
+        levels=cfg.model.get("levels", 3),
     )
     transfer = None
     if cfg.init is not None:

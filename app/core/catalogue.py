@@ -417,6 +417,33 @@ KERNEL_1D = 5
 AUTO_ARCH = {"image": "cnn", "tabular": "mlp", "signal": "cnn1d"}
 
 
+# Semantic segmentation (kind `segmentation`): per-pixel class logits, models/unet.py.
+UNET_LEVELS = 3
+ARCHS["unet"] = ArchInfo(
+    "unet",
+    "U-Net for segmentation (per-pixel classes): `levels` 2×2 down-samplings between double 3×3 convolutions "
+    "(each followed by the norm) of widths `width`·2^i, a decoder that upsamples, concatenates the skip and "
+    "applies a double convolution, and a 1×1 classifier per pixel.",
+    ("segmentation",),
+)
+AUTO_ARCH["segmentation"] = "unet"
+# The metric results rank by, intervals and verdicts are about, and plots show first, per dataset kind.
+PRIMARY_METRIC = {"segmentation": "val_miou"}
+METRIC_LABELS = {"val_acc": "accuracy", "val_miou": "mean IoU"}
+
+
+def primary_metric(kind: str | None) -> str:
+    """`val_miou` (mean intersection over union) for segmentation, `val_acc` for every classification kind."""
+    return PRIMARY_METRIC.get(kind or "", "val_acc")
+
+
+def unet_widths(width: int, levels: int) -> list[int]:
+    """Channels of the U-Net's encoder blocks, shallowest first (the decoder mirrors them)."""
+    if levels < 1:
+        raise CatalogueError(f"unet levels must be at least 1; got {levels}")
+    return [width * 2**i for i in range(levels + 1)]
+
+
 def unknown_choice(kind: str, value: str, valid: list[str]) -> CatalogueError:
     return CatalogueError(f"unknown {kind} '{value}'; valid choices: {', '.join(valid)}")
 
@@ -438,12 +465,18 @@ def norm_sites(
     width: int = 16,
     hidden: list[int] | None = None,
     input_shape: tuple[int, ...] | list[int] | None = None,
+    levels: int = UNET_LEVELS,
 ) -> list[NormSite]:
     """Every norm layer the network `arch` has, in build order, with its channel count.
 
     For torchvision networks the layer names are the modules' (and the state-dict keys' prefixes) and, given
     the job's `input_shape` (C, H, W as fed to the network), each site's spatial positions: a site with a single
     position is not `spatial` (an instance-wise norm there sees one value per channel)."""
+    if arch == "unet":  # module names: encoder blocks shallowest first, then decoders deepest first
+        widths = unet_widths(width, levels)
+        enc = [NormSite(f"enc.{i}.norm{j}", w, spatial=True) for i, w in enumerate(widths) for j in (1, 2)]
+        dec = [NormSite(f"dec.{i}.norm{j}", widths[i], spatial=True) for i in reversed(range(levels)) for j in (1, 2)]
+        return enc + dec
     if arch == "mlp":
         return [NormSite(f"hidden{i}", w, spatial=False) for i, w in enumerate(hidden or [256, 256])]
     if arch in ("cnn", "cnn1d"):  # the 1-D networks mirror the 2-D ones layer for layer

@@ -144,6 +144,7 @@ def network(
     depth: int = 20,
     width: int = 16,
     hidden: list[int] | None = None,
+    levels: int = catalogue.UNET_LEVELS,
 ) -> Net:
     """The memory description of `arch` (as `models.nets.build_model` builds it) for inputs of `input_shape`."""
     shape = tuple(input_shape)
@@ -151,6 +152,8 @@ def network(
     info = catalogue.ARCHS.get(arch)
     if info is not None and info.torchvision:
         return _torchvision_network(info, shape, num_classes)
+    if arch == "unet":
+        return _unet(shape, num_classes, width=width, levels=levels)
     sites = catalogue.norm_sites(arch, depth=depth, width=width, hidden=hidden)
     channels = sum(s.channels for s in sites)
     if arch == "mlp":
@@ -196,6 +199,33 @@ def network(
         weights += prev * num_classes + head_bias
         return Net(weights, channels, len(sites), tuple(elems), other + prev + 2 * num_classes)
     raise catalogue.unknown_choice("architecture", arch, sorted(catalogue.ARCHS))
+
+
+def _unet(shape: tuple[int, ...], num_classes: int, *, width: int, levels: int) -> Net:
+    """models.unet.UNet: double 3×3 convs per level (ceil-mode pooling), decoders on the concatenated skip, a 1×1
+    head; besides the norm sites it keeps the input, each level's pooled and upsampled/concatenated maps and the
+    per-pixel logits with their softmax."""
+    if len(shape) != 3:
+        raise catalogue.CatalogueError(f"architecture 'unet' needs (C, H, W) image inputs; got shape {shape}")
+    c, h, w = shape
+    widths = catalogue.unet_widths(width, levels)
+    sides = [(math.ceil(h / 2**i), math.ceil(w / 2**i)) for i in range(levels + 1)]
+    weights, prev, elems, other = 0, c, [], c * h * w
+    for cw, (hh, ww) in zip(widths, sides, strict=True):
+        weights += prev * cw * 9 + cw * cw * 9
+        elems += [cw * hh * ww] * 2
+        other += prev * hh * ww  # the pooled input of the level
+        prev = cw
+    for i in reversed(range(levels)):
+        cat = widths[i + 1] + widths[i]
+        hh, ww = sides[i]
+        weights += cat * widths[i] * 9 + widths[i] * widths[i] * 9
+        elems += [widths[i] * hh * ww] * 2
+        other += 2 * cat * hh * ww  # upsampled map and the concatenation
+    weights += widths[0] * num_classes + num_classes
+    sites = catalogue.norm_sites("unet", width=width, levels=levels)
+    channels = sum(s.channels for s in sites)
+    return Net(weights, channels, len(sites), tuple(elems), other + 3 * num_classes * h * w)
 
 
 def _network_1d(arch: str, shape: tuple[int, ...], num_classes: int, *, depth: int, width: int) -> Net:
@@ -325,6 +355,8 @@ class MlpBuilder:
 def dataset_bytes(kind: str, shape: list[int] | tuple[int, ...], split_sizes: dict[str, int | None]) -> int:
     """The stored arrays of a dataset: uint8 images or float32 features, and int64 labels, every split."""
     samples = sum(int(v) for v in split_sizes.values() if isinstance(v, int))
+    if kind == "segmentation":  # uint8 images and uint8 masks (one byte per pixel)
+        return samples * (math.prod(shape) + math.prod(shape[1:]))
     item = 1 if kind == "image" else FLOAT_BYTES
     return samples * (math.prod(shape) * item + 8)
 

@@ -46,13 +46,18 @@ def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str,
         )
     if dataset.kind != "image" and (spec.augment.hflip or spec.augment.crop_padding):
         raise InvalidSpec(f"augment applies to images only; dataset is {dataset.kind}: remove hflip/crop_padding")
+    if dataset.kind == "segmentation" and (spec.input.resize or spec.input.crop or spec.init):
+        raise InvalidSpec(
+            "input resize/crop and init apply to classification images; a segmentation job trains the U-Net from "
+            "scratch at the masks' own size: remove them"
+        )
     try:
         fed = catalogue.fed_shape(dataset.shape, spec.input.resize, spec.input.crop)  # as the network sees it
     except catalogue.CatalogueError as e:
         raise InvalidSpec(f"input: {e}") from None
     try:
         sites = catalogue.norm_sites(
-            arch, depth=spec.model.depth, width=spec.model.width, hidden=spec.model.hidden, input_shape=fed
+            arch, depth=spec.model.depth, width=spec.model.width, hidden=spec.model.hidden, levels=spec.model.levels, input_shape=fed
         )
     except catalogue.CatalogueError as e:
         raise InvalidSpec(f"model: {e}") from None
@@ -106,6 +111,7 @@ def _check_memory(spec: JobSpec, dataset: Dataset, settings: Settings, arch: str
             depth=spec.model.depth,
             width=spec.model.width,
             hidden=spec.model.hidden,
+            levels=spec.model.levels,
         ),
         norms=tuple(sorted({v.norm for v in variants})),
         pack=min(spec.pack_size or settings.pack_size, per_key),
