@@ -9,6 +9,7 @@ from celery import Celery
 from app.config import TRAIN_QUEUE, Settings
 
 TRAIN_RUN_TASK = "normbench.train_run"
+PROBE_TASK = "normbench.probe"  # workers/probe.py: a short measured run that sizes batches
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -57,6 +58,11 @@ def _publisher(settings: Settings) -> Celery:
 
 def publish_train_run(settings: Settings, run_id: str) -> None:
     _publisher(settings).send_task(TRAIN_RUN_TASK, args=[run_id], queue=TRAIN_QUEUE)
+
+
+def publish_probe(settings: Settings, probe_id: str) -> None:
+    # The training queue: the probe measures the device the job's runs will train on.
+    _publisher(settings).send_task(PROBE_TASK, args=[probe_id], queue=TRAIN_QUEUE)
 
 
 def broker_reachable(settings: Settings, timeout: float = 2.0) -> bool:

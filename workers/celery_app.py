@@ -20,7 +20,7 @@ from app.config import get_settings
 from app.queue import celery_config
 from workers import lifecycle
 
-celery_app = Celery("normbench", include=["workers.tasks"])
+celery_app = Celery("normbench", include=["workers.tasks", "workers.probe"])
 celery_app.conf.update(celery_config(get_settings()))
 app = celery_app  # `celery -A workers.celery_app` finds `app`
 

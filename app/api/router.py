@@ -4,7 +4,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.api.routes import datasets, events, health, jobs, keys, reports, runs, weights
+from app.api.routes import datasets, events, health, jobs, keys, probes, reports, runs, weights
 from app.schemas.common import ErrorBody
 
 UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
@@ -19,6 +19,7 @@ api_router.include_router(health.router)
 api_router.include_router(datasets.router, responses={**UNAUTHORIZED, **OVER_QUOTA})
 api_router.include_router(weights.router, responses={**UNAUTHORIZED, **OVER_QUOTA})
 api_router.include_router(jobs.router, responses={**UNAUTHORIZED, **OVER_QUOTA})
+api_router.include_router(probes.router, responses={**UNAUTHORIZED, **OVER_QUOTA})
 api_router.include_router(events.router, responses=UNAUTHORIZED)
 api_router.include_router(reports.router, responses=UNAUTHORIZED)
 api_router.include_router(runs.router, responses=UNAUTHORIZED)

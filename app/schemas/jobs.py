@@ -26,7 +26,6 @@ class ModelSpec(Strict):
         "convnext_tiny",
         "cnn1d",
         "resnet1d",
-        "unet",
     ] = Field(
         "auto",
         description="Network: `mlp` (flattened inputs; any dataset), `cnn` (small CNN for tiny images), "
@@ -38,13 +37,6 @@ class ModelSpec(Strict):
     )
     depth: int = Field(20, ge=8, le=110, description="ResNet depth, 6n+2 (8, 14, 20, 32, 44, 56, 110).")
     width: int = Field(16, ge=1, le=256, description="CNN/ResNet first-stage channel count; stages use ×1, ×2, ×4.")
-    levels: int = Field(
-        3,
-        ge=1,
-        le=6,
-        description="U-Net (`unet`, segmentation) down-sampling levels; its blocks have `width`·2^i channels, "
-        "i = 0..levels. `auto` picks `unet` for segmentation datasets.",
-    )
     hidden: list[int] = Field(
         [256, 256], min_length=1, max_length=8, description="MLP hidden layer widths (each gets a norm layer)."
     )
@@ -199,7 +191,18 @@ class JobSpec(Strict):
     variants: list[VariantSpec] = Field(
         min_length=1, max_length=32, description="Normalization variants to compare; include `bn` as the baseline."
     )
-    batch_sizes: list[int] = Field(min_length=1, max_length=16, description="Batch sizes to train each variant at.")
+    batch_sizes: Annotated[list[int], Field(min_length=1, max_length=16)] | Literal["auto"] = Field(
+        description='Batch sizes to train each variant at, or `"auto"`: the powers of two from 2 up to the largest '
+        "batch size that fits every variant on a worker, as measured by a probe (POST /v1/probes; see `probe_id`). "
+        "The stored spec lists the resolved sizes."
+    )
+    probe_id: str | None = Field(
+        None,
+        max_length=64,
+        description="A succeeded probe (POST /v1/probes) of this dataset, network, input and precision that "
+        'measured every variant: it resolves `batch_sizes: "auto"` and its measured memory guards admission '
+        'instead of the estimate. Unset with `"auto"`: your newest such probe. Recorded in the stored spec.',
+    )
     seeds: list[int] = Field([0], min_length=1, max_length=20, description="Seeds; each gives one run per cell.")
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Training budget shared by every run.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and learning-rate schedule.")
@@ -248,7 +251,9 @@ class JobSpec(Strict):
 
     @field_validator("batch_sizes")
     @classmethod
-    def _batch_sizes(cls, v: list[int]) -> list[int]:
+    def _batch_sizes(cls, v: list[int] | str) -> list[int] | str:
+        if isinstance(v, str):
+            return v
         if any(b < 1 or b > 4096 for b in v):
             raise ValueError("each batch size must be between 1 and 4096")
         if len(set(v)) != len(v):
@@ -286,6 +291,12 @@ class JobSpec(Strict):
     def expanded_variants(self) -> list[VariantSpec]:
         """Variants with every `groups`/`group_size` sweep expanded, in spec order."""
         return [v for variant in self.variants for v in variant.expand()]
+
+    def sizes(self) -> list[int]:
+        """The batch sizes, once `"auto"` has been resolved (at submit, from a probe)."""
+        if isinstance(self.batch_sizes, str):
+            raise ValueError('batch_sizes "auto" is resolved from a probe at submit')
+        return self.batch_sizes
 
 
 class ExtendRequest(Strict):

@@ -20,11 +20,13 @@ from app.core.run_states import TERMINAL, RunStatus
 from app.errors import Conflict, InvalidSpec, NotFound
 from app.queue import publish_train_run
 from app.repositories import runs as run_repo
-from app.schemas.jobs import ExtendRequest, JobSpec
-from app.services import quotas
+from app.schemas.jobs import ExtendRequest, InputSpec, JobSpec, ModelSpec, VariantSpec
+from app.schemas.probes import PROBE_FIRST_BATCH
+from app.services import probe_fit, quotas
 from app.services.datasets import get_dataset
+from app.services.probe_fit import ProbeFit
 from app.services.weights import weights_for_job
-from app.tables import Dataset, Job, Run, utcnow
+from app.tables import Dataset, Job, Probe, Run, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,10 @@ def resolve_arch(spec: JobSpec, dataset: Dataset) -> str:
     return catalogue.AUTO_ARCH.get(dataset.kind, "cnn")
 
 
-def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str, dict[str, int]]:
-    arch = resolve_arch(spec, dataset)
+def validate_network(
+    arch: str, dataset: Dataset, model: ModelSpec, variants: list[VariantSpec], feed: InputSpec
+) -> tuple[int, ...]:
+    """The network's and its variants' checks against the dataset (jobs and probes); the shape it is fed."""
     kinds = catalogue.ARCHS[arch].input_kinds
     if dataset.kind not in kinds:
         fits = sorted(a for a, info in catalogue.ARCHS.items() if dataset.kind in info.input_kinds)
@@ -44,64 +48,93 @@ def _validate(spec: JobSpec, dataset: Dataset, settings: Settings) -> tuple[str,
             f"model.arch '{arch}' needs {' or '.join(kinds)} data; dataset '{dataset.id}' is {dataset.kind}: use "
             + " or ".join(f"'{a}'" for a in fits)
         )
-    if dataset.kind != "image" and (spec.augment.hflip or spec.augment.crop_padding):
-        raise InvalidSpec(f"augment applies to images only; dataset is {dataset.kind}: remove hflip/crop_padding")
-    if dataset.kind == "segmentation" and (spec.input.resize or spec.input.crop or spec.init):
-        raise InvalidSpec(
-            "input resize/crop and init apply to classification images; a segmentation job trains the U-Net from "
-            "scratch at the masks' own size: remove them"
-        )
     try:
-        fed = catalogue.fed_shape(dataset.shape, spec.input.resize, spec.input.crop)  # as the network sees it
+        fed = catalogue.fed_shape(dataset.shape, feed.resize, feed.crop)  # as the network sees it
     except catalogue.CatalogueError as e:
         raise InvalidSpec(f"input: {e}") from None
     try:
-        sites = catalogue.norm_sites(
-            arch, depth=spec.model.depth, width=spec.model.width, hidden=spec.model.hidden, levels=spec.model.levels, input_shape=fed
-        )
+        sites = catalogue.norm_sites(arch, depth=model.depth, width=model.width, hidden=model.hidden, input_shape=fed)
     except catalogue.CatalogueError as e:
         raise InvalidSpec(f"model: {e}") from None
-    for i, variant in enumerate(spec.variants):
+    for i, variant in enumerate(variants):
         for single in variant.expand():
             try:
                 catalogue.check_variant(single.norm, single.params(), sites, arch=arch)
             except catalogue.CatalogueError as e:
                 raise InvalidSpec(f"variants[{i}]: {e}") from None
+    return tuple(fed)
+
+
+def split_sizes(dataset: Dataset, validation_fraction: float) -> tuple[int, int]:
+    """(train, validation) samples: the uploaded `val` split, or a hold-out of the training split."""
+    train_total = dataset.split_sizes["train"]
+    val_size = dataset.split_sizes.get("val") or holdout_size(train_total, validation_fraction)
+    return (train_total if dataset.split_sizes.get("val") else train_total - val_size), val_size
+
+
+def _validate(
+    spec: JobSpec, dataset: Dataset, settings: Settings, fit: ProbeFit | None = None
+) -> tuple[str, dict[str, int]]:
+    arch = resolve_arch(spec, dataset)
+    validate_network(arch, dataset, spec.model, spec.variants, spec.input)
+    if dataset.kind != "image" and (spec.augment.hflip or spec.augment.crop_padding):
+        raise InvalidSpec(f"augment applies to images only; dataset is {dataset.kind}: remove hflip/crop_padding")
+    batch_sizes = spec.sizes()
     if spec.budget.epochs > settings.max_epochs:
         raise InvalidSpec(f"budget.epochs {spec.budget.epochs} is over this server's ceiling of {settings.max_epochs}")
-    n_runs = len(spec.expanded_variants()) * len(spec.batch_sizes) * len(spec.seeds)
+    n_runs = len(spec.expanded_variants()) * len(batch_sizes) * len(spec.seeds)
     if n_runs > settings.max_runs_per_job:
         raise InvalidSpec(
             f"the spec expands to {n_runs} runs (variants × batch_sizes × seeds); the limit is {settings.max_runs_per_job}"
         )
-    train_total = dataset.split_sizes["train"]
-    val_size = dataset.split_sizes.get("val") or holdout_size(train_total, spec.validation_fraction)
-    train_size = train_total if dataset.split_sizes.get("val") else train_total - val_size
-    if arch == "mlp" and 1 in spec.batch_sizes:
+    train_size, val_size = split_sizes(dataset, spec.validation_fraction)
+    if arch == "mlp" and 1 in batch_sizes:
         batchy = [v.norm for v in spec.expanded_variants() if catalogue.NORMS[v.norm].batch_dependent]
         if batchy:
             raise InvalidSpec(f"batch size 1 gives {batchy[0]} a single value per feature in the MLP: use batch >= 2")
-    too_big = [b for b in spec.batch_sizes if b > train_size]
+    too_big = [b for b in batch_sizes if b > train_size]
     if too_big:
         raise InvalidSpec(
             f"batch sizes {too_big} exceed the training split ({train_size} samples after validation hold-out)"
         )
-    budget = resolve_budget(train_size, val_size, spec.budget.epochs, spec.batch_sizes)
+    budget = resolve_budget(train_size, val_size, spec.budget.epochs, batch_sizes)
     if budget["total_samples"] * n_runs > settings.max_train_samples_per_job:
         raise InvalidSpec(
             f"the job would train on {budget['total_samples'] * n_runs} samples in all; the limit is "
             f"{settings.max_train_samples_per_job}: lower epochs, seeds or batch sizes"
         )
-    _check_memory(spec, dataset, settings, arch, val_size)
+    _check_memory(spec, dataset, settings, arch, val_size, fit, train_size)
     return arch, budget
 
 
-def _check_memory(spec: JobSpec, dataset: Dataset, settings: Settings, arch: str, val_size: int) -> None:
-    """Refuse a job whose largest pack cannot fit in a worker's memory (or whose network is over the size bound),
-    saying which batch size (and, for the MLP, which width) would; see app.core.memory."""
+def job_pack(spec: JobSpec, settings: Settings) -> int:
+    """The most runs one of the job's packs holds: one batch size and training key, `pack_size` at a time."""
     variants = spec.expanded_variants()
     keys = [training_key(v.norm, {k: x for k, x in v.params().items() if x is not None}) for v in variants]
-    per_key = max(keys.count(k) for k in keys) * len(spec.seeds)  # a pack is one batch size and training key
+    per_key = max(keys.count(k) for k in keys) * len(spec.seeds)
+    return min(spec.pack_size or settings.pack_size, per_key)
+
+
+def _check_memory(
+    spec: JobSpec,
+    dataset: Dataset,
+    settings: Settings,
+    arch: str,
+    val_size: int,
+    fit: ProbeFit | None = None,
+    train_size: int = 0,
+) -> None:
+    """Refuse a job whose largest pack cannot fit in a worker's memory (or whose network is over the size bound),
+    saying which batch size (and, for the MLP, which width) would: by the probe's measurements when it has
+    them for the job's variants and batch sizes, else by the estimate of app.core.memory."""
+    variants = spec.expanded_variants()
+    if fit is not None:
+        labels = [v.key() for v in variants]
+        if fit.need(labels, max(spec.sizes()), job_pack(spec, settings)) is not None:
+            why = fit.refusal(labels, spec.sizes(), job_pack(spec, settings), train_size)
+            if why is not None:
+                raise InvalidSpec(f"batch_sizes: {why}")
+            return
     fed = catalogue.fed_shape(dataset.shape, spec.input.resize, spec.input.crop)  # checked by _validate
     shape = memory.JobShape(
         net=memory.network(
@@ -111,11 +144,10 @@ def _check_memory(spec: JobSpec, dataset: Dataset, settings: Settings, arch: str
             depth=spec.model.depth,
             width=spec.model.width,
             hidden=spec.model.hidden,
-            levels=spec.model.levels,
         ),
         norms=tuple(sorted({v.norm for v in variants})),
-        pack=min(spec.pack_size or settings.pack_size, per_key),
-        batch_size=max(spec.batch_sizes),
+        pack=job_pack(spec, settings),
+        batch_size=max(spec.sizes()),
         val_size=val_size,
         dataset_bytes=memory.dataset_bytes(dataset.kind, dataset.shape, dataset.split_sizes),
     )
@@ -148,7 +180,8 @@ def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) 
         dataset = get_dataset(session, owner, spec.dataset_id, for_use=True)  # locked: no delete can race the job
     except NotFound as e:
         raise InvalidSpec(f"dataset_id: {e.detail}") from None
-    arch, budget = _validate(spec, dataset, settings)
+    spec, fit = _resolve_probe(session, settings, owner, spec, dataset)
+    arch, budget = _validate(spec, dataset, settings, fit)
     weights_id = _check_init(session, owner, spec, arch)
     stored_spec = spec.model_dump(mode="json")
     stored_spec["model"]["arch"] = arch
@@ -163,6 +196,31 @@ def create_job(session: Session, settings: Settings, owner: str, spec: JobSpec) 
     session.commit()
     publish_committed(session, settings, [r.id for r in runs])
     return job
+
+
+def _resolve_probe(
+    session: Session, settings: Settings, owner: str, spec: JobSpec, dataset: Dataset
+) -> tuple[JobSpec, ProbeFit | None]:
+    """The probe a job uses (named, or with `"auto"` the newest matching one) and the spec with `"auto"`
+    resolved: the powers of two from 2 up to the largest measured batch size that fits every variant at the
+    job's pack (and the training split)."""
+    auto = spec.batch_sizes == "auto"
+    if not auto and spec.probe_id is None:
+        return spec, None
+    arch = resolve_arch(spec, dataset)
+    probe = probe_fit.probe_for_job(session, owner, spec, arch, dataset.id)
+    fit = ProbeFit.of(probe.id, probe.result or {})
+    if not auto:
+        return spec, fit
+    labels = [v.key() for v in spec.expanded_variants()]
+    train_size, _ = split_sizes(dataset, spec.validation_fraction)
+    pack = job_pack(spec.model_copy(update={"batch_sizes": [2]}), settings)
+    largest = fit.affordable(labels, pack, train_size)
+    if largest < PROBE_FIRST_BATCH:
+        why = fit.refusal(labels, [PROBE_FIRST_BATCH], pack, train_size) or "no batch size was measured to fit"
+        raise InvalidSpec(f'batch_sizes "auto": {why}')
+    sizes = [2**i for i in range(1, largest.bit_length()) if 2**i <= largest]
+    return spec.model_copy(update={"batch_sizes": sizes, "probe_id": probe.id}), fit
 
 
 def training_key(norm: str, params: dict[str, Any]) -> str:
@@ -183,7 +241,7 @@ def expand_runs(job: Job, spec: JobSpec, seeds: list[int], pack_size: int) -> li
     key names its batch size, training key and first run; keys are unique within the job (seeds are)."""
     variants = list(enumerate(spec.expanded_variants()))
     runs: list[Run] = []
-    for b in spec.batch_sizes:
+    for b in spec.sizes():
         by_key: dict[str, list[Run]] = {}
         for s in sorted(seeds):
             for vi, v in variants:
@@ -422,7 +480,11 @@ def extend_job(session: Session, settings: Settings, owner: str, job_id: str, re
         problems = (f"{'.'.join(map(str, err['loc'])) or 'spec'}: {err['msg']}" for err in e.errors())
         raise InvalidSpec("; ".join(problems)) from None
     dataset = get_dataset(session, owner, job.dataset_id, for_use=True)
-    _validate(extended, dataset, settings)  # the run and sample ceilings, for the job as extended
+    fit = None
+    if extended.probe_id is not None:  # the probe that admitted the job, unless its dataset's probes went
+        probe = session.get(Probe, extended.probe_id)
+        fit = ProbeFit.of(probe.id, probe.result) if probe is not None and probe.result else None
+    _validate(extended, dataset, settings, fit)  # the run and sample ceilings, for the job as extended
     if not run_repo.count_active(session, job.id):
         quotas.check_active_jobs(session, settings, owner)  # a finished job becomes active again
     job.spec = {**job.spec, "seeds": extended.seeds}

@@ -5,6 +5,7 @@ from app.tables.base import Base, new_id, utcnow
 from app.tables.dataset import Dataset
 from app.tables.job import Job
 from app.tables.metric_point import MetricPoint
+from app.tables.probe import Probe
 from app.tables.run import Run
 from app.tables.weights import Weights
 
@@ -14,6 +15,7 @@ __all__ = [
     "Dataset",
     "Job",
     "MetricPoint",
+    "Probe",
     "Run",
     "Weights",
     "new_id",

@@ -1,0 +1,215 @@
+"""The affordable-batch probe: the traced CPU memory counter, the torch-free fit rules (interpolation, the
+largest batch that fits, refusals), the API's validation and owner isolation, and end to end through a real
+worker: a probe measures, then a job with `batch_sizes: "auto"` trains at the batch sizes it found."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, func, select
+
+from app.config import Settings
+from app.main import create_app
+from app.services.probe_fit import ProbeFit
+from app.tables import Probe
+from tests.factories import image_npz, job_spec, upload, wait_for_job
+from tests.support import WorkerProcess
+
+MIB = 2**20
+
+
+def probe_request(dataset_id: str, **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "dataset_id": dataset_id,
+        "model": {"arch": "cnn", "width": 8},
+        "variants": [{"norm": "bn"}, {"norm": "gn", "groups": 4}],
+        "max_batch_size": 8,
+        "steps": 1,
+    }
+    body.update(overrides)
+    return body
+
+
+def count_probes(settings: Settings) -> int:
+    with create_engine(settings.resolved_database_url).connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(Probe)) or 0)
+
+
+# --- the CPU memory tracer ------------------------------------------------------------------------------------
+
+
+def test_traced_bytes_count_new_storages_until_freed_and_not_views() -> None:
+    torch = pytest.importorskip("torch")
+    from workers.probe import LiveTensorBytes
+
+    existing = torch.zeros(10_000)  # before tracing: never counted
+    with LiveTensorBytes() as tracer:
+        a = torch.empty(1000)  # 4000 bytes
+        b = torch.empty(2000)  # + 8000 = 12000 live: the peak
+        v = a.view(10, 100)  # a view shares a's storage
+        assert tracer.current == 12_000
+        existing.add_(1)  # in place on an untraced tensor
+        del a, v
+        c = torch.empty(500)  # 8000 + 2000 live
+        assert tracer.current == 10_000
+    assert tracer.peak == 12_000
+    del b, c
+
+
+def test_traced_peak_grows_with_the_batch_and_covers_the_backward_pass() -> None:
+    torch = pytest.importorskip("torch")
+    from app.schemas.probes import ProbeRequest
+    from tests.test_torchvision_archs import tiny_data
+    from workers.probe import _run_config, measure_run
+
+    data = tiny_data((3, 16, 16), n=32, classes=3)
+    spec = ProbeRequest.model_validate(
+        {"dataset_id": "x", "model": {"arch": "cnn", "width": 8}, "variants": [{"norm": "bn"}]}
+    )
+    budget = {"train_size": 32, "val_size": 4}
+    small, step_s = measure_run(_run_config(spec, "bn", {}, 2, budget), data, torch.device("cpu"), 1)
+    large, _ = measure_run(_run_config(spec, "bn", {}, 16, budget), data, torch.device("cpu"), 1)
+    assert step_s > 0 and 0 < small < large
+    # 14 extra samples' activations: at least the four conv outputs and their gradients, per sample.
+    per_sample = 4 * (8 * 16 * 16 + 16 * 8 * 8 + 32 * 4 * 4)
+    assert large - small >= 14 * per_sample
+
+
+# --- what a probe's result says about a job (torch-free) ------------------------------------------------------
+
+
+def result(rows: list[tuple[str, int, int | None]], limit: int = 100 * MIB, resident: int = 10 * MIB) -> dict[str, Any]:
+    return {
+        "device": "cpu",
+        "memory_limit_bytes": limit,
+        "memory_margin": 0.1,
+        "resident_bytes": resident,
+        "measurements": [{"variant": v, "batch_size": b, "run_bytes": rb} for v, b, rb in rows],
+    }
+
+
+def test_fit_interpolates_between_measured_batches_and_finds_the_affordable_one() -> None:
+    rows = [("bn", 2, 4 * MIB), ("bn", 4, 8 * MIB), ("bn", 8, 16 * MIB), ("gn", 2, 5 * MIB), ("gn", 4, 10 * MIB)]
+    fit = ProbeFit.of("p1", result(rows + [("gn", 8, None)]))  # gn's step at 8 ran out of memory
+    assert fit.run_bytes("bn", 6) == 12 * MIB  # between 4 and 8
+    assert fit.run_bytes("bn", 16) == 32 * MIB  # extrapolated from the last two
+    assert fit.run_bytes("gn", 8) == float("inf") and fit.run_bytes("gn", 3) == 7.5 * MIB
+    assert fit.run_bytes("frn", 2) is None  # not measured: the probe cannot say
+    # allowed 90 MiB; resident 10: one bn run fits up to 80 MiB (batch 40), gn stops before 8.
+    assert fit.affordable(["bn"], pack=1, cap=8) == 8 and fit.affordable(["bn", "gn"], pack=1, cap=64) == 4
+    assert fit.affordable(["bn"], pack=4, cap=64) == 8  # 10 + 4 × 16 = 74 MiB ≤ 90
+    assert fit.affordable(["bn"], pack=6, cap=64) == 4  # 10 + 6 × 16 = 106 MiB > 90 at batch 8
+    assert fit.refusal(["bn"], [2, 4], pack=1, cap=64) is None
+    why = fit.refusal(["bn", "gn"], [2, 8], pack=1, cap=64)
+    assert why is not None and "ran out of memory" in why and "largest batch size that fits every variant is 4" in why
+
+
+# --- the API ------------------------------------------------------------------------------------------------
+
+
+def test_bad_probe_requests_are_4xx_and_store_nothing(client: TestClient, settings: Settings) -> None:
+    ds = upload(client, "bars.npz", image_npz()).json()["id"]
+    cases = [
+        (probe_request("nope"), "dataset_id: dataset 'nope' not found"),
+        (probe_request(ds, max_batch_size=1), "max_batch_size"),
+        (probe_request(ds, variants=[{"norm": "gn", "groups": 3}]), "groups=3"),
+        (probe_request(ds, model={"arch": "cnn1d"}), "model.arch 'cnn1d' needs signal data"),
+        (probe_request(ds, surprise=1), "surprise"),
+        (probe_request(ds, variants=[{"norm": "bn"}, {"norm": "bn"}]), "distinct"),
+        (probe_request(ds, memory_margin=0.95), "memory_margin"),
+    ]
+    for body, needle in cases:
+        resp = client.post("/v1/probes", json=body)
+        assert resp.status_code == 422, (body, resp.text)
+        assert needle in resp.json()["detail"], resp.json()["detail"]
+    assert client.get("/v1/probes/nope").status_code == 404
+    assert count_probes(settings) == 0
+
+
+def test_auto_batch_sizes_without_a_probe_say_how_to_get_one(client: TestClient) -> None:
+    ds = upload(client, "bars.npz", image_npz()).json()["id"]
+    resp = client.post("/v1/jobs", json=job_spec(ds, batch_sizes="auto"))
+    assert resp.status_code == 422 and "POST /v1/probes" in resp.json()["detail"], resp.text
+    resp = client.post("/v1/jobs", json=job_spec(ds, batch_sizes=[2], probe_id="nope"))
+    assert resp.status_code == 422 and "probe 'nope' not found" in resp.json()["detail"], resp.text
+    assert client.post("/v1/jobs", json=job_spec(ds, batch_sizes="most")).status_code == 422
+    queued = client.post("/v1/probes", json=probe_request(ds))  # no worker here: it stays queued
+    assert queued.status_code == 202, queued.text
+    resp = client.post("/v1/jobs", json=job_spec(ds, batch_sizes="auto"))
+    assert resp.status_code == 422 and f"probe '{queued.json()['id']}' of this job is still queued" in resp.text
+
+
+@pytest.fixture
+def keyed(settings: Settings) -> Iterator[tuple[TestClient, dict[str, str], dict[str, str]]]:
+    from pydantic import SecretStr
+
+    from tests.test_auth import ADMIN, ADMIN_TOKEN
+
+    keyed = settings.model_copy(update={"require_api_keys": True, "admin_token": SecretStr(ADMIN_TOKEN)})
+    with TestClient(create_app(keyed)) as c:  # the `settings` fixture emptied api_keys
+        keys = []
+        for owner in ("alice", "bob"):
+            resp = c.post("/v1/admin/keys", json={"owner": owner}, headers=ADMIN)
+            keys.append({"Authorization": f"Bearer {resp.json()['token']}"})
+        yield c, keys[0], keys[1]
+
+
+def test_probes_are_owner_isolated(keyed: tuple[TestClient, dict[str, str], dict[str, str]]) -> None:
+    c, alice, bob = keyed
+    ds = c.post("/v1/datasets", files={"file": ("bars.npz", image_npz())}, headers=alice).json()["id"]
+    probe = c.post("/v1/probes", json=probe_request(ds), headers=alice)
+    assert probe.status_code == 202, probe.text
+    pid = probe.json()["id"]
+    assert c.get(f"/v1/probes/{pid}", headers=alice).json()["status"] == "queued"
+    assert c.get(f"/v1/probes/{pid}", headers=bob).status_code == 404
+    assert c.get("/v1/probes", headers=bob).json()["items"] == []
+    # bob can neither probe alice's dataset nor use alice's probe
+    assert c.post("/v1/probes", json=probe_request(ds), headers=bob).status_code == 422
+    resp = c.post("/v1/jobs", json=job_spec(ds, batch_sizes=[2], probe_id=pid), headers=bob)
+    assert resp.status_code == 422, resp.text
+
+
+# --- end to end -----------------------------------------------------------------------------------------------
+
+
+def wait_for_probe(client: TestClient, probe_id: str, timeout: float = 180) -> dict[str, Any]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = client.get(f"/v1/probes/{probe_id}").json()
+        if probe["status"] in ("succeeded", "failed"):
+            return probe  # type: ignore[no-any-return]
+        time.sleep(0.3)
+    raise AssertionError(f"probe {probe_id} did not finish in {timeout}s")
+
+
+@pytest.mark.e2e
+def test_auto_batch_sizes_come_from_a_probe_on_a_real_worker(client: TestClient, worker: WorkerProcess) -> None:
+    ds = upload(client, "bars.npz", image_npz()).json()["id"]
+    resp = client.post("/v1/probes", json=probe_request(ds))
+    assert resp.status_code == 202 and resp.headers["location"] == f"/v1/probes/{resp.json()['id']}"
+    probe = wait_for_probe(client, resp.json()["id"])
+    assert probe["status"] == "succeeded", probe["error"]
+    res = probe["result"]
+    assert res["device"] == "cpu" and res["memory_method"] == "traced_tensor_bytes"
+    assert "NORMBENCH_WORKER_MEMORY_BYTES" in res["memory_limit_source"]
+    measured = {(m["variant"], m["batch_size"]): m for m in res["measurements"]}
+    assert set(measured) == {(v, b) for v in ("bn", "gn(4)") for b in (2, 4, 8)}
+    for v in ("bn", "gn(4)"):
+        assert measured[(v, 2)]["run_bytes"] < measured[(v, 8)]["run_bytes"]
+        assert all(measured[(v, b)]["images_per_s"] > 0 and measured[(v, b)]["fits"] for b in (2, 4, 8))
+    assert res["affordable_batch_size"] == 8 and res["auto_batch_sizes"] == [2, 4, 8]
+
+    job = client.post("/v1/jobs", json=job_spec(ds, batch_sizes="auto", budget={"epochs": 1}))
+    assert job.status_code == 202, job.text
+    assert job.json()["spec"]["batch_sizes"] == [2, 4, 8] and job.json()["spec"]["probe_id"] == probe["id"]
+    assert wait_for_job(client, job.json()["id"])["status"] == "succeeded"
+    results = client.get(f"/v1/jobs/{job.json()['id']}/results").json()
+    assert results["batch_sizes"] == [2, 4, 8]
+    # A probe that measured a smaller network's memory does not cover this job: refused by what it lacks.
+    resp = client.post("/v1/jobs", json=job_spec(ds, batch_sizes="auto", model={"arch": "cnn", "width": 16}))
+    assert resp.status_code == 422 and "POST /v1/probes" in resp.json()["detail"]
