@@ -1,8 +1,8 @@
 """Hybrid norms that mix batch and per-sample statistics: Switchable Normalization and Batch Group Normalization.
 
 Both work on (N, C, *) inputs of any rank and inside the pack engine (torch.func.vmap over functional_call):
-running statistics are updated out of place and copied into their buffers (as `models.norms.BatchRenorm`
-does), and every branch depends on shapes only, never on values.
+running statistics are updated out of place and copied into their buffers (models.running_stats), and every
+branch depends on shapes only, never on values.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from app.core import catalogue
+from models.running_stats import RunningStatsNorm
+from models.running_stats import channel_shape as _channel_shape
 
 __all__ = ["MIX_STATISTICS", "BatchGroupNorm", "SwitchableNorm", "switchable_mixtures"]
 
@@ -18,25 +20,12 @@ __all__ = ["MIX_STATISTICS", "BatchGroupNorm", "SwitchableNorm", "switchable_mix
 MIX_STATISTICS = ("in", "ln", "bn")
 
 
-def _channel_shape(x: torch.Tensor) -> tuple[int, ...]:
-    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
-
-
 def _check_rank(x: torch.Tensor) -> None:
     if x.dim() < 2:
         raise ValueError(f"expected an (N, C, *) input with at least 2 dims, got {x.dim()}D")
 
 
-def _update_running(layer: SwitchableNorm | BatchGroupNorm, mean: torch.Tensor, var: torch.Tensor) -> None:
-    """BatchNorm's momentum update of `layer`'s running mean and (unbiased) variance, out of place plus copy_
-    (torch.func.vmap has a batching rule for that, so packed runs update their stacked buffers), and its step."""
-    dtype = layer.running_mean.dtype
-    layer.running_mean.copy_(torch.lerp(layer.running_mean, mean.to(dtype), layer.momentum))
-    layer.running_var.copy_(torch.lerp(layer.running_var, var.to(dtype), layer.momentum))
-    layer.num_batches_tracked.add_(1)
-
-
-class SwitchableNorm(nn.Module):
+class SwitchableNorm(RunningStatsNorm):
     """`switchable`: Switchable Normalization (Luo et al. 2019, "Differentiable Learning-to-Normalize via
     Switchable Normalization").
 
@@ -59,20 +48,9 @@ class SwitchableNorm(nn.Module):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
+        super().__init__(num_features, eps, momentum)
         self.mean_weight = nn.Parameter(torch.ones(len(MIX_STATISTICS)))
         self.var_weight = nn.Parameter(torch.ones(len(MIX_STATISTICS)))
-        self.running_mean: torch.Tensor
-        self.running_var: torch.Tensor
-        self.num_batches_tracked: torch.Tensor
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         # Whether the last input had positions (None: no forward yet); read by `switchable_mixtures`.
         self.spatial: bool | None = None
 
@@ -97,7 +75,7 @@ class SwitchableNorm(nn.Module):
                 )
             var_bn, mean_bn = torch.var_mean(flat, dim=(0, 2), correction=0, keepdim=True)
             with torch.no_grad():
-                _update_running(self, mean_bn.flatten(), var_bn.flatten() * (count / (count - 1)))
+                self.update_running_stats(mean_bn.flatten(), var_bn.flatten() * (count / (count - 1)))
         else:
             mean_bn, var_bn = self.running_mean.reshape(1, c, 1), self.running_var.reshape(1, c, 1)
         w_mean, w_var = self.mixtures(spatial)
@@ -136,7 +114,7 @@ def switchable_mixtures(model: nn.Module, params: dict[str, torch.Tensor] | None
     return out
 
 
-class BatchGroupNorm(nn.Module):
+class BatchGroupNorm(RunningStatsNorm):
     """`bgn`: Batch Group Normalization (Zhou et al. 2020, "Batch Group Normalization").
 
     The channels (with their positions) are split into `groups` groups, and each group is normalized with
@@ -151,19 +129,9 @@ class BatchGroupNorm(nn.Module):
     """
 
     def __init__(self, num_features: int, groups: int | None = None, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.num_groups = catalogue.resolve_groups(num_features, groups, norm="bgn")
-        self.eps = eps
-        self.momentum = momentum
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.running_mean: torch.Tensor
-        self.running_var: torch.Tensor
-        self.num_batches_tracked: torch.Tensor
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        num_groups = catalogue.resolve_groups(num_features, groups, norm="bgn")
+        super().__init__(num_features, eps, momentum)
+        self.num_groups = num_groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_rank(x)
@@ -179,8 +147,7 @@ class BatchGroupNorm(nn.Module):
         var, mean = torch.var_mean(grouped, dim=(0, 2), correction=0, keepdim=True)  # (1, G, 1)
         with torch.no_grad():
             per_channel = c // g
-            _update_running(
-                self,
+            self.update_running_stats(
                 mean.flatten().repeat_interleave(per_channel),
                 (var.flatten() * (count / (count - 1))).repeat_interleave(per_channel),
             )

@@ -21,6 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from app.core import catalogue
 from models.hybrid_norms import BatchGroupNorm, SwitchableNorm
+from models.running_stats import RunningStatsNorm
+from models.running_stats import channel_shape as _channel_shape
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -47,11 +49,6 @@ __all__ = [
     "norm_includes_activation",
     "norm_standardizes_weights",
 ]
-
-
-def _channel_shape(x: torch.Tensor) -> tuple[int, ...]:
-    """Shape that broadcasts a per-channel (C,) tensor against an (N, C, *) input."""
-    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
 
 def _require_spatial(layer: nn.Module, x: torch.Tensor) -> None:
@@ -86,7 +83,7 @@ class PreciseBatchNorm(BatchNorm):
         return f"{super().extra_repr()}, precise_samples={self.precise_samples}"
 
 
-class BatchRenorm(nn.Module):
+class BatchRenorm(RunningStatsNorm):
     """`brn`: Batch Renormalization (Ioffe 2017) over (N, C, *) inputs.
 
     Training: y = ((x − μ_B)/σ_B · r + d)·γ + β with r = clip(σ_B/σ, 1/r_max, r_max) and
@@ -112,22 +109,11 @@ class BatchRenorm(nn.Module):
         eps: float = 1e-5,
         momentum: float = 0.1,
     ) -> None:
-        super().__init__()
-        self.num_features = num_features
+        super().__init__(num_features, eps, momentum)
         self.r_max = float(r_max)
         self.d_max = float(d_max)
         self.warmup_steps = warmup_steps
         self.ramp_steps = ramp_steps
-        self.eps = eps
-        self.momentum = momentum
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.running_mean: torch.Tensor
-        self.running_var: torch.Tensor
-        self.num_batches_tracked: torch.Tensor
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def limits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_max, d_max) for the next training forward, from the step count."""
@@ -159,14 +145,7 @@ class BatchRenorm(nn.Module):
             std = torch.sqrt(self.running_var + self.eps).reshape(shape)
             r = torch.minimum(torch.maximum(std_b / std, 1.0 / r_max), r_max)
             d = torch.minimum(torch.maximum((mean_b - self.running_mean.reshape(shape)) / std, -d_max), d_max)
-            # Out-of-place lerp + copy_ (same values as lerp_): torch.func.vmap has a batching rule for
-            # it, so packed runs (workers.packing) update their stacked statistics in one kernel. The
-            # batch statistics take the buffers' dtype (bf16 under autocast, float32 buffers).
-            dtype = self.running_mean.dtype
-            batch_var = (var_b.flatten() * (count / (count - 1))).to(dtype)
-            self.running_mean.copy_(torch.lerp(self.running_mean, mean_b.flatten().to(dtype), self.momentum))
-            self.running_var.copy_(torch.lerp(self.running_var, batch_var, self.momentum))
-            self.num_batches_tracked.add_(1)
+            self.update_running_stats(mean_b.flatten(), var_b.flatten() * (count / (count - 1)))
         return ((x - mean_b) / std_b * r + d) * weight + bias
 
     def extra_repr(self) -> str:
@@ -345,25 +324,13 @@ class FrozenBatchNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-class EvalBatchNorm(nn.Module):
+class EvalBatchNorm(RunningStatsNorm):
     """`bn_eval`: BatchNorm that always runs as in eval mode: normalized by its running statistics (never
     updated) with a trainable affine. Its state dict is BatchNorm's (weight, bias, running_mean, running_var,
     num_batches_tracked), so pretrained BatchNorm weights load unchanged. Not a _BatchNorm: it never computes
     batch statistics, so the batch-noise probe and precise BN leave it alone."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum  # unused: kept so BatchNorm's constructor arguments build it
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.running_mean: torch.Tensor
-        self.running_var: torch.Tensor
-        self.num_batches_tracked: torch.Tensor
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    # The constructor is RunningStatsNorm's, BatchNorm's arguments (momentum unused: the statistics stay fixed).
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = _channel_shape(x)

@@ -324,3 +324,6 @@ def test_a_fine_tuning_job_through_the_worker(client: Any, worker: Any, tmp_path
         bn = ["bn affine", "bn statistics"] if run["variant"] == "bn_frozen" else []
         assert env["init"]["transferred"] == [*bn, "conv weights", gray]
     assert all(cell["test_acc"]["n"] == 1 for cell in results["cells"])
+    report = client.get(f"/v1/jobs/{job_id}/report").text
+    assert 'id="transfer"' in report and "pretrained running statistics and affine kept fixed" in report
+    assert "BatchNorm statistics cannot transfer" in report and "bn statistics: the variant" in report

@@ -210,6 +210,13 @@ def test_auto_batch_sizes_come_from_a_probe_on_a_real_worker(client: TestClient,
     assert wait_for_job(client, job.json()["id"])["status"] == "succeeded"
     results = client.get(f"/v1/jobs/{job.json()['id']}/results").json()
     assert results["batch_sizes"] == [2, 4, 8]
+    # Throughput and peak memory per run and per variant × batch size, measured on the worker.
+    for run in results["runs"]:
+        assert run["images_per_s"] > 0 and run["peak_memory_method"] == "process_peak_rss", run
+        assert run["peak_memory_bytes"] > 50 * MIB and run["pack_runs"] == 1  # the worker process itself
+    assert all(c["images_per_s"]["n"] == 1 and c["peak_memory_bytes"]["mean"] > 0 for c in results["cells"])
+    report = client.get(f"/v1/jobs/{job.json()['id']}/report").text
+    assert 'id="resources"' in report and "VmHWM" in report
     # A probe that measured a smaller network's memory does not cover this job: refused by what it lacks.
     resp = client.post("/v1/jobs", json=job_spec(ds, batch_sizes="auto", model={"arch": "cnn", "width": 16}))
     assert resp.status_code == 422 and "POST /v1/probes" in resp.json()["detail"]

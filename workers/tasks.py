@@ -30,6 +30,7 @@ from workers.data import DeviceData, load_device_data
 from workers.engine import Outcome, PackTrainer, RunConfig, environment
 from workers.lease import Heartbeat
 from workers.outcomes import settle
+from workers.peak_memory import PeakMemory
 from workers.reporter import DbReporter, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -226,9 +227,11 @@ def _train_pack(
     def on_done(index: int, result: Outcome | BaseException) -> None:
         r = live[index]
         r.env.update(trainer.execution(index))
+        r.env["peak_memory"] = peak.read()
         heartbeat.finished.add(r.claim.run_id)
         r.status = settle(settings, r.claim, r.env, result)
 
+    peak = PeakMemory(device, len(live))
     try:
         trainer = PackTrainer(
             [r.cfg for r in live],

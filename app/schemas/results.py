@@ -47,6 +47,19 @@ class RunResult(RunKey):
     images_per_s: float | None = Field(description="Training throughput, samples per second.")
     device: str | None = Field(description="Device the run trained on, e.g. `cpu` or `cuda:0 (NVIDIA H100)`.")
     torch_version: str | None = Field(description="PyTorch version used.")
+    peak_memory_bytes: int | None = Field(
+        None,
+        description="Peak memory while the run's pack trained (runs trained together share it), as "
+        "`peak_memory_method` measured it; null for runs trained before it was recorded.",
+    )
+    peak_memory_method: str | None = Field(
+        None,
+        description="`cuda_max_memory_allocated` (GPU: tensors allocated, the dataset on the device included), "
+        "`process_peak_rss` (CPU: the worker process's peak resident set during the pack, Linux VmHWM reset at its "
+        "start: the worker, its dataset and allocator slack included) or `process_lifetime_peak_rss` (CPU where "
+        "the reset is not allowed: the process's peak since it started).",
+    )
+    pack_runs: int | None = Field(None, description="Runs in the pack that shared `peak_memory_bytes`.")
     error: str | None = Field(description="Reason for a failed, diverged or cancelled run.")
 
 
@@ -109,6 +122,14 @@ class CellSummary(BaseModel):
     best_val_loss: Stat = Field(
         default_factory=lambda: Stat(mean=None, std=None),
         description="Best-epoch validation loss over seeds (each seed's lowest per-epoch `val_loss`).",
+    )
+    images_per_s: Stat = Field(
+        default_factory=lambda: Stat(mean=None, std=None),
+        description="Training throughput over seeds (samples per second of each run; packed runs share a device).",
+    )
+    peak_memory_bytes: Stat = Field(
+        default_factory=lambda: Stat(mean=None, std=None),
+        description="Peak memory of the runs' packs over seeds (see the runs' `peak_memory_method`).",
     )
 
 

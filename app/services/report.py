@@ -26,6 +26,7 @@ from app.core.run_states import RunStatus
 from app.schemas.results import CellCurve, CellSummary, ComparisonOut, Results, Stat
 from app.services import jobs as jobs_service
 from app.services.curves import build_curve_aggregate
+from app.services.finetune_report import resources_section, transfer_section
 from app.services.jobs import JobState
 from app.services.plots import BandPoint, CellPoint, accuracy_chart, curves_chart, variant_style
 from app.services.results import build_results, job_runs
@@ -278,8 +279,10 @@ def render_report(session: Session, job: Job, options: PageOptions | None = None
         _comparisons_table(results),
         _sensitivity_table(results),
         _statistics_table(results, colour_of),
+        resources_section(results),
         _runs_table(results),
     ]
+    out.append(transfer_section(job_runs(session, job)))
     out.append(switchable_mixtures_section(job_runs(session, job)))
     out += _spec(job, base)
     out.append(_environment(job_runs(session, job)))
@@ -682,7 +685,10 @@ def _runs_table(results: Results) -> str:
 
 # How a run was scheduled, not what it ran on: left out when environments are compared. Pack composition
 # is planned at submit; a run that trained in another pack than planned is listed on its own.
-PACKING_FIELDS = frozenset({"engine", "pack_runs", "pack_planned", "largest_group", "resumed_from_step"})
+# `peak_memory` (per pack) and `init` (per variant) have their own sections.
+PACKING_FIELDS = frozenset(
+    {"engine", "pack_runs", "pack_planned", "largest_group", "resumed_from_step", "peak_memory", "init"}
+)
 
 
 def _environment(runs: list[Any]) -> str:

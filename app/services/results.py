@@ -69,6 +69,7 @@ def finite_or_none(value: object) -> float | None:
 def _run_result(run: Run, best: dict[str, float]) -> RunResult:
     final = run.final_metrics or {}
     env = run.environment or {}
+    peak = env.get("peak_memory") or {}  # workers.peak_memory
     return RunResult(
         **run_key(run),
         status=run.status,
@@ -85,6 +86,9 @@ def _run_result(run: Run, best: dict[str, float]) -> RunResult:
         images_per_s=final.get("images_per_s"),
         device=env.get("device"),
         torch_version=env.get("torch"),
+        peak_memory_bytes=peak.get("bytes"),
+        peak_memory_method=peak.get("method"),
+        pack_runs=peak.get("pack_runs"),
         error=run.error,
     )
 
@@ -172,6 +176,8 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
                     train_loss=_stat([finite_or_none(r.train_loss) for r in ok]),
                     best_val_acc=_stat([r.best_val_acc for r in ok], ACCURACY_RANGE),
                     best_val_loss=_stat([r.best_val_loss for r in ok]),
+                    images_per_s=_stat([finite_or_none(r.images_per_s) for r in ok]),
+                    peak_memory_bytes=_stat([finite_or_none(r.peak_memory_bytes) for r in ok]),
                 )
             )
             counts.append(st.CellCount(v, b, len(members), len(ok), diverged))
