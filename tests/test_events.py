@@ -128,6 +128,22 @@ def add_runs(session: Session, job: Job, n: int) -> list[Run]:
     return runs
 
 
+def add_job(session: Session, settings: Settings, runs: int) -> tuple[Job, list[Run]]:
+    """A job of the default owner (2 epochs of 800 samples) with `runs` queued runs."""
+    job = Job(
+        owner=settings.default_owner, dataset_id="digits", spec={}, budget={"epochs": 2, "samples_per_epoch": 800}
+    )
+    session.add(job)
+    session.commit()
+    return job, add_runs(session, job, runs)
+
+
+def hold(session: Session, run: Run) -> None:
+    """The run held by a (pretend) live worker, so no reconciler takes it: its job stays running."""
+    session.execute(update(Run).where(Run.id == run.id).values(status="running", attempt=1))
+    session.commit()
+
+
 def write_epoch(session: Session, run: Run, epoch: int, acc: float) -> None:
     for name in ("val_acc", "val_loss", "train_loss"):
         value = acc if name == "val_acc" else 1.0 / epoch
@@ -143,12 +159,7 @@ def test_tracker_sends_each_change_once(client: TestClient, settings: Settings) 
     """Claims, a retry that redoes an epoch, a run cancelled before it started, a NaN loss, the job's end."""
     factory = session_factory(settings.resolved_database_url)
     with factory() as s:
-        job = Job(
-            owner=settings.default_owner, dataset_id="digits", spec={}, budget={"epochs": 2, "samples_per_epoch": 800}
-        )
-        s.add(job)
-        s.commit()
-        a, b, c = add_runs(s, job, 3)
+        job, (a, b, c) = add_job(s, settings, 3)
     tracker = JobEventTracker(job.id)
 
     def poll() -> list[tuple[str, dict[str, Any]]]:
@@ -253,15 +264,8 @@ def test_follow_false_is_a_snapshot_and_heartbeats_keep_a_quiet_stream_open(
 ) -> None:
     factory = session_factory(settings.resolved_database_url)
     with factory() as s:
-        job = Job(
-            owner=settings.default_owner, dataset_id="digits", spec={}, budget={"epochs": 2, "samples_per_epoch": 800}
-        )
-        s.add(job)
-        s.commit()
-        (run,) = add_runs(s, job, 1)
-        # Held by a (pretend) live worker, so no reconciler takes it: the job stays running.
-        s.execute(update(Run).where(Run.id == run.id).values(status="running", attempt=1))
-        s.commit()
+        job, (run,) = add_job(s, settings, 1)
+        hold(s, run)
         write_epoch(s, run, 1, 0.5)
     resp = client.get(f"/v1/jobs/{job.id}/events", params={"follow": "false"})
     events, _ = read_events(iter(resp.text.splitlines()))
@@ -286,14 +290,8 @@ def test_a_client_that_goes_away_stops_the_polling(
     """Over a real socket (uvicorn): once the client hangs up, the server polls the database no more."""
     factory = session_factory(settings.resolved_database_url)
     with factory() as s:
-        job = Job(
-            owner=settings.default_owner, dataset_id="digits", spec={}, budget={"epochs": 2, "samples_per_epoch": 800}
-        )
-        s.add(job)
-        s.commit()
-        (run,) = add_runs(s, job, 1)
-        s.execute(update(Run).where(Run.id == run.id).values(status="running", attempt=1))
-        s.commit()
+        job, (run,) = add_job(s, settings, 1)
+        hold(s, run)
     polls = 0
     real_poll = events_service.poll_once
 
