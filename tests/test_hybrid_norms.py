@@ -17,34 +17,15 @@ from app.core import catalogue, memory
 from app.core.catalogue import CatalogueError
 from models import build_model, create_norm_layer
 from models.hybrid_norms import BatchGroupNorm, SwitchableNorm, switchable_mixtures
+from tests.test_norm_zoo import Params, check_against_formula
 from workers.epoch_metrics import mixture_metrics
 
 BATCH_SIZES = (1, 2, 8)
-Params = dict[str, torch.Tensor]
 EPS = 1e-5
 
 
 def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
-
-
-def _check_against_formula(
-    layer: nn.Module, formula: Callable[[torch.Tensor, Params], torch.Tensor], x: torch.Tensor, tol: float = 1e-5
-) -> None:
-    """Output, input gradient and every parameter gradient of `layer` equal autograd's through `formula`."""
-    params = {n: p.detach().clone().requires_grad_() for n, p in layer.named_parameters()}
-    x2 = x.clone().requires_grad_()
-    expected = formula(x2, params)
-    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1))
-    (expected * upstream).sum().backward()
-    layer.zero_grad()
-    x1 = x.clone().requires_grad_()
-    out = layer(x1)
-    (out * upstream).sum().backward()
-    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=10 * tol, atol=10 * tol)
-    for name, p in layer.named_parameters():
-        torch.testing.assert_close(p.grad, params[name].grad, rtol=10 * tol, atol=10 * tol, msg=name)
 
 
 def _randomize(layer: nn.Module) -> None:
@@ -96,7 +77,7 @@ def test_switchable_matches_its_formula(shape: tuple[int, ...], batch: int) -> N
     layer = SwitchableNorm(shape[0]).train()
     _randomize(layer)
     x = torch.randn(batch, *shape) * 3 + 1
-    _check_against_formula(layer, _sn_reference, x)
+    check_against_formula(layer, _sn_reference, x)
 
 
 def test_switchable_at_batch_1_uses_the_samples_own_statistics_for_bn() -> None:
@@ -198,7 +179,7 @@ def test_bgn_matches_its_formula(batch: int, shape: tuple[int, ...], groups: int
     layer = BatchGroupNorm(shape[0], groups=groups).train()
     _randomize(layer)
     x = torch.randn(batch, *shape) * 2 - 1
-    _check_against_formula(layer, _bgn_reference(groups), x)
+    check_against_formula(layer, _bgn_reference(groups), x)
 
 
 @pytest.mark.parametrize("batch", [2, 8])

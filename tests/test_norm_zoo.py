@@ -37,7 +37,7 @@ def _randomize(layer: nn.Module) -> None:
             p.normal_()
 
 
-def _check_against_formula(
+def check_against_formula(
     layer: nn.Module, formula: Callable[[torch.Tensor, Params], torch.Tensor], x: torch.Tensor, tol: float = 1e-5
 ) -> None:
     """The layer's output, input gradient and parameter gradients equal those of `formula`
@@ -90,7 +90,7 @@ def test_precise_bn_trains_as_batch_norm(shape: tuple[int, ...], batch: int) -> 
         xhat = (x - _per_channel(mean, x)) / torch.sqrt(_per_channel(var, x) + 1e-5)
         return xhat * _per_channel(p["weight"], x) + _per_channel(p["bias"], x)
 
-    _check_against_formula(layer, formula, x)
+    check_against_formula(layer, formula, x)
 
 
 def _precise_model() -> nn.Sequential:
@@ -221,7 +221,7 @@ def test_brn_train_matches_definition(shape: tuple[int, ...], batch: int, step: 
     torch.manual_seed(batch)
     x = torch.randn(batch, *shape) * 2 + 0.5
     r_max, d_max = _brn_limits_by_hand(step, 3.0, 5.0, 10, 100)
-    _check_against_formula(layer, _brn_formula(BRN_RUNNING_MEAN, BRN_RUNNING_VAR, r_max, d_max, 1e-5), x)
+    check_against_formula(layer, _brn_formula(BRN_RUNNING_MEAN, BRN_RUNNING_VAR, r_max, d_max, 1e-5), x)
 
     # The training forward moved the running statistics by momentum 0.1, with the
     # unbiased batch variance, and counted one step.
@@ -251,11 +251,11 @@ def test_brn_r_and_d_carry_no_gradient() -> None:
     layer = _brn_layer(0, r_max=50.0, d_max=50.0, ramp_steps=0)
     torch.manual_seed(0)
     x = torch.randn(4, 6, 3, 3) * 2 + 0.5
-    _check_against_formula(layer, _brn_formula(BRN_RUNNING_MEAN, BRN_RUNNING_VAR, 50.0, 50.0, 1e-5), x)
+    check_against_formula(layer, _brn_formula(BRN_RUNNING_MEAN, BRN_RUNNING_VAR, 50.0, 50.0, 1e-5), x)
     layer = _brn_layer(0, r_max=50.0, d_max=50.0, ramp_steps=0)
     leaky = _brn_formula(BRN_RUNNING_MEAN, BRN_RUNNING_VAR, 50.0, 50.0, 1e-5, stop_grad=False)
     with pytest.raises(AssertionError):
-        _check_against_formula(layer, leaky, x)
+        check_against_formula(layer, leaky, x)
 
 
 @pytest.mark.parametrize(
@@ -362,7 +362,7 @@ def test_gn_ws_conv_then_norm_matches_definition(batch: int) -> None:
         z = F.conv2d(x, _standardized_by_hand(p["0.weight"]), padding=1)
         return _group_norm_by_hand(z, 3, p["1.weight"], p["1.bias"])
 
-    _check_against_formula(block, formula, x, tol=1e-4)
+    check_against_formula(block, formula, x, tol=1e-4)
 
 
 @pytest.mark.parametrize("batch", BATCH_SIZES)
@@ -376,7 +376,7 @@ def test_ws_linear_then_norm_matches_definition(batch: int) -> None:
         z = x @ _standardized_by_hand(p["0.weight"]).t() + p["0.bias"]
         return _group_norm_by_hand(z, 4, p["1.weight"], p["1.bias"])
 
-    _check_against_formula(block, formula, x, tol=1e-4)
+    check_against_formula(block, formula, x, tol=1e-4)
 
 
 def test_gn_ws_networks_standardize_the_layers_before_norms() -> None:
@@ -420,7 +420,7 @@ def test_frn_matches_definition(shape: tuple[int, ...], batch: int) -> None:
         y = _per_channel(p["weight"], x) * x / torch.sqrt(nu2 + abs(1e-6)) + _per_channel(p["bias"], x)
         return torch.maximum(y, _per_channel(p["tau"], x))
 
-    _check_against_formula(layer, formula, x)
+    check_against_formula(layer, formula, x)
 
 
 def test_frn_and_evonorm_parameters_and_inputs() -> None:
@@ -468,7 +468,7 @@ def test_evonorm_s0_matches_definition(
         numerator = x * torch.sigmoid(_per_channel(p["v"], x) * x)
         return numerator / torch.cat(stds, 1) * _per_channel(p["weight"], x) + _per_channel(p["bias"], x)
 
-    _check_against_formula(layer, formula, x, tol=1e-5)
+    check_against_formula(layer, formula, x, tol=1e-5)
 
 
 def test_activation_norms_replace_the_relu_after_them() -> None:
