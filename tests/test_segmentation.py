@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.core import catalogue, memory
@@ -24,7 +26,8 @@ from app.schemas.jobs import OptimizerSpec
 from bench.make_shapes_seg import CLASS_NAMES, shapes
 from models import build_model
 from models.norms import is_norm_layer
-from tests.factories import npz_bytes
+from tests.factories import job_spec, npz_bytes, upload, wait_for_job
+from tests.support import WorkerProcess
 from tests.test_hostile_input import harness  # noqa: F401  (the fixture)
 from tests.test_packing import Recorder
 from workers.data import DeviceData, channel_stats
@@ -268,3 +271,59 @@ def test_the_engine_reports_iou_metrics_and_a_preview_per_run() -> None:
         truth = np.asarray(Image.open(io.BytesIO(base64.b64decode(preview["truth"]))))
         assert pred.shape == truth.shape == (12, 12) and int(pred.max()) < 4
         np.testing.assert_array_equal(truth, data.y_val[0].numpy())
+
+
+# --- end to end -------------------------------------------------------------------------------------------------
+
+
+def test_segmentation_submit_checks(client: TestClient) -> None:
+    ds = upload(client, "s.zip", seg_zip(good_entries(n=6)))
+    assert ds.status_code == 201, ds.text
+    assert ds.json()["kind"] == "segmentation" and ds.json()["shape"] == [3, 16, 16]
+    spec = job_spec(ds.json()["id"], model={"arch": "auto", "width": 4, "levels": 2}, batch_sizes=[2])
+    for bad, needle in (
+        ({"augment": {"hflip": True}}, "augment applies to images only"),
+        ({"input": {"resize": 8}}, "input resize/crop and init apply to classification images"),
+        ({"model": {"arch": "cnn"}}, "needs image data; dataset"),
+    ):
+        resp = client.post("/v1/jobs", json={**spec, **bad})
+        assert resp.status_code == 422 and needle in resp.json()["detail"], resp.text
+
+
+@pytest.mark.e2e
+def test_a_segmentation_job_runs_end_to_end(client: TestClient, worker: WorkerProcess) -> None:
+    x, y = shapes(40, 16, seed=5)
+    data = npz_bytes(x=x, y=y, class_names=np.asarray(CLASS_NAMES))
+    ds = upload(client, "shapes.npz", data)
+    assert ds.status_code == 201, ds.text
+    spec = job_spec(
+        ds.json()["id"],
+        model={"arch": "unet", "width": 4, "levels": 2},
+        variants=[{"norm": "bn"}, {"norm": "gn", "groups": 2}],
+        batch_sizes=[2, 4],
+        budget={"epochs": 1},
+    )
+    resp = client.post("/v1/jobs", json=spec)
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["id"]
+    job = wait_for_job(client, job_id)
+    results = client.get(f"/v1/jobs/{job_id}/results").json()
+    assert job["status"] == "succeeded", results["runs"]
+    assert results["metric"] == "val_miou" and len(results["runs"]) == 4
+    run = results["runs"][0]
+    metrics = client.get(f"/v1/runs/{run['run_id']}/metrics").json()["metrics"]
+    assert {"val_miou", "val_acc", "val_loss", "val_iou/0"} <= set(metrics)
+    assert run["val_acc"] == pytest.approx(metrics["val_miou"][-1]["value"])  # the primary metric: mean IoU
+    text = " ".join(results["verdicts"] + results["how_to_read"])
+    assert "mean IoU points" in text and "accuracy" not in text
+    report = client.get(f"/v1/jobs/{job_id}/report")
+    assert report.status_code == 200
+    html = report.text
+    assert 'id="segmentation"' in html and "validation mean IoU" in html
+    masks = re.findall(r'<img class="mask" src="data:image/png;base64,([^"]+)" alt="([^"]+)"', html)
+    alts = {alt for _, alt in masks}
+    assert {"true mask", "validation image", "bn at batch 2", "gn(2) at batch 4"} <= alts
+    truth = next(b64 for b64, alt in masks if alt == "true mask")
+    assert Image.open(io.BytesIO(base64.b64decode(truth))).size == (16, 16)
+    for name in CLASS_NAMES:
+        assert name in html

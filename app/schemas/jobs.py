@@ -26,6 +26,7 @@ class ModelSpec(Strict):
         "convnext_tiny",
         "cnn1d",
         "resnet1d",
+        "unet",
     ] = Field(
         "auto",
         description="Network: `mlp` (flattened inputs; any dataset), `cnn` (small CNN for tiny images), "
@@ -37,6 +38,13 @@ class ModelSpec(Strict):
     )
     depth: int = Field(20, ge=8, le=110, description="ResNet depth, 6n+2 (8, 14, 20, 32, 44, 56, 110).")
     width: int = Field(16, ge=1, le=256, description="CNN/ResNet first-stage channel count; stages use ×1, ×2, ×4.")
+    levels: int = Field(
+        3,
+        ge=1,
+        le=6,
+        description="U-Net (`unet`, segmentation) down-sampling levels; its blocks have `width`·2^i channels, "
+        "i = 0..levels. `auto` picks `unet` for segmentation datasets.",
+    )
     hidden: list[int] = Field(
         [256, 256], min_length=1, max_length=8, description="MLP hidden layer widths (each gets a norm layer)."
     )

@@ -264,6 +264,13 @@ class SensitivityOut(BaseModel):
 class Results(BaseModel):
     job_id: str = Field(description="Job id.")
     status: str = Field(description="Job status.")
+    metric: str = Field(
+        "val_acc",
+        description="The primary metric every `val_acc`/`best_val_acc` field, interval, comparison and verdict here "
+        "is about: `val_acc` (validation accuracy) or, for segmentation datasets, `val_miou` (mean intersection "
+        "over union over the classes present in truth or prediction; pixel accuracy stays in the runs' "
+        "`val_acc` curve). Both 0..1; differences in points (×100).",
+    )
     complete: bool = Field(description="False while runs are still queued or running: the numbers are partial.")
     variants: list[str] = Field(description="Variant labels in spec order.")
     batch_sizes: list[int] = Field(description="Batch sizes in spec order.")

@@ -53,7 +53,7 @@ def validate_network(
     except catalogue.CatalogueError as e:
         raise InvalidSpec(f"input: {e}") from None
     try:
-        sites = catalogue.norm_sites(arch, depth=model.depth, width=model.width, hidden=model.hidden, input_shape=fed)
+        sites = catalogue.norm_sites(arch, depth=model.depth, width=model.width, hidden=model.hidden, levels=model.levels, input_shape=fed)
     except catalogue.CatalogueError as e:
         raise InvalidSpec(f"model: {e}") from None
     for i, variant in enumerate(variants):
@@ -79,6 +79,11 @@ def _validate(
     validate_network(arch, dataset, spec.model, spec.variants, spec.input)
     if dataset.kind != "image" and (spec.augment.hflip or spec.augment.crop_padding):
         raise InvalidSpec(f"augment applies to images only; dataset is {dataset.kind}: remove hflip/crop_padding")
+    if dataset.kind == "segmentation" and (spec.input.resize or spec.input.crop or spec.init):
+        raise InvalidSpec(
+            "input resize/crop and init apply to classification images; a segmentation job trains the U-Net from "
+            "scratch at the masks' own size: remove them"
+        )
     batch_sizes = spec.sizes()
     if spec.budget.epochs > settings.max_epochs:
         raise InvalidSpec(f"budget.epochs {spec.budget.epochs} is over this server's ceiling of {settings.max_epochs}")
@@ -144,6 +149,7 @@ def _check_memory(
             depth=spec.model.depth,
             width=spec.model.width,
             hidden=spec.model.hidden,
+            levels=spec.model.levels,
         ),
         norms=tuple(sorted({v.norm for v in variants})),
         pack=job_pack(spec, settings),

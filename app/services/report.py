@@ -30,6 +30,7 @@ from app.services.finetune_report import resources_section, transfer_section
 from app.services.jobs import JobState
 from app.services.plots import BandPoint, CellPoint, accuracy_chart, curves_chart, variant_style
 from app.services.results import build_results, job_runs
+from app.services.seg_report import relabel_page, segmentation_section
 from app.tables import Dataset, Job
 
 Interval = Literal["ci95", "std"]
@@ -45,6 +46,7 @@ SECURITY_HEADERS = {"Content-Security-Policy": REPORT_CSP, "X-Content-Type-Optio
 
 METRIC_LABELS = {
     "val_acc": "validation accuracy (%)",
+    "val_miou": "validation mean IoU (%)",
     "val_loss": "validation loss",
     "train_loss": "training loss (epoch mean)",
     "train_loss_step": "training loss (logged steps)",
@@ -55,7 +57,7 @@ BAND_LABELS: dict[str, str] = {"minmax": "min–max across seeds", "std": "±1 s
 
 
 def is_percent(metric: str) -> bool:
-    return metric.endswith("acc")
+    return metric.endswith(("acc", "miou"))
 
 
 def metric_label(metric: str) -> str:
@@ -274,7 +276,7 @@ def render_report(session: Session, job: Job, options: PageOptions | None = None
     ]
     out += _verdicts(results)
     out.append(how_to_read_box(results))
-    out += ['<section class="card" id="curves">', curves_svg(session, job, "val_acc", opts.band), "</section>"]
+    out += ['<section class="card" id="curves">', curves_svg(session, job, results.metric, opts.band), "</section>"]
     out += [
         _comparisons_table(results),
         _sensitivity_table(results),
@@ -284,6 +286,7 @@ def render_report(session: Session, job: Job, options: PageOptions | None = None
     ]
     out.append(transfer_section(job_runs(session, job)))
     out.append(switchable_mixtures_section(job_runs(session, job)))
+    out.append(segmentation_section(job_runs(session, job), session.get(Dataset, job.dataset_id)))
     out += _spec(job, base)
     out.append(_environment(job_runs(session, job)))
     out.append(
@@ -292,7 +295,7 @@ def render_report(session: Session, job: Job, options: PageOptions | None = None
         "has its own marker shape.</footer>"
     )
     out.append("</main></body></html>")
-    return "\n".join(out)
+    return relabel_page("\n".join(out), results.metric)  # segmentation: mean IoU, not accuracy
 
 
 def _page_head(title: str, refresh: int) -> list[str]:
@@ -695,7 +698,8 @@ def _environment(runs: list[Any]) -> str:
     envs: Counter[str] = Counter()
     for r in runs:
         if r.environment:
-            machine = {k: v for k, v in r.environment.items() if k not in PACKING_FIELDS}
+            # seg_preview: the run's predicted mask (the segmentation section shows it), not the machine
+            machine = {k: v for k, v in r.environment.items() if k not in PACKING_FIELDS and k != "seg_preview"}
             envs[json.dumps(machine, sort_keys=True, default=str)] += 1
     out = ['<section class="card" id="environment"><h2>Environment</h2>']
     if not envs:

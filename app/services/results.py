@@ -15,6 +15,7 @@ from collections import defaultdict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.core import catalogue
 from app.core.run_states import ACTIVE, TERMINAL, RunStatus
 from app.errors import DomainError
 from app.schemas.jobs import JobSpec
@@ -22,7 +23,7 @@ from app.schemas.results import CellSummary, ComparisonOut, Results, RunResult, 
 from app.schemas.runs import run_key
 from app.services import statistics as st
 from app.services.curves import build_curves, downsample
-from app.tables import Job, MetricPoint, Run
+from app.tables import Dataset, Job, MetricPoint, Run
 
 __all__ = ["DEFAULT_BASELINE", "InvalidParameter", "build_curves", "build_results", "downsample", "job_runs"]
 
@@ -39,15 +40,16 @@ def job_runs(session: Session, job: Job) -> list[Run]:
     return list(session.scalars(stmt))
 
 
-def best_epoch_values(session: Session, job: Job) -> dict[str, dict[str, float]]:
-    """Per run: the highest per-epoch `val_acc` and the lowest finite per-epoch `val_loss`."""
+def best_epoch_values(session: Session, job: Job, metric: str = "val_acc") -> dict[str, dict[str, float]]:
+    """Per run: the highest per-epoch `metric` (the job's primary one, as `best_val_acc`) and the lowest finite
+    per-epoch `val_loss`."""
     inf = float("inf")
     stmt = (
         select(MetricPoint.run_id, MetricPoint.name, func.max(MetricPoint.value), func.min(MetricPoint.value))
         .join(Run, Run.id == MetricPoint.run_id)
         .where(
             Run.job_id == job.id,
-            MetricPoint.name.in_(("val_acc", "val_loss")),
+            MetricPoint.name.in_((metric, "val_loss")),
             MetricPoint.value < inf,  # excludes +inf and, in Postgres, NaN (which sorts above +inf)
             MetricPoint.value > -inf,
         )
@@ -55,9 +57,9 @@ def best_epoch_values(session: Session, job: Job) -> dict[str, dict[str, float]]
     )
     out: dict[str, dict[str, float]] = defaultdict(dict)
     for run_id, name, hi, lo in session.execute(stmt):
-        value = hi if name == "val_acc" else lo
+        value = hi if name == metric else lo
         if value is not None and math.isfinite(value):
-            out[run_id][f"best_{name}"] = value
+            out[run_id]["best_val_acc" if name == metric else f"best_{name}"] = value
     return out
 
 
@@ -66,14 +68,14 @@ def finite_or_none(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def _run_result(run: Run, best: dict[str, float]) -> RunResult:
+def _run_result(run: Run, best: dict[str, float], metric: str = "val_acc") -> RunResult:
     final = run.final_metrics or {}
     env = run.environment or {}
     peak = env.get("peak_memory") or {}  # workers.peak_memory
     return RunResult(
         **run_key(run),
         status=run.status,
-        val_acc=final.get("val_acc"),
+        val_acc=final.get(metric),  # the job's primary metric (Results.metric)
         val_loss=final.get("val_loss"),
         train_loss=final.get("train_loss"),
         best_val_acc=best.get("best_val_acc"),
@@ -141,8 +143,10 @@ def _points(accs: dict[int, float]) -> dict[int, float]:
 
 def build_results(session: Session, job: Job, status: str, baseline: str | None = None) -> Results:
     runs = job_runs(session, job)
-    best = best_epoch_values(session, job)
-    results = [_run_result(r, best.get(r.id, {})) for r in runs]
+    dataset = session.get(Dataset, job.dataset_id)
+    metric = catalogue.primary_metric(dataset.kind if dataset is not None else None)
+    best = best_epoch_values(session, job, metric)
+    results = [_run_result(r, best.get(r.id, {}), metric) for r in runs]
     variants = list(dict.fromkeys(r.variant for r in sorted(runs, key=lambda r: r.variant_index)))
     batch_sizes = list(job.spec["batch_sizes"])
     base, base_note = pick_baseline(variants, baseline)
@@ -233,6 +237,7 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
     return Results(
         job_id=job.id,
         status=status,
+        metric=metric,
         complete=complete,
         variants=variants,
         batch_sizes=batch_sizes,
@@ -244,13 +249,25 @@ def build_results(session: Session, job: Job, status: str, baseline: str | None 
         comparisons=[_comparison_out(c, acc, diverged_in) for c in comparisons],
         sensitivity=[_sensitivity_out(s) for s in sensitivity],
         equivalence_margin_points=margin,
-        verdicts=st.verdicts(
-            batch_sizes, counts, comparisons, sensitivity, variants, runs_finished=finished, runs_total=len(runs)
+        verdicts=relabel(
+            st.verdicts(
+                batch_sizes, counts, comparisons, sensitivity, variants, runs_finished=finished, runs_total=len(runs)
+            ),
+            metric,
         ),
-        how_to_read=st.how_to_read(
-            margin, sum(c.test.testable for c in comparisons), sum(s.test.testable for s in sensitivity)
+        how_to_read=relabel(
+            st.how_to_read(
+                margin, sum(c.test.testable for c in comparisons), sum(s.test.testable for s in sensitivity)
+            ),
+            metric,
         ),
     )
+
+
+def relabel(sentences: list[str], metric: str) -> list[str]:
+    """The statistics' sentences speak of accuracy; a job whose primary metric is another says its name."""
+    label = catalogue.METRIC_LABELS.get(metric, metric)
+    return sentences if metric == "val_acc" else [s.replace("accuracy", label) for s in sentences]
 
 
 def _mean_over(accs: dict[int, float], seeds: tuple[int, ...]) -> float | None:
