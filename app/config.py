@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     )
     max_zip_entries: int = Field(200_000, description="Most entries in an uploaded .zip/.npz archive.")
     max_image_pixels: int = Field(4096 * 4096, description="Largest image (width × height) decoded from a .zip.")
+    max_image_side: int = Field(
+        1024,
+        ge=8,
+        description="Longest side, in pixels, of an uploaded image (.zip or .npz): images are stored at their own "
+        "resolution up to this; larger ones are refused with 422 (a job resizes on the device with `input`).",
+    )
     max_csv_rows: int = Field(5_000_000, description="Most data rows in an uploaded CSV.")
     max_zip_compression_ratio: float = Field(
         200.0, description="Largest uncompressed/compressed ratio of a zip entry over 1 MiB (zip-bomb guard)."

@@ -417,3 +417,21 @@ def test_unknown_extension_lists_formats(tmp_path: Path) -> None:
     msg = error_of(path, "data.txt")
     assert "unsupported file type '.txt'" in msg
     assert ".npz" in msg and ".zip" in msg and ".csv" in msg
+
+
+# ------------------------------------------------------------------------------ stored resolution limit
+
+
+def test_images_over_the_side_limit_are_refused_and_at_it_kept(tmp_path: Path) -> None:
+    """Images are stored at their own resolution up to IngestLimits.max_image_side (1024) on the longer side."""
+    wide = {n: png_bytes(_gray(16, 1025)) for n in ("a/1.png", "a/2.png", "b/1.png", "b/2.png")}
+    msg = error_of(write_zip(tmp_path, wide), "imgs.zip")
+    assert "'a/1.png' is 1025×16 pixels, over the limit of 1024 pixels on the longer side" in msg
+    assert "input.resize" in msg
+    edge = {n: png_bytes(_gray(1024, 8)) for n in ("a/1.png", "a/2.png", "b/1.png", "b/2.png")}
+    assert ingest_file(write_zip(tmp_path, edge, "edge.zip"), "edge.zip").shape == (1, 1024, 8)
+    x = np.zeros((4, 1, 1100, 8), np.uint8)
+    path = write_npz(tmp_path, x=x, y=np.array([0, 1, 0, 1]))
+    assert "the images is 8×1100 pixels, over the limit of 1024" in error_of(path, "data.npz")
+    limits = IngestLimits(max_image_side=8)
+    assert "over the limit of 8 pixels" in error_of(write_zip(tmp_path, edge, "e2.zip"), "e2.zip", limits=limits)

@@ -45,6 +45,8 @@ class IngestLimits:
     max_zip_entries: int = 200_000
     max_uncompressed_bytes: int = 8 * 2**30
     max_image_pixels: int = 4096 * 4096
+    # Pixels on an image's longer side: images are stored at their own resolution, up to this.
+    max_image_side: int = 1024
     max_csv_rows: int = 5_000_000
     max_csv_columns: int = 10_000
     max_csv_line_chars: int = 1 << 20
@@ -157,6 +159,16 @@ def check_expansion(subject: str, packed: int, unpacked: int, limits: IngestLimi
         raise IngestError(
             f"{subject} expands {ratio:.0f}× ({human_bytes(packed)} to {human_bytes(unpacked)}), more than the "
             f"limit of {limits.max_compression_ratio:.0f}× (a compression bomb?); {fix}"
+        )
+
+
+def check_image_side(subject: str, w: int, h: int, limits: IngestLimits) -> None:
+    """Refuse images over the stored-resolution limit on their longer side (documented: 1024 px by default)."""
+    if max(w, h) > limits.max_image_side:
+        raise IngestError(
+            f"{subject} is {w}×{h} pixels, over the limit of {limits.max_image_side} pixels on the longer side "
+            "(NORMBENCH_MAX_IMAGE_SIDE); downscale the images before uploading (a job can resize them further on "
+            "the device with input.resize and input.crop)"
         )
 
 

@@ -27,6 +27,7 @@ from app.ingest.checks import (
     check_class_names,
     check_decoded_total,
     check_expansion,
+    check_image_side,
     check_labels,
     check_zip_budget,
     check_zip_layout,
@@ -203,6 +204,7 @@ def _decode_images(zf: zipfile.ZipFile, entries: Sequence[Entry], limits: Ingest
             gray = im.mode in _GRAY_MODES or im.mode.startswith("I")
             # Its decoded pixels against its own file size: a small PNG of one flat colour is a pixel bomb.
             check_expansion(f"image {name!r}", info.file_size, w * h * (1 if gray else 3), limits, _STORE_AS_IS)
+            check_image_side(f"image {name!r}", w, h, limits)
             canvas.make_room(i, gray)
             canvas.put(i, _image_pixels(im, name), gray)
     assert canvas is not None and canvas.pixels is not None

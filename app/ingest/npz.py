@@ -21,6 +21,7 @@ from app.ingest.checks import (
     IngestLimits,
     check_decoded_total,
     check_expansion,
+    check_image_side,
     check_labels,
     check_zip_budget,
     check_zip_layout,
@@ -422,6 +423,7 @@ def _images_to_uint8(arrays: dict[str, np.ndarray], limits: IngestLimits) -> dic
         raise IngestError(
             f"images are {w}×{h} = {h * w} pixels, more than the limit of {limits.max_image_pixels}; downscale them"
         )
+    check_image_side("the images", w, h, limits)
     for key, a in arrays.items():
         if a.dtype.kind not in "uif":
             raise IngestError(f"{key} has dtype {a.dtype}; image pixels must be uint8, integers 0..255 or floats")

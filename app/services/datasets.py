@@ -46,6 +46,7 @@ def ingest_limits(settings: Settings) -> IngestLimits:
         max_compression_ratio=settings.max_zip_compression_ratio,
         max_zip_entries=settings.max_zip_entries,
         max_image_pixels=settings.max_image_pixels,
+        max_image_side=settings.max_image_side,
         max_csv_rows=settings.max_csv_rows,
     )
 
