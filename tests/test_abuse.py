@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 from sqlalchemy import func, select, update
 
 from app import cli
@@ -34,9 +32,8 @@ from app.repositories.runs import StaleAttempt, finish_run, record_progress, ren
 from app.storage import open_storage
 from app.tables import Dataset, Job, MetricPoint, Run, utcnow
 from tests.factories import image_npz, job_spec, upload
-from tests.support import ROOT, worker_env
+from tests.support import ADMIN_TOKEN, ROOT, http_scope, keyed_settings, make_key, worker_env
 
-ADMIN_TOKEN = "abuse-admin-token-0123456789abcdef"
 LOCAL = "http://127.0.0.1:8000"  # the test client then reports a loopback server address, as uvicorn would
 
 
@@ -49,15 +46,7 @@ def local_client(settings: Settings) -> Iterator[TestClient]:
 
 @pytest.fixture
 def keyed(settings: Settings) -> Settings:
-    with psycopg.connect(settings.resolved_database_url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute("TRUNCATE api_keys")
-    return settings.model_copy(update={"require_api_keys": True, "admin_token": SecretStr(ADMIN_TOKEN)})
-
-
-def make_key(client: TestClient, owner: str) -> dict[str, str]:
-    resp = client.post("/v1/admin/keys", json={"owner": owner}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    assert resp.status_code == 201, resp.text
-    return {"Authorization": f"Bearer {resp.json()['token']}"}
+    return keyed_settings(settings)
 
 
 def session(settings: Settings) -> Any:
@@ -201,20 +190,8 @@ def test_requests_are_refused_while_the_bound_socket_is_not_loopback(
     sent: list[dict[str, Any]] = []
 
     async def call() -> None:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "path": "/v1/datasets",
-            "raw_path": b"/v1/datasets",
-            "query_string": b"",
-            "headers": [(b"host", b"127.0.0.1:8000")],
-            "server": ("127.0.0.1", 8000),
-            "client": ("127.0.0.1", 5555),
-            "scheme": "http",
-            "root_path": "",
-        }
+        headers = [(b"host", b"127.0.0.1:8000")]
+        scope = http_scope("GET", "/v1/datasets", headers, server=("127.0.0.1", 8000), client=("127.0.0.1", 5555))
 
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": b"", "more_body": False}

@@ -14,21 +14,19 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings, UnsafeBind, check_bind_safety, configured_bind_host, is_loopback
 from app.main import create_app
 from app.tables import ApiKey, Dataset, Job, MetricPoint, Run
+from tests import support
 from tests.factories import image_npz, job_spec, npz_bytes, pattern_images
-from tests.support import ROOT, stored_files, worker_env
+from tests.support import ADMIN_TOKEN, ROOT, stored_files, worker_env
 from tests.test_weights import weights_bytes
 
-ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
@@ -38,9 +36,7 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def keyed_settings(settings: Settings) -> Settings:
-    with psycopg.connect(settings.resolved_database_url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute("TRUNCATE api_keys")
-    return settings.model_copy(update={"require_api_keys": True, "admin_token": SecretStr(ADMIN_TOKEN)})
+    return support.keyed_settings(settings)
 
 
 @pytest.fixture
@@ -356,20 +352,7 @@ def test_keys_off_refuses_requests_that_arrive_on_a_public_address(settings: Set
 
     async def call(server: tuple[str, int]) -> int:
         sent.clear()
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "path": "/healthz",
-            "raw_path": b"/healthz",
-            "query_string": b"",
-            "headers": [],
-            "server": server,
-            "client": ("203.0.113.9", 5555),
-            "scheme": "http",
-            "root_path": "",
-        }
+        scope = support.http_scope("GET", "/healthz", server=server, client=("203.0.113.9", 5555))
 
         async def receive() -> dict[str, Any]:
             return {"type": "http.request", "body": b"", "more_body": False}

@@ -15,7 +15,6 @@ import re
 import socket
 import stat
 import struct
-import tempfile
 import threading
 import time
 import tracemalloc
@@ -40,7 +39,7 @@ from app.main import create_app
 from app.services import datasets as datasets_service
 from app.tables import Dataset, Job, Run
 from tests.factories import job_spec, npz_bytes, pattern_images, upload
-from tests.support import ROOT, stored_files
+from tests.support import ROOT, http_scope, stored_files, upload_harness
 
 State = tuple[list[Path], int, int, int]
 
@@ -96,17 +95,7 @@ class Harness:
 
 @pytest.fixture
 def harness(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # every temporary file of the request lands here
-
-    @contextmanager
-    def make(**limits: Any) -> Iterator[Harness]:
-        s = settings.model_copy(update=limits)
-        with TestClient(create_app(s)) as c:
-            yield Harness(c, s, tmp)
-
-    return make
+    return upload_harness(Harness, settings, tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------------- file builders
@@ -201,20 +190,7 @@ def _asgi_upload(settings: Settings, headers: list[tuple[bytes, bytes]], total: 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "path": "/v1/datasets",
-        "raw_path": b"/v1/datasets",
-        "query_string": b"",
-        "headers": [(b"content-type", b"multipart/form-data; boundary=nbb"), *headers],
-        "server": ("testserver", 80),
-        "client": ("testclient", 5000),
-        "scheme": "http",
-        "root_path": "",
-    }
+    scope = http_scope("POST", "/v1/datasets", [(b"content-type", b"multipart/form-data; boundary=nbb"), *headers])
     asyncio.run(app(scope, receive, send))
     return int(sent[0]["status"]), json.loads(sent[1]["body"]), pulled
 

@@ -7,10 +7,7 @@ import html
 import math
 import re
 import shutil
-import socket
 import subprocess
-import threading
-import time
 import xml.etree.ElementTree as ET
 import zlib
 from collections import defaultdict
@@ -20,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.main import create_app
 from app.services import plots
 from app.tables import Run
+from tests import support
 from tests.factories import FakeRun, finish_job, image_npz, job_spec, upload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,21 +317,8 @@ def test_charts_escape_labels_and_survive_odd_data() -> None:
 
 @pytest.fixture
 def live_server(settings: Settings) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with support.live_server(settings) as url:
+        yield url
 
 
 def chromium(profile: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -8,11 +8,8 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,16 +18,14 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from app.config import Settings
 from app.db import session_factory
-from app.main import create_app
 from app.services.keys import create_key
 from tests.factories import image_npz
-from tests.support import ROOT, WorkerProcess
+from tests.support import ROOT, WorkerProcess, live_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -90,25 +85,6 @@ def browser() -> Iterator[Browser]:
             yield b
         finally:
             b.close()
-
-
-@contextmanager
-def live_server(settings: Settings) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @dataclass

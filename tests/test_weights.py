@@ -13,16 +13,13 @@ import tempfile
 import tracemalloc
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 from safetensors.numpy import save as st_save
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
@@ -37,11 +34,10 @@ from app.main import create_app
 from app.services.weights import weights_for_job
 from app.tables import Job, Weights
 from tests.factories import job_spec
-from tests.support import ROOT, stored_files
+from tests.support import ROOT, http_scope, keyed_settings, make_key, stored_files, upload_harness
 
 ARCHS = ("resnet18", "resnet50", "mobilenet_v3_small", "convnext_tiny")
 SMALL = "mobilenet_v3_small"  # 2.5M parameters: 5 MB in float16, so most tests use it
-ADMIN_TOKEN = "test-admin-token-weights-0123456789"
 
 # ------------------------------------------------------------------------------------------ file builders
 
@@ -130,17 +126,7 @@ class Harness:
 
 @pytest.fixture
 def harness(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # every temporary file of the request lands here
-
-    @contextmanager
-    def make(**limits: Any) -> Iterator[Harness]:
-        s = settings.model_copy(update=limits)
-        with TestClient(create_app(s)) as c:
-            yield Harness(c, s, tmp)
-
-    return make
+    return upload_harness(Harness, settings, tmp_path, monkeypatch)
 
 
 # -------------------------------------------------------------------------------------------- manifests
@@ -336,21 +322,9 @@ def test_unknown_arch_is_422_listing_the_known(harness: Any) -> None:
         h.refuse(weights_bytes(), 422, "torchvision's resnet18", arch="resnet18")
 
 
-def _keyed(settings: Settings) -> Settings:
-    with psycopg.connect(settings.resolved_database_url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute("TRUNCATE api_keys")
-    return settings.model_copy(update={"require_api_keys": True, "admin_token": SecretStr(ADMIN_TOKEN)})
-
-
-def _key(client: TestClient, owner: str) -> dict[str, str]:
-    resp = client.post("/v1/admin/keys", json={"owner": owner}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    assert resp.status_code == 201, resp.text
-    return {"Authorization": f"Bearer {resp.json()['token']}"}
-
-
 def test_another_owner_gets_404_and_cannot_use_them(settings: Settings) -> None:
-    with TestClient(create_app(_keyed(settings))) as c:
-        alice, bob = _key(c, "alice"), _key(c, "bob")
+    with TestClient(create_app(keyed_settings(settings))) as c:
+        alice, bob = make_key(c, "alice"), make_key(c, "bob")
         w = upload(c, weights_bytes(), headers=alice).json()
         assert c.get(f"/v1/weights/{w['id']}", headers=bob).status_code == 404
         assert c.delete(f"/v1/weights/{w['id']}", headers=bob).status_code == 404
@@ -553,20 +527,7 @@ def test_two_gib_of_zeros_is_cut_off_in_bounded_memory(harness: Any) -> None:
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "path": "/v1/weights",
-            "raw_path": b"/v1/weights",
-            "query_string": b"",
-            "headers": [(b"content-type", b"multipart/form-data; boundary=nbb")],
-            "server": ("testserver", 80),
-            "client": ("testclient", 5000),
-            "scheme": "http",
-            "root_path": "",
-        }
+        scope = http_scope("POST", "/v1/weights", [(b"content-type", b"multipart/form-data; boundary=nbb")])
         tracemalloc.start()
         try:
             asyncio.run(create_app(h.settings)(scope, receive, send))
