@@ -105,6 +105,11 @@ def variants_arg(text: str) -> list[dict[str, Any]]:
         raise argparse.ArgumentTypeError(f"{e}\n{VARIANT_FORMS}") from None
 
 
+def batch_sizes_arg(text: str) -> list[int] | str:
+    """`2,4,8`, or `auto`: the powers of two from 2 up to what a probe (`normbench probe`) found fits."""
+    return "auto" if text.strip().lower() == "auto" else int_list_arg(text)
+
+
 def int_list_arg(text: str) -> list[int]:
     try:
         values = [int(t) for t in text.split(",") if t.strip()]
@@ -634,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_datasets(sub, common)
     _add_weights(sub, common)
     _add_job_actions(sub, common)
+    from app.cli_probe import add_probe_parser  # imports this module: added last
+
+    add_probe_parser(sub, common)
     return parser
 
 
@@ -666,7 +674,9 @@ def _add_submit(sub: Subparsers[argparse.ArgumentParser], common: argparse.Argum
     )
     submit.add_argument("dataset", metavar="DATASET_FILE_OR_NAME", help="a .npz/.zip/.csv to upload, or a dataset id")
     submit.add_argument("--variants", type=variants_arg, required=True, help="e.g. bn,gn:32,ln (forms below)")
-    submit.add_argument("--batch-sizes", type=int_list_arg, required=True, help="e.g. 2,4,8")
+    submit.add_argument(
+        "--batch-sizes", type=batch_sizes_arg, required=True, help="e.g. 2,4,8, or auto (after `normbench probe`)"
+    )
     submit.add_argument("--seeds", type=seeds_arg, default=[0, 1, 2], help="a count (3 = seeds 0,1,2) or a list")
     submit.add_argument("--epochs", type=int, default=10, help="training epochs per run (default 10)")
     submit.add_argument(

@@ -220,3 +220,28 @@ def test_auto_batch_sizes_come_from_a_probe_on_a_real_worker(client: TestClient,
     # A probe that measured a smaller network's memory does not cover this job: refused by what it lacks.
     resp = client.post("/v1/jobs", json=job_spec(ds, batch_sizes="auto", model={"arch": "cnn", "width": 16}))
     assert resp.status_code == 422 and "POST /v1/probes" in resp.json()["detail"]
+
+
+@pytest.fixture
+def live_url(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    from tests.test_cli import serve
+
+    monkeypatch.delenv("NORMBENCH_API_KEY", raising=False)
+
+    yield from serve(settings)
+
+
+@pytest.mark.e2e
+def test_cli_probe_then_submit_auto(live_url: str, worker: WorkerProcess, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_cli import run
+
+    common = ["--url", live_url]
+    probe = [*common, "probe", "digits", "--variants", "bn,gn:4", "--arch", "mlp", "--max-batch-size", "8"]
+    code, out, err = run(capsys, *probe, "--poll-interval", "0.2")
+    assert code == 0, err
+    assert "memory: traced_tensor_bytes" in out and "--batch-sizes auto → 2,4,8" in out, out
+    assert len([line for line in out.splitlines() if line.endswith("  yes")]) == 6  # 2 variants × 3 batch sizes
+    submit = [*common, "submit", "digits", "--variants", "bn,gn:4", "--arch", "mlp", "--batch-sizes", "auto"]
+    code, out, err = run(capsys, *submit, "--seeds", "1", "--epochs", "1", "--poll-interval", "0.2")
+    assert code == 0, err
+    assert "6 runs on digits" in err and all(f"batch {b}" in out for b in (2, 4, 8))
