@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import BearerDep, OwnerDep, SessionDep, SettingsDep, StorageDep, resolve_owner
 from app.api.rate_limit import client_key
+from app.api.routes.common import BaselineQuery, metrics_csv_response
 from app.config import Settings
 from app.db import read_with_retry, run_in_db_thread
 from app.schemas.common import ERROR_RESPONSES
@@ -20,7 +21,7 @@ from app.schemas.results import CurveAggregate, Curves, Results
 from app.schemas.runs import RunOut
 from app.services import jobs as service
 from app.services.curves import build_curve_aggregate, build_curves
-from app.services.export import CSV_MEDIA_TYPE, CSV_RESPONSE, content_disposition, stream_metrics_csv
+from app.services.export import CSV_RESPONSE
 from app.services.job_deletion import delete_job as delete_job_and_runs
 from app.services.results import build_results, job_runs
 from app.services.results_cache import cache as results_cache
@@ -184,14 +185,7 @@ def get_results(
     job_id: str,
     session: SessionDep,
     owner: OwnerDep,
-    baseline: Annotated[
-        str | None,
-        Query(
-            max_length=100,
-            description="Variant label to compare every other variant with, e.g. `bn` or `gn(32)`. Default: `bn`, "
-            "or the first variant when the job has no `bn`. An unknown label is a 422 listing the valid ones.",
-        ),
-    ] = None,
+    baseline: BaselineQuery = None,
 ) -> Response:
     job = service.get_job(session, owner, job_id)
     state = service.job_state(session, job)
@@ -271,8 +265,4 @@ def get_curve_aggregate(
 )
 def export_job_csv(job_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep) -> StreamingResponse:
     job = service.get_job(session, owner, job_id)
-    return StreamingResponse(
-        stream_metrics_csv(settings.resolved_database_url, job_id=job.id),
-        media_type=CSV_MEDIA_TYPE,
-        headers={"Content-Disposition": content_disposition(f"normbench-job-{job.id}.csv")},
-    )
+    return metrics_csv_response(settings.resolved_database_url, f"normbench-job-{job.id}.csv", job_id=job.id)

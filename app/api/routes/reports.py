@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
 from app.api.deps import OwnerDep, SessionDep
+from app.api.routes.common import BaselineQuery
 from app.schemas.common import ERROR_RESPONSES
 from app.services import jobs as jobs_service
 from app.services import report as service
@@ -39,6 +41,16 @@ BAND_QUERY = Query(
 )
 
 
+Handler = TypeVar("Handler", bound=Callable[..., Response])
+
+
+def svg_route(path: str, *, summary: str, description: str) -> Callable[[Handler], Handler]:
+    """A GET route that answers a standalone SVG document (documented as such in OpenAPI)."""
+    return router.get(
+        path, response_class=Response, responses={**ERROR_RESPONSES, **SVG_OK}, summary=summary, description=description
+    )
+
+
 def _svg(body: str) -> Response:
     return Response(body, media_type=SVG_MEDIA_TYPE, headers=service.SECURITY_HEADERS)
 
@@ -62,14 +74,7 @@ def get_report(
     job_id: str,
     session: SessionDep,
     owner: OwnerDep,
-    baseline: Annotated[
-        str | None,
-        Query(
-            max_length=100,
-            description="Variant label to compare every other variant with (as in /results). Default: `bn`, or "
-            "the first variant when the job has none.",
-        ),
-    ] = None,
+    baseline: BaselineQuery = None,
     interval: Annotated[service.Interval, INTERVAL_QUERY] = "ci95",
     band: Annotated[service.Band, BAND_QUERY] = "minmax",
     refresh: Annotated[
@@ -93,10 +98,8 @@ def get_report(
     return HTMLResponse(page, headers={**service.SECURITY_HEADERS, "Cache-Control": "no-store"})
 
 
-@router.get(
+@svg_route(
     "/{job_id}/plots/accuracy.svg",
-    response_class=Response,
-    responses={**ERROR_RESPONSES, **SVG_OK},
     summary="Accuracy vs batch size as SVG, one line per variant with error bars",
     description="Mean final validation accuracy over seeds for each (variant, batch size), x axis log₂ batch "
     "size, error bars per `interval`. Hollow markers flag cells with missing seeds (diverged, failed or still "
@@ -112,10 +115,8 @@ def get_accuracy_plot(
     return _svg(service.accuracy_svg(session, job, interval))
 
 
-@router.get(
+@svg_route(
     "/{job_id}/plots/curves.svg",
-    response_class=Response,
-    responses={**ERROR_RESPONSES, **SVG_OK},
     summary="Training curves as SVG: one panel per batch size, mean and seed band per variant",
     description="Small multiples of one metric against epochs, one panel per batch size with shared axes; per "
     "variant the mean across seeds as a line and the spread across seeds as a shaded band (per `band`). "

@@ -6,10 +6,11 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import OwnerDep, SessionDep, SettingsDep
+from app.api.routes.common import metrics_csv_response
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.runs import RunMetrics, RunOut
 from app.services import runs as service
-from app.services.export import CSV_MEDIA_TYPE, CSV_RESPONSE, content_disposition, stream_metrics_csv
+from app.services.export import CSV_RESPONSE
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 ERRORS = ERROR_RESPONSES
@@ -33,8 +34,4 @@ def get_run_metrics(run_id: str, session: SessionDep, owner: OwnerDep) -> RunMet
 )
 def export_run_csv(run_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep) -> StreamingResponse:
     run = service.get_run(session, owner, run_id)
-    return StreamingResponse(
-        stream_metrics_csv(settings.resolved_database_url, run_id=run.id),
-        media_type=CSV_MEDIA_TYPE,
-        headers={"Content-Disposition": content_disposition(f"normbench-run-{run.id}.csv")},
-    )
+    return metrics_csv_response(settings.resolved_database_url, f"normbench-run-{run.id}.csv", run_id=run.id)
