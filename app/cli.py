@@ -34,7 +34,7 @@ from app.core.run_states import RunStatus
 from app.core.units import human_bytes
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-UPLOAD_SUFFIXES = (".npz", ".zip", ".csv")
+UPLOAD_SUFFIXES = (".npz", ".zip", ".csv", ".jsonl")
 FINISHED = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)  # the job statuses that are final
 SWEEPABLE = ("groups", "group_size")
 
@@ -186,12 +186,20 @@ class Api:
         except httpx.HTTPError as e:
             raise self._unreachable(e) from None
 
-    def upload(self, path: Path, name: str | None, label_column: str | None, kind: str | None = None) -> dict[str, Any]:
+    def upload(
+        self,
+        path: Path,
+        name: str | None,
+        label_column: str | None,
+        kind: str | None = None,
+        text: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         if not path.is_file():
             raise CliError(f"no such file: {path}")
         if path.suffix.lower() not in UPLOAD_SUFFIXES:
-            raise CliError(f"{path}: upload a .npz, a .zip of class folders, or a .csv")
+            raise CliError(f"{path}: upload a .npz, a .zip of class folders, a .csv, or texts as .jsonl")
         form = {k: v for k, v in (("name", name), ("label_column", label_column), ("kind", kind)) if v}
+        form |= {k: str(v) for k, v in (text or {}).items() if v is not None}  # text_column, max_length
         with path.open("rb") as f:
             return self.json(  # type: ignore[no-any-return]
                 "POST",
@@ -348,7 +356,7 @@ def job_outcome(job: dict[str, Any], results: dict[str, Any]) -> int:
 def submit_spec(args: argparse.Namespace, dataset_id: str) -> dict[str, Any]:
     """The job spec `normbench submit` sends; what it leaves out takes the server's defaults."""
     model: dict[str, Any] = {"arch": args.arch}
-    for key in ("depth", "width"):
+    for key in ("depth", "width", "layers", "heads"):
         if getattr(args, key) is not None:
             model[key] = getattr(args, key)
     if args.hidden is not None:
@@ -396,7 +404,7 @@ def cmd_submit(api: Api, args: argparse.Namespace) -> int:
     source = args.dataset
     path = Path(source)
     if path.is_file():
-        dataset = api.upload(path, args.dataset_name, args.label_column, args.kind)
+        dataset = api.upload(path, args.dataset_name, args.label_column, args.kind, text_form(args))
         err(f"uploaded {path.name} as dataset {dataset['id']} ({dataset['kind']}, {dataset['num_samples']} samples)")
         dataset_id = dataset["id"]
     elif path.suffix.lower() in UPLOAD_SUFFIXES or os.sep in source:
@@ -491,7 +499,7 @@ def cmd_datasets(api: Api, args: argparse.Namespace) -> int:
         ]
         print_table(rows, ["id", "name", "kind", "shape", "classes", "samples", "size", "created"])
     elif args.action == "upload":
-        d = api.upload(Path(args.file), args.name, args.label_column, args.kind)
+        d = api.upload(Path(args.file), args.name, args.label_column, args.kind, text_form(args))
         print(d["id"])
         err(
             f"uploaded {args.file}: {d['kind']} {'×'.join(map(str, d['shape']))}, {d['num_classes']} classes, "
@@ -681,7 +689,7 @@ def _add_submit(sub: Subparsers[argparse.ArgumentParser], common: argparse.Argum
     submit.add_argument("--epochs", type=int, default=10, help="training epochs per run (default 10)")
     submit.add_argument(
         "--arch",
-        choices=["auto", "mlp", "cnn", "resnet", "cnn1d", "resnet1d"],
+        choices=["auto", "mlp", "cnn", "resnet", "cnn1d", "resnet1d", "transformer"],
         default="auto",
         help="network (default auto: the server picks mlp for tabular data, cnn for images, cnn1d for 1-D signals; "
         "the `make run` demo "
@@ -690,6 +698,8 @@ def _add_submit(sub: Subparsers[argparse.ArgumentParser], common: argparse.Argum
     submit.add_argument("--depth", type=int, help="ResNet depth (6n+2)")
     submit.add_argument("--width", type=int, help="CNN/ResNet first-stage channels")
     submit.add_argument("--hidden", type=int_list_arg, help="MLP hidden widths, e.g. 256,256")
+    submit.add_argument("--layers", type=int, help="transformer blocks (default 2)")
+    submit.add_argument("--heads", type=int, help="transformer attention heads, dividing --width (default 4)")
     submit.add_argument("--lr", type=float, help="learning rate at the reference batch size 32 (default 0.1)")
     submit.add_argument(
         "--validation-fraction", type=float, help="share of the training split held out for validation (default 0.1)"
@@ -698,6 +708,7 @@ def _add_submit(sub: Subparsers[argparse.ArgumentParser], common: argparse.Argum
     submit.add_argument("--dataset-name", help="name for an uploaded dataset (default: the file name)")
     submit.add_argument("--label-column", help="CSV upload: the column holding labels (default label)")
     submit.add_argument("--kind", choices=KIND_CHOICES, help=KIND_HELP)
+    add_text_options(submit)
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     submit.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     submit.set_defaults(func=cmd_submit)
@@ -760,8 +771,22 @@ def _add_job_actions(sub: Subparsers[argparse.ArgumentParser], common: argparse.
     extend.set_defaults(func=cmd_extend)
 
 
-KIND_CHOICES = ["auto", "image", "tabular", "signal"]
-KIND_HELP = "what an uploaded .npz holds: signal for 1-D signals x of shape (N, L) or (N, C, L) (default auto)"
+KIND_CHOICES = ["auto", "image", "tabular", "signal", "text"]
+KIND_HELP = (
+    "what an upload holds: signal for a .npz of 1-D signals x of shape (N, L) or (N, C, L), text for a .csv of texts "
+    "with a label column (a .jsonl is always text) (default auto)"
+)
+
+
+def add_text_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-column", help="text upload (.jsonl, or .csv with --kind text): the texts' column")
+    parser.add_argument(
+        "--max-length", type=int, help="text upload: UTF-8 bytes kept per text, longer ones cut (default 256)"
+    )
+
+
+def text_form(args: argparse.Namespace) -> dict[str, Any]:
+    return {"text_column": args.text_column, "max_length": args.max_length}
 
 
 def _add_datasets(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -774,6 +799,7 @@ def _add_datasets(sub: Subparsers[argparse.ArgumentParser], common: argparse.Arg
     up.add_argument("--name", help="display name (default: the file name)")
     up.add_argument("--label-column", help="CSV: the column holding labels (default label)")
     up.add_argument("--kind", choices=KIND_CHOICES, help=KIND_HELP)
+    add_text_options(up)
     rm = dsub.add_parser("rm", parents=[common], help="delete a dataset no job uses")
     rm.add_argument("id", metavar="ID")
     datasets.set_defaults(func=cmd_datasets)

@@ -42,6 +42,7 @@ __all__ = [
     "NoNorm",
     "NormLayer",
     "PreciseBatchNorm",
+    "RMSNorm",
     "SwitchableNorm",
     "create_norm_layer",
     "get_norm_layer",
@@ -191,6 +192,24 @@ class GroupNorm1(nn.GroupNorm):
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__(1, num_channels, eps=eps, affine=affine)
+
+
+class RMSNorm(nn.Module):
+    """`rmsnorm` over (C, *) of each sample: y = x / sqrt(mean(x²) + eps) · γ, with a per-channel scale and no
+    mean removed and no shift (Zhang & Sennrich 2019). On (N, C) inputs, such as the transformer's tokens
+    flattened to (tokens, channels), it is torch.nn.RMSNorm(C) with the same eps."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_channels, self.eps = num_channels, eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, x.dim()))
+        return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + self.eps) * self.weight.reshape(_channel_shape(x))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}"
 
 
 class InstanceNorm(nn.GroupNorm):
@@ -360,6 +379,7 @@ _NORM_LAYERS: dict[str, type[nn.Module]] = {
     "gn": GroupNorm,
     "gn_ws": GroupNormWS,
     "ln": GroupNorm1,
+    "rmsnorm": RMSNorm,
     "in": InstanceNorm,
     "frn": FilterResponseNorm,
     "evonorm_s0": EvoNormS0,

@@ -91,6 +91,7 @@ def test_norm_layer_init_and_rng(name: str) -> None:
     assert torch.equal(torch.get_rng_state(), state)
     if name != "none":
         assert torch.equal(layer.weight, torch.ones(8))
+    if name not in ("none", "rmsnorm"):  # RMSNorm scales only: no shift
         assert torch.equal(layer.bias, torch.zeros(8))
     assert get_norm_layer(name)(8).__class__ is layer.__class__
 

@@ -1,17 +1,18 @@
-"""A job's dataset resident on the training device: uint8 images, float features or float 1-D signals, split once.
+"""A job's dataset resident on the training device: uint8 images, float features, float 1-D signals or int32 text
+tokens, split once.
 
 No DataLoader: batches are index slices of device tensors, augmented on the device (workers.augment).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from app.core.dataset_format import load_canonical
+from app.core.dataset_format import TEXT_PAD, load_canonical
 
 SPLIT_SEED = 20180322  # one validation split per dataset, the same for every run and seed
 
@@ -30,9 +31,27 @@ class DeviceData:
     # The uploaded test split, when there is one: evaluated once, after training (it picks nothing).
     x_test: torch.Tensor | None = None
     y_test: torch.Tensor | None = None
+    # Text: real (non-PAD) tokens of each training sample, on the host, for the tokens a run has seen.
+    lengths: np.ndarray | None = None
+    _epoch_tokens: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def tokens_seen(self, seed: int, epochs: int, samples_per_epoch: int) -> int | None:
+        """Real tokens in the first `epochs` epochs of seed `seed`'s sample order (None unless text): every run
+        of one seed sees the same ones, whatever its variant or batch size. Each epoch is summed once."""
+        if self.lengths is None:
+            return None
+        total = 0
+        for epoch in range(epochs):
+            if (seed, epoch) not in self._epoch_tokens:
+                order = epoch_order(seed, epoch, len(self.lengths), samples_per_epoch).numpy()
+                self._epoch_tokens[(seed, epoch)] = int(self.lengths[order].sum())
+            total += self._epoch_tokens[(seed, epoch)]
+        return total
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw device batch → normalized float32, once per batch."""
+        """Raw device batch → normalized float32, once per batch; text's token ids pass through untouched."""
+        if self.kind == "text":
+            return x
         return (x.float() - self.mean) / self.std
 
 
@@ -81,8 +100,14 @@ def load_device_data(path: Path, budget: dict[str, int], device: torch.device) -
         x_tr, y_tr, x_va, y_va = x[tr], y[tr], x[va], y[va]
     if len(x_tr) != budget["train_size"]:
         raise ValueError(f"dataset changed since submit: {len(x_tr)} training samples, expected {budget['train_size']}")
+    if ds.kind == "text":  # token ids: int32 for the embedding (torch indexes no uint16), never normalized
+        x_tr, x_va = x_tr.astype(np.int32), x_va.astype(np.int32)
+        ds.x_test = None if ds.x_test is None else ds.x_test.astype(np.int32)
     xt = torch.from_numpy(np.ascontiguousarray(x_tr)).to(device)
-    mean_np, std_np = channel_stats(x_tr, image=ds.kind != "tabular")  # signals: per channel, as images
+    if ds.kind == "text":
+        mean_np, std_np = np.zeros((1, 1), np.float32), np.ones((1, 1), np.float32)
+    else:
+        mean_np, std_np = channel_stats(x_tr, image=ds.kind != "tabular")  # signals: per channel, as images
     mean, std = torch.from_numpy(mean_np).to(device), torch.from_numpy(std_np).to(device)
     std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant features stay constant
     return DeviceData(
@@ -97,6 +122,7 @@ def load_device_data(path: Path, budget: dict[str, int], device: torch.device) -
         num_classes=ds.num_classes,
         x_test=None if ds.x_test is None else torch.from_numpy(np.ascontiguousarray(ds.x_test)).to(device),
         y_test=None if ds.y_test is None else torch.from_numpy(ds.y_test).to(device),
+        lengths=(x_tr != TEXT_PAD).sum(axis=1) if ds.kind == "text" else None,
     )
 
 

@@ -324,6 +324,7 @@ class PackTrainer:
                     val_acc_train_mode=train_mode[i] if m.epoch == g.sched.epochs else None,
                     test=(test[0][i], test[1][i]) if test is not None and m.epoch == g.sched.epochs else None,
                     mixtures=g.mixtures(i) if m.epoch == g.sched.epochs else None,
+                    tokens=self.data.tokens_seen(m.cfg.seed, m.epoch, m.cfg.budget["samples_per_epoch"]),
                 )
                 if g.segmentation:  # mean IoU (and per class) from this epoch's confusion matrices; test's at the end
                     splits = ("val", "test") if m.epoch == g.sched.epochs else ("val",)

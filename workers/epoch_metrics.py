@@ -18,9 +18,10 @@ def epoch_metrics(
     val_acc_train_mode: float | None = None,
     test: tuple[float, float] | None = None,
     mixtures: dict[str, dict[str, float]] | None = None,
+    tokens: int | None = None,
 ) -> dict[str, float]:
     """The epoch's finals: validation accuracy and loss (eval mode), mean training loss, the last step's
-    learning rate, throughput so far, BN batch-statistics noise (mean, var and count sums; absent without
+    learning rate, throughput so far (text: also the real `tokens` seen and `tokens_per_s`), BN batch-statistics noise (mean, var and count sums; absent without
     BN) and, after the last epoch, validation accuracy with batch statistics (train-mode norms) and, when the
     dataset has a test split, `test_acc` and `test_loss` on it (eval mode; reported, never used to pick); after
     the last epoch, the shares Switchable Normalization learned per layer (`mixtures`, see mixture_metrics)."""
@@ -32,6 +33,9 @@ def epoch_metrics(
         "images_per_s": samples / max(elapsed, 1e-9),
         **noise_metrics(*noise),
     }
+    if tokens is not None:  # text: the budget counts tokens as well as samples
+        finals["tokens"] = float(tokens)
+        finals["tokens_per_s"] = tokens / max(elapsed, 1e-9)
     if val_acc_train_mode is not None:
         finals["val_acc_train_mode"] = val_acc_train_mode
     if test is not None:

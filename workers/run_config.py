@@ -65,6 +65,8 @@ def build_run_model_and_init(
         width=cfg.model.get("width", 16),
         hidden=cfg.model.get("hidden"),
         levels=cfg.model.get("levels", 3),
+        layers=cfg.model.get("layers", 2),
+        heads=cfg.model.get("heads", 4),
     )
     transfer = None
     if cfg.init is not None:

@@ -209,6 +209,14 @@ NORMS: dict[str, NormInfo] = {
             includes_activation=True,
         ),
         NormInfo(
+            "rmsnorm",
+            "RMSNorm",
+            "Divides all channels (and spatial positions) of each sample by their root mean square, without "
+            "subtracting a mean, then a per-channel scale (Zhang & Sennrich 2019); in the transformer, each token's "
+            "channels, as torch.nn.RMSNorm.",
+            batch_dependent=False,
+        ),
+        NormInfo(
             "ln_channel",
             "LayerNorm over channels",
             "Normalizes each sample's channels at every spatial position separately (the LayerNorm of ConvNeXt "
@@ -411,10 +419,28 @@ ARCHS: dict[str, ArchInfo] = {
 }
 
 
+# The norms the transformer takes (per token over channels, or BatchNorm over the batch's real tokens only).
+TRANSFORMER_NORMS = ("ln", "rmsnorm", "gn", "bn", "none")
+_TOKEN_NORMS_ONLY = (
+    "the transformer takes ln, rmsnorm, gn (per token over channels), bn (masked: statistics over real tokens) or "
+    "none; a token sequence has no spatial positions, and the other batch statistics would take in padding"
+)
+ARCHS["transformer"] = ArchInfo(
+    "transformer",
+    "Small pre-norm Transformer encoder for texts (byte tokens): token and learned position embeddings of `width` "
+    "channels, `layers` blocks (self-attention with `heads` heads, then a 4×`width` GELU MLP, each after the norm "
+    "and added back), a final norm, the mean over real tokens (padding is masked in attention, pooling and "
+    "BatchNorm's statistics) and a linear classifier. `ln`, `rmsnorm` and `gn` normalize each token's channels "
+    "(`gn`: 4 groups unless set); "
+    "`bn` normalizes each channel over the batch's real tokens.",
+    ("text",),
+    refuses={n: _TOKEN_NORMS_ONLY for n in NORMS if n not in TRANSFORMER_NORMS},
+)
+
 # Convolution width of the 1-D networks (padding KERNEL_1D // 2 keeps the length at stride 1).
 KERNEL_1D = 5
 # The network a job with `model.arch: auto` gets for each dataset kind.
-AUTO_ARCH = {"image": "cnn", "tabular": "mlp", "signal": "cnn1d"}
+AUTO_ARCH = {"image": "cnn", "tabular": "mlp", "signal": "cnn1d", "text": "transformer"}
 
 
 # Semantic segmentation (kind `segmentation`): per-pixel class logits, models/unet.py.
@@ -444,6 +470,39 @@ def unet_widths(width: int, levels: int) -> list[int]:
     return [width * 2**i for i in range(levels + 1)]
 
 
+# `gn` in the transformer when neither `groups` nor `group_size` is set: a token has no positions, so a group
+# of one channel would normalize each value to 0 (GroupNorm's default of 32 groups would do that at width 32).
+TRANSFORMER_GN_GROUPS = 4
+
+
+def transformer_norm_params(norm: str, params: NormParams, width: int) -> dict[str, ParamValue | None]:
+    """The variant's parameters as the transformer builds it: `gn` gets TRANSFORMER_GN_GROUPS (lowered to a
+    divisor of `width`) unless set, and refuses groups of one channel."""
+    out = dict(params)
+    if norm == "gn":
+        if out.get("groups") is None and out.get("group_size") is None:
+            groups = min(TRANSFORMER_GN_GROUPS, width)
+            while width % groups:
+                groups -= 1
+            out["groups"] = groups
+        groups = resolve_groups(width, out.get("groups"), out.get("group_size"))  # type: ignore[arg-type]
+        if groups == width and width > 1:
+            raise CatalogueError(
+                f"gn with {groups} groups of one channel normalizes each token's value to 0 in the transformer; "
+                f"use fewer groups (default {TRANSFORMER_GN_GROUPS})"
+            )
+    return out
+
+
+def check_transformer(width: int, layers: int, heads: int) -> None:
+    """The transformer's `width` (channels) splits evenly over its attention `heads`."""
+    if layers < 1 or heads < 1 or width % heads:
+        raise CatalogueError(
+            f"transformer width {width} must be a multiple of heads {heads} (and layers, heads at least 1); "
+            f"e.g. width {heads * max(1, -(-width // heads))}"
+        )
+
+
 def unknown_choice(kind: str, value: str, valid: list[str]) -> CatalogueError:
     return CatalogueError(f"unknown {kind} '{value}'; valid choices: {', '.join(valid)}")
 
@@ -466,6 +525,8 @@ def norm_sites(
     hidden: list[int] | None = None,
     input_shape: tuple[int, ...] | list[int] | None = None,
     levels: int = UNET_LEVELS,
+    layers: int = 2,
+    heads: int = 4,
 ) -> list[NormSite]:
     """Every norm layer the network `arch` has, in build order, with its channel count.
 
@@ -477,6 +538,10 @@ def norm_sites(
         enc = [NormSite(f"enc.{i}.norm{j}", w, spatial=True) for i, w in enumerate(widths) for j in (1, 2)]
         dec = [NormSite(f"dec.{i}.norm{j}", widths[i], spatial=True) for i in reversed(range(levels)) for j in (1, 2)]
         return enc + dec
+    if arch == "transformer":
+        check_transformer(width, layers, heads)
+        blocks = [NormSite(f"blocks.{i}.norm{j}", width, spatial=False) for i in range(layers) for j in (1, 2)]
+        return [*blocks, NormSite("norm", width, spatial=False)]
     if arch == "mlp":
         return [NormSite(f"hidden{i}", w, spatial=False) for i, w in enumerate(hidden or [256, 256])]
     if arch in ("cnn", "cnn1d"):  # the 1-D networks mirror the 2-D ones layer for layer
@@ -709,6 +774,8 @@ def check_variant(norm: str, params: NormParams, sites: list[NormSite], *, arch:
                 resolve_groups(site.channels, groups, group_size, norm=norm)  # type: ignore[arg-type]
             except CatalogueError as e:
                 raise CatalogueError(f"{e} (layer '{site.layer}')") from None
+    if arch == "transformer" and sites:  # its gn default, and no groups of one channel
+        transformer_norm_params(norm, given, sites[0].channels)
 
 
 def resolved_params(norm: str, params: NormParams) -> dict[str, ParamValue | None]:

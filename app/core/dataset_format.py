@@ -1,5 +1,6 @@
 """The canonical stored dataset: one uncompressed `.npz` that the API writes and the workers read.
 
+* text: `x` uint16 N×L byte tokens (`TEXT_PAD` after each text's end);
 * images: `x` uint8 N×C×H×W; tabular: `x` float32 N×F; 1-D signals: `x` float32 N×C×L (channels, length);
 * `y` int64 labels in [0, num_classes); `class_names`: one name per label index; `kind`: "image", "tabular",
   "signal" or "segmentation";
@@ -23,11 +24,14 @@ from typing import Literal, cast
 
 import numpy as np
 
-Kind = Literal["image", "tabular", "signal", "segmentation"]
-KINDS: tuple[Kind, ...] = ("image", "tabular", "signal", "segmentation")
+Kind = Literal["image", "tabular", "signal", "segmentation", "text"]
+KINDS: tuple[Kind, ...] = ("image", "tabular", "signal", "segmentation", "text")
 # Segmentation masks are stored as uint8: this value marks ignored pixels, so at most 255 classes.
 IGNORE_LABEL = 255
 MAX_SEG_CLASSES = 255
+# Text (byte-level tokens, app.ingest.text_table): UTF-8 byte b is token b + 1; TEXT_PAD fills after a text's end.
+TEXT_PAD = 0
+TEXT_VOCAB = 257
 # (split, samples key, labels key); "train" is the only split every dataset has.
 SPLITS = (("train", "x", "y"), ("val", "x_val", "y_val"), ("test", "x_test", "y_test"))
 
@@ -46,6 +50,8 @@ class CanonicalDataset:
     y_val: np.ndarray | None = None
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    # What the upload's conversion did, for the dataset's row (text: tokenization and truncation); not stored here.
+    summary: dict[str, object] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -86,6 +92,12 @@ def check_canonical(ds: CanonicalDataset) -> None:
         if ds.x.dtype != np.float32 or ds.x.ndim != 2:
             raise DatasetFormatError(
                 f"canonical tabular x must be float32 N×F, got {ds.x.dtype} {shape_text(ds.x.shape)}"
+            )
+    elif ds.kind == "text":
+        if ds.x.dtype != np.uint16 or ds.x.ndim != 2 or (ds.x.size and int(ds.x.max()) >= TEXT_VOCAB):
+            raise DatasetFormatError(
+                f"canonical text x must be uint16 N×L token ids below {TEXT_VOCAB}, got {ds.x.dtype} "
+                f"{shape_text(ds.x.shape)}"
             )
     elif ds.kind == "signal":
         if ds.x.dtype != np.float32 or ds.x.ndim != 3:

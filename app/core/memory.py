@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, replace
 
 from app.core import catalogue
+from app.core.dataset_format import TEXT_VOCAB
 from app.core.units import human_bytes
 
 FLOAT_BYTES = 4
@@ -41,6 +42,7 @@ NORM_PARAMS_PER_CHANNEL: dict[str, int] = {
     "bn": 2,
     "gn": 2,
     "ln": 2,
+    "rmsnorm": 1,
     "in": 2,
     "none": 0,
     "bn_precise": 2,
@@ -66,6 +68,7 @@ NORM_ACTIVATION_FACTOR: dict[str, float] = {
     "bn": 4,
     "gn": 4,
     "ln": 4,
+    "rmsnorm": 5,
     "in": 4,
     "none": 2,
     "bn_precise": 4,
@@ -145,6 +148,8 @@ def network(
     width: int = 16,
     hidden: list[int] | None = None,
     levels: int = catalogue.UNET_LEVELS,
+    layers: int = 2,
+    heads: int = 4,
 ) -> Net:
     """The memory description of `arch` (as `models.nets.build_model` builds it) for inputs of `input_shape`."""
     shape = tuple(input_shape)
@@ -154,6 +159,8 @@ def network(
         return _torchvision_network(info, shape, num_classes)
     if arch == "unet":
         return _unet(shape, num_classes, width=width, levels=levels)
+    if arch == "transformer":
+        return _transformer(shape, num_classes, width=width, layers=layers, heads=heads)
     sites = catalogue.norm_sites(arch, depth=depth, width=width, hidden=hidden)
     channels = sum(s.channels for s in sites)
     if arch == "mlp":
@@ -262,6 +269,23 @@ def _network_1d(arch: str, shape: tuple[int, ...], num_classes: int, *, depth: i
     return Net(weights, channels, len(sites), tuple(elems), other + prev + 2 * num_classes)
 
 
+def _transformer(shape: tuple[int, ...], num_classes: int, *, width: int, layers: int, heads: int) -> Net:
+    """`transformer` (models.transformer) over (L,) tokens: exact weights; activations per block of the attention
+    (q, k, v, scores and softmax per head, the weighted sum), the 4×width MLP (before and after GELU) and the
+    residual sums, rounded up."""
+    if len(shape) != 1:
+        raise catalogue.CatalogueError(f"architecture 'transformer' needs (L,) token inputs; got shape {shape}")
+    (length,) = shape
+    d = width
+    sites = catalogue.norm_sites("transformer", width=d, layers=layers, heads=heads)
+    per_block = 3 * d * d + 3 * d + d * d + d + 4 * d * d + 4 * d + 4 * d * d + d  # qkv, out, MLP
+    weights = (TEXT_VOCAB + length) * d + layers * per_block + d * num_classes + num_classes
+    elems = tuple(length * s.channels for s in sites)
+    per_layer = length * (3 * d + d + 2 * 4 * d + 2 * d) + 3 * heads * length * length
+    other = layers * per_layer + 2 * length * d + length + d + 2 * num_classes
+    return Net(weights, sum(s.channels for s in sites), len(sites), elems, other)
+
+
 def _torchvision_network(info: catalogue.ArchInfo, shape: tuple[int, ...], num_classes: int) -> Net:
     """A torchvision network (`shape`: the input as fed to it) from the catalogue's description: exact weights,
     norm sites with their spatial positions, and the activations outside the norms per `other_per_site`."""
@@ -357,7 +381,7 @@ def dataset_bytes(kind: str, shape: list[int] | tuple[int, ...], split_sizes: di
     samples = sum(int(v) for v in split_sizes.values() if isinstance(v, int))
     if kind == "segmentation":  # uint8 images and uint8 masks (one byte per pixel)
         return samples * (math.prod(shape) + math.prod(shape[1:]))
-    item = 1 if kind == "image" else FLOAT_BYTES
+    item = 1 if kind == "image" else FLOAT_BYTES  # text: uint16 stored, int32 on the worker
     return samples * (math.prod(shape) * item + 8)
 
 

@@ -15,6 +15,7 @@ from app.ingest.csv_table import read_csv
 from app.ingest.image_zip import read_image_zip
 from app.ingest.npz import read_npz
 from app.ingest.segmentation import is_segmentation_zip, read_segmentation_zip
+from app.ingest.text_table import DEFAULT_MAX_LENGTH, read_text
 
 __all__ = ["ACCEPTED_FORMATS", "IngestError", "IngestLimits", "ingest_file"]
 
@@ -24,6 +25,8 @@ def ingest_file(
     filename: str,
     *,
     label_column: str = "label",
+    text_column: str = "text",
+    max_length: int = DEFAULT_MAX_LENGTH,
     limits: IngestLimits = IngestLimits(),
     kind: str | None = None,
     ignore_index: int | None = None,
@@ -35,7 +38,7 @@ def ingest_file(
     for pixels that count for nothing."""
     path = Path(path)
     ext = PurePosixPath(filename.replace("\\", "/")).suffix.lower()
-    if ext not in (".npz", ".zip", ".csv"):
+    if ext not in (".npz", ".zip", ".csv", ".jsonl"):
         hint = ""
         if ext == ".npy":
             hint = " A .npy file holds a single array; save images and labels together with np.savez(path, x=x, y=y)."
@@ -47,6 +50,21 @@ def ingest_file(
         raise IngestError(f"{filename!r} is empty (0 bytes); upload the complete file")
     with path.open("rb") as f:
         check_magic(ext, f.read(8), filename)
+    if ext == ".jsonl" or kind == "text":  # text classification: `text_column` and `label_column`, byte tokens
+        if ext not in (".csv", ".jsonl") or kind not in (None, "text"):
+            raise IngestError(
+                f"kind=text needs a .csv or .jsonl upload with a text and a label column; {filename!r} is {ext}"
+                + ("" if kind in (None, "text") else f" with kind={kind}")
+            )
+        return read_text(
+            path,
+            filename,
+            jsonl=ext == ".jsonl",
+            text_column=text_column,
+            label_column=label_column,
+            max_length=max_length,
+            limits=limits,
+        )
     if kind == "signal" and ext != ".npz":
         raise IngestError(
             f"kind=signal needs a .npz upload with x of shape (N, L) or (N, C, L) and labels y; {filename!r} is {ext}"

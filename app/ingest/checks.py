@@ -24,7 +24,7 @@ EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 NPY_MAGIC = b"\x93NUMPY"
 ACCEPTED_FORMATS = (
     ".npz (NumPy arrays `x` and `y`), .zip (one folder of PNG/JPEG images per class), "
-    ".csv (numeric feature columns plus a label column)"
+    ".csv (numeric feature columns plus a label column), .jsonl or .csv with kind=text (a text and a label column)"
 )
 MAX_NAME_CHARS = 200  # the longest dataset or class name (the datasets.name column holds 200)
 # Sizes up to this expand freely: the ratio guard is for what could cost memory, not for tiny entries.
@@ -50,6 +50,8 @@ class IngestLimits:
     max_csv_rows: int = 5_000_000
     max_csv_columns: int = 10_000
     max_csv_line_chars: int = 1 << 20
+    # Text uploads (app.ingest.text_table): bytes of one line, read at most this many at a time.
+    max_text_line_bytes: int = 1 << 20
     # 1-D signals (kind=signal): values per channel and channels per sample.
     max_signal_length: int = 1 << 20
     max_signal_channels: int = 1024

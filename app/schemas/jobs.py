@@ -27,14 +27,17 @@ class ModelSpec(Strict):
         "cnn1d",
         "resnet1d",
         "unet",
+        "transformer",
     ] = Field(
         "auto",
         description="Network: `mlp` (flattened inputs; any dataset), `cnn` (small CNN for tiny images), "
         "`resnet` (CIFAR-style ResNet), or torchvision's ImageNet networks `resnet18`, `resnet50`, "
         "`mobilenet_v3_small`, `convnext_tiny` (built by torchvision with the variant's norm at every norm "
         "layer; `depth`/`width`/`hidden` do not apply; fine-tune them from uploaded weights with `init`), "
-        "or for 1-D signals `cnn1d` (small 1-D CNN) and `resnet1d` (1-D ResNet). "
-        "`auto` picks `mlp` for tabular data, `cnn` for images and `cnn1d` for signals.",
+        "or for 1-D signals `cnn1d` (small 1-D CNN) and `resnet1d` (1-D ResNet), or for texts `transformer` (small "
+        "pre-norm Transformer encoder of `width` channels, `layers` blocks, `heads` heads; norms `ln`, `rmsnorm`, "
+        "`gn`, masked `bn`, `none`). "
+        "`auto` picks `mlp` for tabular data, `cnn` for images, `cnn1d` for signals and `transformer` for texts.",
     )
     depth: int = Field(20, ge=8, le=110, description="ResNet depth, 6n+2 (8, 14, 20, 32, 44, 56, 110).")
     width: int = Field(16, ge=1, le=256, description="CNN/ResNet first-stage channel count; stages use ×1, ×2, ×4.")
@@ -47,6 +50,10 @@ class ModelSpec(Strict):
     )
     hidden: list[int] = Field(
         [256, 256], min_length=1, max_length=8, description="MLP hidden layer widths (each gets a norm layer)."
+    )
+    layers: int = Field(2, ge=1, le=12, description="Transformer blocks (each has two norm layers).")
+    heads: int = Field(
+        4, ge=1, le=16, description="Transformer attention heads; must divide `width` (the channels per token)."
     )
 
     @field_validator("hidden")

@@ -45,6 +45,12 @@ class RunResult(RunKey):
     samples_seen: int = Field(description="Training samples consumed.")
     wall_time_s: float | None = Field(description="Training wall time in seconds.")
     images_per_s: float | None = Field(description="Training throughput, samples per second.")
+    tokens_seen: int | None = Field(
+        None,
+        description="Texts only: real (non-padding) training tokens consumed; the same for every run of one seed, "
+        "as samples are (null for other data).",
+    )
+    tokens_per_s: float | None = Field(None, description="Texts only: training throughput in real tokens per second.")
     device: str | None = Field(description="Device the run trained on, e.g. `cpu` or `cuda:0 (NVIDIA H100)`.")
     torch_version: str | None = Field(description="PyTorch version used.")
     peak_memory_bytes: int | None = Field(

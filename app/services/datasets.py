@@ -6,7 +6,7 @@ import hashlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
@@ -22,7 +22,7 @@ from app.services import quotas
 from app.storage import Storage
 from app.tables import Dataset, Job, new_id
 
-ACCEPTED_SUFFIXES = (".npz", ".zip", ".csv")
+ACCEPTED_SUFFIXES = (".npz", ".zip", ".csv", ".jsonl")
 CHUNK = 1 << 20
 
 
@@ -62,6 +62,7 @@ def create_dataset(
     name: str | None,
     label_column: str,
     kind: str | None = None,
+    text: dict[str, Any] | None = None,
     ignore_index: int | None = None,
 ) -> Dataset:
     """Validate and store one upload. Nothing is left behind on any failure: the temporary folder goes
@@ -70,7 +71,7 @@ def create_dataset(
     if suffix not in ACCEPTED_SUFFIXES:
         raise InvalidDataset(
             f"file {filename[:200]!r} has an unsupported type; upload a .npz (arrays x, y), a .zip of "
-            "class folders of PNG/JPEG images, or a .csv with a label column"
+            "class folders of PNG/JPEG images, a .csv with a label column, or texts as .jsonl (or .csv with kind=text)"
         )
     display_name = _display_name(name, filename)
     used = quotas.dataset_bytes_used(session, owner)
@@ -93,6 +94,7 @@ def create_dataset(
                     filename,
                     label_column=label_column,
                     limits=ingest_limits(settings),
+                    **(text or {}),
                     kind=kind,
                     ignore_index=ignore_index,
                 )
@@ -115,6 +117,7 @@ def create_dataset(
             class_names=canonical.class_names,
             num_samples=canonical.num_samples,
             split_sizes=canonical.split_sizes,
+            summary=canonical.summary,
             sha256=digest,
             size_bytes=size,
             storage_uri=uri,

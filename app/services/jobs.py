@@ -53,7 +53,16 @@ def validate_network(
     except catalogue.CatalogueError as e:
         raise InvalidSpec(f"input: {e}") from None
     try:
-        sites = catalogue.norm_sites(arch, depth=model.depth, width=model.width, hidden=model.hidden, levels=model.levels, input_shape=fed)
+        sites = catalogue.norm_sites(
+            arch,
+            depth=model.depth,
+            width=model.width,
+            hidden=model.hidden,
+            levels=model.levels,
+            input_shape=fed,
+            layers=model.layers,
+            heads=model.heads,
+        )
     except catalogue.CatalogueError as e:
         raise InvalidSpec(f"model: {e}") from None
     for i, variant in enumerate(variants):
@@ -149,6 +158,8 @@ def _check_memory(
             depth=spec.model.depth,
             width=spec.model.width,
             hidden=spec.model.hidden,
+            layers=spec.model.layers,
+            heads=spec.model.heads,
             levels=spec.model.levels,
         ),
         norms=tuple(sorted({v.norm for v in variants})),

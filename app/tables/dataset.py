@@ -26,5 +26,7 @@ class Dataset(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     storage_uri: Mapped[str] = mapped_column(String(1000))
+    # What the upload's conversion did (text: tokens, stored length, truncated texts); NULL when nothing to say.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JsonType, nullable=True)
     builtin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from app.api.deps import SettingsDep
-from app.core.catalogue import ARCHS, NORMS, PARAMS
+from app.core.catalogue import ARCHS, AUTO_ARCH, NORMS, PARAMS
 from app.schemas.jobs import AugmentSpec, BudgetSpec, JobSpec, ModelSpec, OptimizerSpec
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -85,6 +85,7 @@ def catalogue(settings: SettingsDep) -> JSONResponse:
         "archs": [
             {"name": a.name, "description": a.description, "input_kinds": list(a.input_kinds)} for a in ARCHS.values()
         ],
+        "auto_arch": AUTO_ARCH,  # the network `auto` picks per dataset kind
         "limits": {
             "max_epochs": settings.max_epochs,
             "max_runs_per_job": settings.max_runs_per_job,

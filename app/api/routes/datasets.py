@@ -22,7 +22,7 @@ ERRORS = ERROR_RESPONSES
     responses=ERRORS,
     summary="Upload a dataset",
     # One file and four short text fields; anything else in the form is refused while parsing.
-    form_limits={"max_files": 1, "max_fields": 4, "max_part_size": 4096},
+    form_limits={"max_files": 1, "max_fields": 6, "max_part_size": 4096},
 )
 def upload_dataset(
     session: SessionDep,
@@ -38,15 +38,34 @@ def upload_dataset(
         ),
     ],
     name: Annotated[str | None, Form(max_length=200, description="Display name; defaults to the file name.")] = None,
-    label_column: Annotated[str, Form(max_length=200, description="CSV only: the column holding labels.")] = "label",
+    label_column: Annotated[
+        str, Form(max_length=200, description="CSV and text uploads: the column (JSONL: the key) holding labels.")
+    ] = "label",
+    text_column: Annotated[
+        str,
+        Form(
+            max_length=200,
+            description="Text uploads (`kind=text` .csv, or .jsonl): the column (JSONL: the key) holding the texts.",
+        ),
+    ] = "text",
+    max_length: Annotated[
+        int,
+        Form(
+            ge=8,
+            le=4096,
+            description="Text uploads: tokens (UTF-8 bytes) kept per text; longer texts are cut there and the "
+            "dataset's `summary` counts them.",
+        ),
+    ] = 256,
     kind: Annotated[
-        Literal["auto", "image", "tabular", "signal", "segmentation"],
+        Literal["auto", "image", "tabular", "signal", "segmentation", "text"],
         Form(
             description="What the samples are. `auto`: decided by the format and x's rank (2-D tabular, 3-/4-D "
             "images). `signal`: a .npz whose x is (N, L) or (N, C, L) 1-D signals (stored as float32 N×C×L; "
             "length at most 1,048,576, channels at most 1,024, finite values). `segmentation`: a .zip with "
             "images/ and masks/ (same names; masks are PNGs of class indices or palette PNGs) or a .npz with x "
-            "(N, H, W[, C]) and y (N, H, W) masks; `auto` recognizes both. `image`/`tabular`: checked."
+            "(N, H, W[, C]) and y (N, H, W) masks; `auto` recognizes both. `image`/`tabular`: checked. `text`: a .csv with a text and a label column (a "
+            ".jsonl upload is always text), stored as byte tokens cut at `max_length`."
         ),
     ] = "auto",
     ignore_index: Annotated[
@@ -68,6 +87,7 @@ def upload_dataset(
         filename=file.filename or "upload",
         name=name,
         label_column=label_column,
+        text={"text_column": text_column, "max_length": max_length},
         kind=None if kind == "auto" else kind,
         ignore_index=ignore_index,
     )

@@ -544,7 +544,7 @@
     const dsSelect = h("select", {}, datasets.map((ds) =>
       h("option", { value: ds.id, selected: query.get("dataset") === ds.id },
         ds.name + " — " + ds.kind + " " + datasetShape(ds) + ", " + ds.num_classes + " classes, " + fmtInt(ds.num_samples) + " samples")));
-    const archSelect = h("select", {}, ["auto", "mlp", "cnn", "resnet"].map((a) => h("option", { value: a }, a)));
+    const archSelect = h("select", {}, ["auto", "mlp", "cnn", "resnet", "cnn1d", "resnet1d", "transformer"].map((a) => h("option", { value: a }, a)));
     const archHint = h("span", {});
     const hidden = h("input", { type: "text", value: defaults.model.hidden.join(", "), inputmode: "numeric" });
     const width = h("input", { type: "number", min: 1, max: 256, value: defaults.model.width });
@@ -622,10 +622,13 @@
 
     function chosenDataset() { return datasets.find((d) => d.id === dsSelect.value); }
 
+    // The network `auto` resolves to for the dataset's kind: the server's own table (catalogue.AUTO_ARCH).
+    function autoArch(ds) { return (ds && catalogue.auto_arch[ds.kind]) || "cnn"; }
+
     function updateArch() {
       const ds = chosenDataset();
       let arch = archSelect.value;
-      if (arch === "auto") arch = ds && ds.kind === "tabular" ? "mlp" : "cnn";
+      if (arch === "auto") arch = autoArch(ds);
       const info = catalogue.archs.find((a) => a.name === arch);
       const hint = (archSelect.value === "auto" ? "auto → " + arch + " for this dataset. " : "") + (info ? info.description : "");
       if (archHint.textContent !== hint) archHint.textContent = hint;
@@ -641,7 +644,7 @@
       if (name.value.trim()) spec.name = name.value.trim();
       spec.model = { arch: archSelect.value };
       const ds = chosenDataset();
-      const arch = archSelect.value === "auto" ? (ds && ds.kind === "tabular" ? "mlp" : "cnn") : archSelect.value;
+      const arch = archSelect.value === "auto" ? autoArch(ds) : archSelect.value;
       if (arch === "mlp") {
         const parsed = parseIntList(hidden.value);
         if (parsed.error) local.push(["model.hidden", parsed.error]); else spec.model.hidden = parsed.values;
