@@ -24,7 +24,7 @@ import re
 import sys
 import time
 import webbrowser
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -714,15 +714,26 @@ def _add_submit(sub: Subparsers[argparse.ArgumentParser], common: argparse.Argum
     submit.set_defaults(func=cmd_submit)
 
 
+def _job_command(
+    sub: Subparsers[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    name: str,
+    help: str,
+    func: Callable[[Api, argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """A subcommand about one job (JOB: its id or a unique prefix); add its own options to what it returns."""
+    parser = sub.add_parser(name, parents=[common], help=help)
+    parser.add_argument("job", metavar="JOB")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def _add_job_reports(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """status, results and report: what a submitted job did."""
-    status = sub.add_parser("status", parents=[common], help="status and progress of a job")
-    status.add_argument("job", metavar="JOB")
+    status = _job_command(sub, common, "status", "status and progress of a job", cmd_status)
     status.add_argument("--json", action="store_true", help="the job as JSON")
-    status.set_defaults(func=cmd_status)
 
-    results = sub.add_parser("results", parents=[common], help="statistics and verdicts of a job")
-    results.add_argument("job", metavar="JOB")
+    results = _job_command(sub, common, "results", "statistics and verdicts of a job", cmd_results)
     results.add_argument(
         "--format",
         choices=["table", "json", "csv"],
@@ -731,12 +742,9 @@ def _add_job_reports(sub: Subparsers[argparse.ArgumentParser], common: argparse.
         "csv: every metric point (long format)",
     )
     results.add_argument("--baseline", help="variant to compare with (default bn)")
-    results.set_defaults(func=cmd_results)
 
-    report = sub.add_parser("report", parents=[common], help="print (or open) the URL of a job's report page")
-    report.add_argument("job", metavar="JOB")
+    report = _job_command(sub, common, "report", "print (or open) the URL of a job's report page", cmd_report)
     report.add_argument("--open", action="store_true", help="open it in a web browser")
-    report.set_defaults(func=cmd_report)
 
 
 def _add_job_actions(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -751,16 +759,9 @@ def _add_job_actions(sub: Subparsers[argparse.ArgumentParser], common: argparse.
     jrm.add_argument("job", metavar="JOB")
     jobs.set_defaults(func=cmd_jobs)
 
-    cancel = sub.add_parser("cancel", parents=[common], help="cancel a job's unfinished runs")
-    cancel.add_argument("job", metavar="JOB")
-    cancel.set_defaults(func=cmd_cancel)
-
-    retry = sub.add_parser("retry", parents=[common], help="queue a finished job's failed and cancelled runs again")
-    retry.add_argument("job", metavar="JOB")
-    retry.set_defaults(func=cmd_retry)
-
-    extend = sub.add_parser("extend", parents=[common], help="add seeds to a job (same budget and contract)")
-    extend.add_argument("job", metavar="JOB")
+    _job_command(sub, common, "cancel", "cancel a job's unfinished runs", cmd_cancel)
+    _job_command(sub, common, "retry", "queue a finished job's failed and cancelled runs again", cmd_retry)
+    extend = _job_command(sub, common, "extend", "add seeds to a job (same budget and contract)", cmd_extend)
     extend.add_argument(
         "--seeds",
         type=extend_body,
@@ -768,7 +769,6 @@ def _add_job_actions(sub: Subparsers[argparse.ArgumentParser], common: argparse.
         metavar="N|S1,S2",
         help="how many seeds to add (the smallest the job lacks), or a comma-separated list of new seeds",
     )
-    extend.set_defaults(func=cmd_extend)
 
 
 KIND_CHOICES = ["auto", "image", "tabular", "signal", "text"]
