@@ -95,6 +95,33 @@ def http_scope(
     }
 
 
+class UploadHarness:
+    """A client on the real app with its own limits, and the checks that a refused request left nothing behind.
+    A subclass says what is stored (`stored`: rows and files to compare before and after)."""
+
+    def __init__(self, client: TestClient, settings: Settings, tmp: Path) -> None:
+        self.client, self.settings, self.tmp = client, settings, tmp
+
+    def stored(self) -> Any:
+        raise NotImplementedError
+
+    def assert_nothing_left(self, before: Any) -> None:
+        assert self.stored() == before, "a refused request left a row or a stored file"
+        assert list(self.tmp.iterdir()) == [], "temporary files were left behind"
+
+    def assert_refused(self, send: Callable[[], Any], status: int, *needles: str) -> str:
+        """`send()` is answered `status` with an error body whose detail holds every needle; returns the detail."""
+        before = self.stored()
+        resp = send()
+        assert resp.status_code == status, resp.text
+        body = resp.json()
+        assert set(body) == {"error", "detail"}
+        for needle in needles:
+            assert needle in body["detail"], body["detail"]
+        self.assert_nothing_left(before)
+        return str(body["detail"])
+
+
 H = TypeVar("H")
 
 

@@ -138,10 +138,13 @@ def add_job(session: Session, settings: Settings, runs: int) -> tuple[Job, list[
     return job, add_runs(session, job, runs)
 
 
-def hold(session: Session, run: Run) -> None:
-    """The run held by a (pretend) live worker, so no reconciler takes it: its job stays running."""
-    session.execute(update(Run).where(Run.id == run.id).values(status="running", attempt=1))
-    session.commit()
+def running_job(settings: Settings) -> tuple[Job, Run]:
+    """A job whose one run is held by a (pretend) live worker, so no reconciler takes it: the job stays running."""
+    with session_factory(settings.resolved_database_url)() as s:
+        job, (run,) = add_job(s, settings, 1)
+        s.execute(update(Run).where(Run.id == run.id).values(status="running", attempt=1))
+        s.commit()
+    return job, run
 
 
 def write_epoch(session: Session, run: Run, epoch: int, acc: float) -> None:
@@ -262,10 +265,8 @@ def test_tracker_sends_each_change_once(client: TestClient, settings: Settings) 
 def test_follow_false_is_a_snapshot_and_heartbeats_keep_a_quiet_stream_open(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    factory = session_factory(settings.resolved_database_url)
-    with factory() as s:
-        job, (run,) = add_job(s, settings, 1)
-        hold(s, run)
+    job, run = running_job(settings)
+    with session_factory(settings.resolved_database_url)() as s:
         write_epoch(s, run, 1, 0.5)
     resp = client.get(f"/v1/jobs/{job.id}/events", params={"follow": "false"})
     events, _ = read_events(iter(resp.text.splitlines()))
@@ -288,10 +289,7 @@ def test_a_client_that_goes_away_stops_the_polling(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Over a real socket (uvicorn): once the client hangs up, the server polls the database no more."""
-    factory = session_factory(settings.resolved_database_url)
-    with factory() as s:
-        job, (run,) = add_job(s, settings, 1)
-        hold(s, run)
+    job, _ = running_job(settings)
     polls = 0
     real_poll = events_service.poll_once
 

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import pytest
 import uvicorn
-from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import create_engine, func, select
 
@@ -39,7 +38,7 @@ from app.main import create_app
 from app.services import datasets as datasets_service
 from app.tables import Dataset, Job, Run
 from tests.factories import job_spec, npz_bytes, pattern_images, upload
-from tests.support import ROOT, http_scope, stored_files, upload_harness
+from tests.support import ROOT, UploadHarness, http_scope, stored_files, upload_harness
 
 State = tuple[list[Path], int, int, int]
 
@@ -62,35 +61,21 @@ def open_temp_descriptors(tmp: Path) -> list[str]:
     return out
 
 
-class Harness:
-    """A client on the real stack with its own limits, and the check that an attack left nothing behind."""
+class Harness(UploadHarness):
+    """The upload harness on datasets and jobs: an attack leaves no row, file, temporary file or descriptor."""
 
-    def __init__(self, client: TestClient, settings: Settings, tmp: Path) -> None:
-        self.client, self.settings, self.tmp = client, settings, tmp
+    def stored(self) -> State:
+        return state(self.settings)
 
     def assert_nothing_left(self, before: State) -> None:
-        assert state(self.settings) == before
-        assert list(self.tmp.iterdir()) == [], "temporary files were left behind"
+        super().assert_nothing_left(before)
         assert open_temp_descriptors(self.tmp) == [], "a temporary file is still open"
 
     def refuse_upload(self, filename: str, data: bytes, status: int, *needles: str, **form: str) -> str:
-        before = state(self.settings)
-        resp = upload(self.client, filename, data, **form)
-        assert resp.status_code == status, resp.text
-        body = resp.json()
-        assert set(body) == {"error", "detail"}
-        for needle in needles:
-            assert needle in body["detail"], body["detail"]
-        self.assert_nothing_left(before)
-        return str(body["detail"])
+        return self.assert_refused(lambda: upload(self.client, filename, data, **form), status, *needles)
 
     def refuse_job(self, spec: dict[str, Any], *needles: str) -> None:
-        before = state(self.settings)
-        resp = self.client.post("/v1/jobs", json=spec)
-        assert resp.status_code == 422, resp.text
-        for needle in needles:
-            assert needle in resp.json()["detail"], resp.json()["detail"]
-        self.assert_nothing_left(before)
+        self.assert_refused(lambda: self.client.post("/v1/jobs", json=spec), 422, *needles)
 
 
 @pytest.fixture

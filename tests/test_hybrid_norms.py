@@ -17,21 +17,11 @@ from app.core import catalogue, memory
 from app.core.catalogue import CatalogueError
 from models import build_model, create_norm_layer
 from models.hybrid_norms import BatchGroupNorm, SwitchableNorm, switchable_mixtures
-from tests.test_norm_zoo import Params, check_against_formula
+from tests.test_norm_zoo import Params, check_against_formula, per_channel, randomize
 from workers.epoch_metrics import mixture_metrics
 
 BATCH_SIZES = (1, 2, 8)
 EPS = 1e-5
-
-
-def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
-
-
-def _randomize(layer: nn.Module) -> None:
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_()
 
 
 def _stats(x: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +52,7 @@ def _sn_reference(x: torch.Tensor, p: Params) -> torch.Tensor:
         mean = wm[0] * mean_ln + wm[1] * mean_bn
         var = wv[0] * var_ln + wv[1] * var_bn
     y = (x - mean) / torch.sqrt(var + EPS)
-    return y * _per_channel(p["weight"], x) + _per_channel(p["bias"], x)
+    return y * per_channel(p["weight"], x) + per_channel(p["bias"], x)
 
 
 def _cases(channels: int) -> list[tuple[tuple[int, ...], int]]:
@@ -75,7 +65,7 @@ def _cases(channels: int) -> list[tuple[tuple[int, ...], int]]:
 def test_switchable_matches_its_formula(shape: tuple[int, ...], batch: int) -> None:
     torch.manual_seed(0)
     layer = SwitchableNorm(shape[0]).train()
-    _randomize(layer)
+    randomize(layer)
     x = torch.randn(batch, *shape) * 3 + 1
     check_against_formula(layer, _sn_reference, x)
 
@@ -104,7 +94,7 @@ def test_switchable_at_batch_1_uses_the_samples_own_statistics_for_bn() -> None:
 def test_switchable_running_statistics_and_evaluation() -> None:
     torch.manual_seed(0)
     layer = SwitchableNorm(3, momentum=0.1)
-    _randomize(layer)
+    randomize(layer)
     x = torch.randn(8, 3, 4, 4) * 2 + 5
     layer.train()(x)
     flat = x.transpose(0, 1).reshape(3, -1)
@@ -117,9 +107,9 @@ def test_switchable_running_statistics_and_evaluation() -> None:
     mean_in, var_in = _stats(x, (2, 3))
     mean_ln, var_ln = _stats(x, (1, 2, 3))
     wm, wv = torch.softmax(p["mean_weight"], 0), torch.softmax(p["var_weight"], 0)
-    mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * _per_channel(layer.running_mean, x)
-    var = wv[0] * var_in + wv[1] * var_ln + wv[2] * _per_channel(layer.running_var, x)
-    expected = (x - mean) / torch.sqrt(var + EPS) * _per_channel(p["weight"], x) + _per_channel(p["bias"], x)
+    mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * per_channel(layer.running_mean, x)
+    var = wv[0] * var_in + wv[1] * var_ln + wv[2] * per_channel(layer.running_var, x)
+    expected = (x - mean) / torch.sqrt(var + EPS) * per_channel(p["weight"], x) + per_channel(p["bias"], x)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected)
     assert int(layer.num_batches_tracked) == 1
@@ -166,7 +156,7 @@ def _bgn_reference(groups: int) -> Callable[[torch.Tensor, Params], torch.Tensor
             chunk = x[:, g * per : (g + 1) * per]
             mean, var = _stats(chunk, tuple(range(x.dim())))  # over the batch, the group's channels, positions
             parts.append((chunk - mean) / torch.sqrt(var + EPS))
-        return torch.cat(parts, 1) * _per_channel(p["weight"], x) + _per_channel(p["bias"], x)
+        return torch.cat(parts, 1) * per_channel(p["weight"], x) + per_channel(p["bias"], x)
 
     return formula
 
@@ -177,7 +167,7 @@ def _bgn_reference(groups: int) -> Callable[[torch.Tensor, Params], torch.Tensor
 def test_bgn_matches_its_formula(batch: int, shape: tuple[int, ...], groups: int) -> None:
     torch.manual_seed(0)
     layer = BatchGroupNorm(shape[0], groups=groups).train()
-    _randomize(layer)
+    randomize(layer)
     x = torch.randn(batch, *shape) * 2 - 1
     check_against_formula(layer, _bgn_reference(groups), x)
 
@@ -209,7 +199,7 @@ def test_bgn_running_statistics_are_its_groups() -> None:
         torch.testing.assert_close(layer.running_mean[2 * g : 2 * g + 2], 0.1 * values.mean().expand(2))
         torch.testing.assert_close(layer.running_var[2 * g : 2 * g + 2], 0.9 + 0.1 * values.var().expand(2))
     layer.eval()
-    expected = (x - _per_channel(layer.running_mean, x)) / torch.sqrt(_per_channel(layer.running_var, x) + EPS)
+    expected = (x - per_channel(layer.running_mean, x)) / torch.sqrt(per_channel(layer.running_var, x) + EPS)
     torch.testing.assert_close(layer(x), expected)
 
 

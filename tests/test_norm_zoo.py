@@ -27,11 +27,11 @@ BATCH_SIZES = (1, 2, 8)
 Params = dict[str, torch.Tensor]
 
 
-def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
-def _randomize(layer: nn.Module) -> None:
+def randomize(layer: nn.Module) -> None:
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_()
@@ -82,13 +82,13 @@ def test_precise_bn_trains_as_batch_norm(shape: tuple[int, ...], batch: int) -> 
     torch.manual_seed(batch)
     layer = create_norm_layer("bn_precise", 5, precise_samples=100).train()
     assert isinstance(layer, PreciseBatchNorm) and layer.precise_samples == 100
-    _randomize(layer)
+    randomize(layer)
     x = torch.randn(batch, *shape) * 2 + 1
 
     def formula(x: torch.Tensor, p: Params) -> torch.Tensor:
         mean, var = _channel_stats(x, unbiased=False)
-        xhat = (x - _per_channel(mean, x)) / torch.sqrt(_per_channel(var, x) + 1e-5)
-        return xhat * _per_channel(p["weight"], x) + _per_channel(p["bias"], x)
+        xhat = (x - per_channel(mean, x)) / torch.sqrt(per_channel(var, x) + 1e-5)
+        return xhat * per_channel(p["weight"], x) + per_channel(p["bias"], x)
 
     check_against_formula(layer, formula, x)
 
@@ -104,7 +104,7 @@ def _precise_model() -> nn.Sequential:
     )
     for m in model:
         if isinstance(m, PreciseBatchNorm):
-            _randomize(m)
+            randomize(m)
     return model
 
 
@@ -121,8 +121,8 @@ def test_recompute_bn_stats_is_equal_weight_average_of_batch_stats() -> None:
             z1 = F.conv2d(xb, conv1.weight, conv1.bias)
             per_batch[0].append(_channel_stats(z1, unbiased=True))
             mean, var = _channel_stats(z1, unbiased=False)
-            h = (z1 - _per_channel(mean, z1)) / torch.sqrt(_per_channel(var, z1) + bn1.eps)
-            h = torch.relu(h * _per_channel(bn1.weight, z1) + _per_channel(bn1.bias, z1))
+            h = (z1 - per_channel(mean, z1)) / torch.sqrt(per_channel(var, z1) + bn1.eps)
+            h = torch.relu(h * per_channel(bn1.weight, z1) + per_channel(bn1.bias, z1))
             per_batch[1].append(_channel_stats(F.conv2d(h, conv2.weight, conv2.bias), unbiased=True))
 
     model.eval()
@@ -195,8 +195,8 @@ def _brn_formula(
         held_std_b, held_mean_b = (std_b.detach(), mean_b.detach()) if stop_grad else (std_b, mean_b)
         r = (held_std_b / std).clamp(1 / r_max, r_max)
         d = ((held_mean_b - running_mean) / std).clamp(-d_max, d_max)
-        xhat = (x - _per_channel(mean_b, x)) / _per_channel(std_b, x) * _per_channel(r, x) + _per_channel(d, x)
-        return xhat * _per_channel(p["weight"], x) + _per_channel(p["bias"], x)
+        xhat = (x - per_channel(mean_b, x)) / per_channel(std_b, x) * per_channel(r, x) + per_channel(d, x)
+        return xhat * per_channel(p["weight"], x) + per_channel(p["bias"], x)
 
     return formula
 
@@ -204,7 +204,7 @@ def _brn_formula(
 def _brn_layer(step: int, **params: float) -> BatchRenorm:
     layer = create_norm_layer("brn", 6, **params)
     assert isinstance(layer, BatchRenorm)
-    _randomize(layer)
+    randomize(layer)
     with torch.no_grad():
         layer.running_mean.copy_(BRN_RUNNING_MEAN)
         layer.running_var.copy_(BRN_RUNNING_VAR)
@@ -293,7 +293,7 @@ def test_brn_warmup_is_batch_norm_and_eval_uses_running_stats() -> None:
     torch.manual_seed(0)
     brn = create_norm_layer("brn", 6, warmup_steps=5).train()
     bn = create_norm_layer("bn", 6).train()
-    _randomize(brn)
+    randomize(brn)
     bn.load_state_dict({k: v for k, v in brn.state_dict().items()})
     for _ in range(3):
         x = torch.randn(4, 6, 3, 3) * 2 + 1
@@ -303,8 +303,8 @@ def test_brn_warmup_is_batch_norm_and_eval_uses_running_stats() -> None:
 
     brn.eval()
     x = torch.randn(2, 6, 3, 3)
-    expected = (x - _per_channel(brn.running_mean, x)) / torch.sqrt(_per_channel(brn.running_var, x) + 1e-5)
-    expected = expected * _per_channel(brn.weight, x) + _per_channel(brn.bias, x)
+    expected = (x - per_channel(brn.running_mean, x)) / torch.sqrt(per_channel(brn.running_var, x) + 1e-5)
+    expected = expected * per_channel(brn.weight, x) + per_channel(brn.bias, x)
     torch.testing.assert_close(brn(x), expected)
     torch.testing.assert_close(brn(x[:1]), expected[:1])  # per sample in eval mode
 
@@ -348,14 +348,14 @@ def _group_norm_by_hand(x: torch.Tensor, groups: int, weight: torch.Tensor, bias
         mean = flat.mean(1).reshape((-1,) + (1,) * (x.dim() - 1))
         var = ((flat - flat.mean(1, keepdim=True)) ** 2).mean(1).reshape(mean.shape)
         chunks.append((chunk - mean) / torch.sqrt(var + 1e-5))
-    return torch.cat(chunks, 1) * _per_channel(weight, x) + _per_channel(bias, x)
+    return torch.cat(chunks, 1) * per_channel(weight, x) + per_channel(bias, x)
 
 
 @pytest.mark.parametrize("batch", BATCH_SIZES)
 def test_gn_ws_conv_then_norm_matches_definition(batch: int) -> None:
     torch.manual_seed(batch)
     block = nn.Sequential(WSConv2d(3, 6, 3, padding=1, bias=False), create_norm_layer("gn_ws", 6, groups=3))
-    _randomize(block)
+    randomize(block)
     x = torch.randn(batch, 3, 5, 4)
 
     def formula(x: torch.Tensor, p: Params) -> torch.Tensor:
@@ -369,7 +369,7 @@ def test_gn_ws_conv_then_norm_matches_definition(batch: int) -> None:
 def test_ws_linear_then_norm_matches_definition(batch: int) -> None:
     torch.manual_seed(batch)
     block = nn.Sequential(WSLinear(5, 8), create_norm_layer("gn_ws", 8, group_size=2))
-    _randomize(block)
+    randomize(block)
     x = torch.randn(batch, 5)
 
     def formula(x: torch.Tensor, p: Params) -> torch.Tensor:
@@ -411,14 +411,14 @@ def test_gn_ws_networks_standardize_the_layers_before_norms() -> None:
 def test_frn_matches_definition(shape: tuple[int, ...], batch: int) -> None:
     torch.manual_seed(batch)
     layer = create_norm_layer("frn", shape[0]).train()
-    _randomize(layer)
+    randomize(layer)
     x = torch.randn(batch, *shape) * 3 + 1
 
     def formula(x: torch.Tensor, p: Params) -> torch.Tensor:
         nu2 = (x * x).flatten(2).mean(2)  # mean square over spatial positions, per sample and channel
         nu2 = nu2.reshape(nu2.shape + (1,) * (x.dim() - 2))
-        y = _per_channel(p["weight"], x) * x / torch.sqrt(nu2 + abs(1e-6)) + _per_channel(p["bias"], x)
-        return torch.maximum(y, _per_channel(p["tau"], x))
+        y = per_channel(p["weight"], x) * x / torch.sqrt(nu2 + abs(1e-6)) + per_channel(p["bias"], x)
+        return torch.maximum(y, per_channel(p["tau"], x))
 
     check_against_formula(layer, formula, x)
 
@@ -454,7 +454,7 @@ def test_evonorm_s0_matches_definition(
     torch.manual_seed(batch)
     layer = create_norm_layer("evonorm_s0", channels, **params).train()
     assert layer.num_groups == groups
-    _randomize(layer)
+    randomize(layer)
     x = torch.randn(batch, channels, *spatial) * 2 + 0.5
 
     def formula(x: torch.Tensor, p: Params) -> torch.Tensor:
@@ -465,8 +465,8 @@ def test_evonorm_s0_matches_definition(
             var = ((flat - flat.mean(1, keepdim=True)) ** 2).mean(1)
             std = torch.sqrt(var + 1e-5).reshape((batch, 1) + (1,) * len(spatial))
             stds.append(std.expand((batch, per_group, *spatial)))
-        numerator = x * torch.sigmoid(_per_channel(p["v"], x) * x)
-        return numerator / torch.cat(stds, 1) * _per_channel(p["weight"], x) + _per_channel(p["bias"], x)
+        numerator = x * torch.sigmoid(per_channel(p["v"], x) * x)
+        return numerator / torch.cat(stds, 1) * per_channel(p["weight"], x) + per_channel(p["bias"], x)
 
     check_against_formula(layer, formula, x, tol=1e-5)
 

@@ -34,7 +34,7 @@ from app.main import create_app
 from app.services.weights import weights_for_job
 from app.tables import Job, Weights
 from tests.factories import job_spec
-from tests.support import ROOT, http_scope, keyed_settings, make_key, stored_files, upload_harness
+from tests.support import ROOT, UploadHarness, http_scope, keyed_settings, make_key, stored_files, upload_harness
 
 ARCHS = ("resnet18", "resnet50", "mobilenet_v3_small", "convnext_tiny")
 SMALL = "mobilenet_v3_small"  # 2.5M parameters: 5 MB in float16, so most tests use it
@@ -102,26 +102,16 @@ def upload(client: TestClient, data: bytes, arch: str = SMALL, filename: str = "
     return client.post("/v1/weights", files={"file": (filename, data)}, data=form, **kw)
 
 
-class Harness:
-    def __init__(self, client: TestClient, settings: Settings, tmp: Path) -> None:
-        self.client, self.settings, self.tmp = client, settings, tmp
+class Harness(UploadHarness):
+    """The upload harness on weights: a refused file leaves no row, stored file or temporary file."""
+
+    def stored(self) -> State:
+        return state(self.settings)
 
     def refuse(
         self, data: bytes, status: int, *needles: str, arch: str = SMALL, filename: str = "w.safetensors"
     ) -> str:
-        before = state(self.settings)
-        resp = upload(self.client, data, arch, filename)
-        assert resp.status_code == status, resp.text
-        body = resp.json()
-        assert set(body) == {"error", "detail"}
-        for needle in needles:
-            assert needle in body["detail"], body["detail"]
-        self.assert_nothing_left(before)
-        return str(body["detail"])
-
-    def assert_nothing_left(self, before: State) -> None:
-        assert state(self.settings) == before, "a refused upload left a row or a stored file"
-        assert list(self.tmp.iterdir()) == [], "temporary files were left behind"
+        return self.assert_refused(lambda: upload(self.client, data, arch, filename), status, *needles)
 
 
 @pytest.fixture
