@@ -49,6 +49,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.core.budget import resolve_budget  # noqa: E402
+from app.schemas.jobs import OptimizerSpec  # noqa: E402
 from tests.oracle import Trainer, evaluate  # noqa: E402
 from workers.checkpoint import Checkpoint  # noqa: E402
 from workers.data import DeviceData, epoch_order  # noqa: E402
@@ -57,15 +58,8 @@ from workers.graphs import snapshot  # noqa: E402
 from workers.run_config import build_run_model  # noqa: E402
 from workers.schedule import scaled_lr  # noqa: E402
 
-OPT = {
-    "lr": 0.1,
-    "reference_batch_size": 32,
-    "lr_scaling": "linear",
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "warmup_epochs": 0.2,
-    "schedule": "cosine",
-}
+# The schema's defaults (lr 0.1 at batch 32, linear scaling, momentum 0.9, weight decay 5e-4, cosine), a short warm-up.
+OPT = OptimizerSpec(warmup_epochs=0.2).model_dump()
 MODEL = {"arch": "resnet", "depth": 20, "width": 16}
 VARIANTS: list[tuple[str, dict[str, Any]]] = [("bn", {}), ("gn", {"groups": 8}), ("ln", {}), ("bn_precise", {})]
 

@@ -33,21 +33,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.core.budget import holdout_size, resolve_budget  # noqa: E402
 from app.core.dataset_format import save_canonical  # noqa: E402
+from app.schemas.jobs import OptimizerSpec  # noqa: E402
 from app.services.builtin import digits_dataset  # noqa: E402
 from workers.checkpoint import Checkpoint  # noqa: E402
 from workers.data import DeviceData, epoch_order, load_device_data  # noqa: E402
 from workers.engine import PackTrainer, Point, Progress, RunConfig  # noqa: E402
 from workers.run_config import build_run_model  # noqa: E402
 
-OPT = {
-    "lr": 0.1,
-    "reference_batch_size": 32,
-    "lr_scaling": "linear",
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "warmup_epochs": 0,
-    "schedule": "constant",
-}
+# The schema's defaults (lr 0.1 at batch 32, linear scaling, momentum 0.9, weight decay 5e-4), constant rate.
+OPT = OptimizerSpec(warmup_epochs=0, schedule="constant").model_dump()
 MODEL = {"mlp": {"hidden": [256, 256]}, "cnn": {"width": 16}}
 WARMUP = 30
 
