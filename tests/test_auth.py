@@ -208,8 +208,18 @@ def test_two_owners_walk_every_endpoint(keyed_client: TestClient, keyed_settings
     )
     assert resp.status_code == 201, resp.text
     weights_id = resp.json()["id"]
-    ids = {"dataset_id": dataset_id, "job_id": job_id, "run_id": run_id, "weights_id": weights_id}
-    alice_ids = {dataset_id, job_id, weights_id, *(r["id"] for r in runs)}
+    probe = {"dataset_id": dataset_id, "model": {"arch": "cnn", "width": 8}, "variants": [{"norm": "bn"}]}
+    resp = keyed_client.post("/v1/probes", json=probe, headers=alice)  # queued: no worker here
+    assert resp.status_code == 202, resp.text
+    probe_id = resp.json()["id"]
+    ids = {
+        "dataset_id": dataset_id,
+        "job_id": job_id,
+        "run_id": run_id,
+        "weights_id": weights_id,
+        "probe_id": probe_id,
+    }
+    alice_ids = {dataset_id, job_id, weights_id, probe_id, *(r["id"] for r in runs)}
     # Bob's own job on the shared built-in dataset, so his lists are not trivially empty.
     assert keyed_client.post("/v1/jobs", json=job_spec("digits"), headers=bob).status_code == 202
 
@@ -232,6 +242,9 @@ def test_two_owners_walk_every_endpoint(keyed_client: TestClient, keyed_settings
             assert not leaked, f"bob GET {path} shows alice's {leaked}"
         elif (method, template) == ("POST", "/v1/jobs"):
             resp = keyed_client.post("/v1/jobs", json=job_spec(dataset_id), headers=bob)
+            assert resp.status_code == 422 and "not found" in resp.json()["detail"], resp.text
+        elif (method, template) == ("POST", "/v1/probes"):
+            resp = keyed_client.post("/v1/probes", json=probe, headers=bob)
             assert resp.status_code == 422 and "not found" in resp.json()["detail"], resp.text
         elif (method, template) in (("POST", "/v1/datasets"), ("POST", "/v1/weights")):
             continue  # creates bob's own upload; nothing of alice's is addressed

@@ -142,6 +142,28 @@ def test_auto_batch_sizes_without_a_probe_say_how_to_get_one(client: TestClient)
     assert resp.status_code == 422 and f"probe '{queued.json()['id']}' of this job is still queued" in resp.text
 
 
+def test_a_probe_whose_worker_vanished_fails_with_a_reason(client: TestClient, settings: Settings) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from app.tables import utcnow
+
+    ds = upload(client, "bars.npz", image_npz()).json()["id"]
+    pid = client.post("/v1/probes", json=probe_request(ds, max_seconds=60)).json()["id"]
+    with Session(create_engine(settings.resolved_database_url)) as s:
+        running = {"status": "running", "started_at": utcnow() - timedelta(seconds=60 + 300)}
+        s.execute(update(Probe).where(Probe.id == pid).values(**running))
+        s.commit()
+        assert client.get(f"/v1/probes/{pid}").json()["status"] == "running"  # within its time and the grace
+        s.execute(update(Probe).where(Probe.id == pid).values(started_at=utcnow() - timedelta(seconds=60 + 700)))
+        s.commit()
+    probe = client.get(f"/v1/probes/{pid}").json()
+    assert probe["status"] == "failed" and "worker measuring it stopped" in probe["error"]
+    assert probe["finished_at"] is not None
+
+
 @pytest.fixture
 def keyed(settings: Settings) -> Iterator[tuple[TestClient, dict[str, str], dict[str, str]]]:
     from pydantic import SecretStr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import update
@@ -43,5 +44,20 @@ def fail_queued(session: Session, probe_id: str, error: str) -> None:
         update(Probe)
         .where(Probe.id == probe_id, Probe.status == "queued")
         .values(status="failed", error=error, finished_at=utcnow())
+    )
+    session.commit()
+
+
+def fail_stale(session: Session, probe_id: str, started_before: datetime) -> None:
+    """A running probe whose worker went away (killed, lost): failed, saying so, once it is far past its time."""
+    session.execute(
+        update(Probe)
+        .where(Probe.id == probe_id, Probe.status == "running", Probe.started_at < started_before)
+        .values(
+            status="failed",
+            error="the worker measuring it stopped before it finished (no result long after its max_seconds); "
+            "POST the probe again",
+            finished_at=utcnow(),
+        )
     )
     session.commit()

@@ -4,6 +4,7 @@ worker task by name (app.queue), read it back owner-isolated."""
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -12,16 +13,18 @@ from app.config import Settings
 from app.core import catalogue
 from app.errors import InvalidSpec, NotFound, QuotaExceeded
 from app.queue import publish_probe
-from app.repositories.probes import fail_queued
+from app.repositories.probes import fail_queued, fail_stale
 from app.schemas.probes import PROBE_FIRST_BATCH, ProbeRequest
 from app.services import quotas
 from app.services.datasets import get_dataset
 from app.services.jobs import split_sizes, validate_network
-from app.tables import Probe
+from app.tables import Probe, utcnow
 
 log = logging.getLogger(__name__)
 # Probes one owner may have queued or running at once: each takes a training worker for up to `max_seconds`.
 MAX_ACTIVE_PROBES = 4
+# A running probe this long past its max_seconds lost its worker (a measurement may overrun the limit a little).
+STALE_GRACE_S = 600
 
 
 def create_probe(session: Session, settings: Settings, owner: str, request: ProbeRequest) -> Probe:
@@ -66,6 +69,11 @@ def get_probe(session: Session, owner: str, probe_id: str) -> Probe:
     probe = session.scalars(select(Probe).where(Probe.id == probe_id, Probe.owner == owner)).first()
     if probe is None:
         raise NotFound(f"probe '{probe_id}' not found; GET /v1/probes lists your probes")
+    if probe.status == "running" and probe.started_at is not None:
+        limit = timedelta(seconds=int(probe.spec.get("max_seconds", 300)) + STALE_GRACE_S)
+        if utcnow() - probe.started_at > limit:
+            fail_stale(session, probe.id, utcnow() - limit)
+            session.refresh(probe)
     return probe
 
 
