@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -14,30 +12,19 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.core.dataset_format import save_canonical
-from app.core.units import human_bytes
-from app.errors import Conflict, InvalidDataset, NotFound, PayloadTooLarge, QuotaExceeded
+from app.errors import Conflict, InvalidDataset, NotFound
 from app.ingest import IngestError, IngestLimits, ingest_file
 from app.ingest.checks import display_name
 from app.services import quotas
+from app.services.uploads import copy_capped, sha256_of, stored_with_row
 from app.storage import Storage
 from app.tables import Dataset, Job, new_id
 
+OVER_UPLOAD_LIMIT = (
+    "the uploaded file is over the limit of {limit} (NORMBENCH_MAX_UPLOAD_BYTES); upload a smaller file or a subset "
+    "of the data"
+)
 ACCEPTED_SUFFIXES = (".npz", ".zip", ".csv", ".jsonl")
-CHUNK = 1 << 20
-
-
-def _copy_capped(source: BinaryIO, target: Path, max_bytes: int) -> int:
-    written = 0
-    with target.open("wb") as out:
-        while chunk := source.read(CHUNK):
-            written += len(chunk)
-            if written > max_bytes:
-                raise PayloadTooLarge(
-                    f"the uploaded file is over the limit of {human_bytes(max_bytes)} (NORMBENCH_MAX_UPLOAD_BYTES); "
-                    "upload a smaller file or a subset of the data"
-                )
-            out.write(chunk)
-    return written
 
 
 def ingest_limits(settings: Settings) -> IngestLimits:
@@ -74,20 +61,13 @@ def create_dataset(
             "class folders of PNG/JPEG images, a .csv with a label column, or texts as .jsonl (or .csv with kind=text)"
         )
     display_name = _display_name(name, filename)
-    used = quotas.dataset_bytes_used(session, owner)
-    if used >= settings.max_dataset_bytes_per_owner:  # cheap early answer; the exact check is below
-        raise QuotaExceeded(
-            f"your datasets already use {human_bytes(used)}, your quota is "
-            f"{human_bytes(settings.max_dataset_bytes_per_owner)} (NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); "
-            + quotas.what_to_delete(session, owner)
-        )
+    quotas.refuse_when_full(session, settings, owner, "datasets")
     session.rollback()  # end the read transaction; the quota check below takes the lock in a fresh one
     dataset_id = new_id()
-    uri: str | None = None
-    try:
+    with stored_with_row(session, storage) as put:
         with tempfile.TemporaryDirectory(prefix="normbench-upload-") as tmp:
             raw = Path(tmp) / f"upload{suffix}"
-            _copy_capped(source, raw, settings.max_upload_bytes)
+            copy_capped(source, raw, settings.max_upload_bytes, OVER_UPLOAD_LIMIT)
             try:
                 canonical = ingest_file(
                     raw,
@@ -103,10 +83,10 @@ def create_dataset(
             stored = Path(tmp) / "canonical.npz"
             save_canonical(canonical, stored)
             raw.unlink()
-            digest = _sha256(stored)
+            digest = sha256_of(stored)
             size = stored.stat().st_size
             quotas.check_dataset_bytes(session, settings, owner, size)  # holds the owner's lock until commit
-            uri = storage.put_file(f"datasets/{dataset_id}.npz", stored)
+            uri = put(f"datasets/{dataset_id}.npz", stored)
         row = Dataset(
             id=dataset_id,
             owner=owner,
@@ -124,12 +104,6 @@ def create_dataset(
             builtin=False,
         )
         session.add(row)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        if uri is not None:
-            storage.delete(uri)
-        raise
     return row
 
 
@@ -138,22 +112,6 @@ def _display_name(name: str | None, filename: str) -> str:
         return display_name("dataset", name, filename)
     except IngestError as e:
         raise InvalidDataset(str(e)) from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        shutil.copyfileobj(f, _HashWriter(h))
-    return h.hexdigest()
-
-
-class _HashWriter:
-    def __init__(self, h: hashlib._Hash) -> None:
-        self.h = h
-
-    def write(self, b: bytes) -> int:
-        self.h.update(b)
-        return len(b)
 
 
 def visible_to(owner: str):  # type: ignore[no-untyped-def]

@@ -49,6 +49,18 @@ def check_dataset_bytes(
         )
 
 
+def refuse_when_full(session: Session, settings: Settings, owner: str, what: str) -> None:
+    """A cheap early answer before an upload is read: the owner's storage quota is used up already (`what`: what
+    counts, for the message). The exact check, under the owner's lock, is check_dataset_bytes."""
+    used = dataset_bytes_used(session, owner)
+    if used >= settings.max_dataset_bytes_per_owner:
+        raise QuotaExceeded(
+            f"your {what} already use {human_bytes(used)}, your quota is "
+            f"{human_bytes(settings.max_dataset_bytes_per_owner)} (NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); "
+            + what_to_delete(session, owner)
+        )
+
+
 def what_to_delete(session: Session, owner: str, shown: int = 3) -> str:
     """The end of a dataset-quota 429: the owner's largest datasets, and how to free one that jobs still use."""
     rows = session.execute(

@@ -3,7 +3,6 @@ delete; and the check a job that starts from weights makes at submit."""
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -14,36 +13,18 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.core.arch_manifests import manifest
-from app.core.units import human_bytes
-from app.errors import Conflict, DomainError, InvalidSpec, NotFound, PayloadTooLarge, QuotaExceeded
+from app.errors import Conflict, DomainError, InvalidSpec, NotFound
 from app.ingest.checks import IngestError, display_name
 from app.ingest.safetensors_check import WeightsFileError, check_weights_file
 from app.services import quotas
+from app.services.uploads import copy_capped, stored_with_row
 from app.storage import Storage
 from app.tables import Job, Weights, new_id
-
-CHUNK = 1 << 20
 
 
 class InvalidWeights(DomainError):
     status_code = 422
     kind = "invalid_weights"
-
-
-def _copy_capped(source: BinaryIO, target: Path, max_bytes: int) -> str:
-    """Copy the upload to `target` a chunk at a time, refusing it once over `max_bytes`; its sha256."""
-    written = 0
-    digest = hashlib.sha256()
-    with target.open("wb") as out:
-        while chunk := source.read(CHUNK):
-            written += len(chunk)
-            if written > max_bytes:
-                raise PayloadTooLarge(
-                    f"the weights file is over the limit of {human_bytes(max_bytes)} (NORMBENCH_MAX_WEIGHTS_BYTES)"
-                )
-            digest.update(chunk)
-            out.write(chunk)
-    return digest.hexdigest()
 
 
 def check_arch(arch: str) -> str:
@@ -69,27 +50,21 @@ def create_weights(
     `with` block, and the stored blob is deleted if the row cannot be committed."""
     m = manifest(check_arch(arch))
     display_name = _display_name(name, filename)
-    used = quotas.dataset_bytes_used(session, owner)
-    if used >= settings.max_dataset_bytes_per_owner:  # cheap early answer; the exact check is below
-        raise QuotaExceeded(
-            f"your datasets and weights already use {human_bytes(used)}, your quota is "
-            f"{human_bytes(settings.max_dataset_bytes_per_owner)} (NORMBENCH_MAX_DATASET_BYTES_PER_OWNER); "
-            + quotas.what_to_delete(session, owner)
-        )
+    quotas.refuse_when_full(session, settings, owner, "datasets and weights")
     session.rollback()  # end the read transaction; the quota check below takes the lock in a fresh one
     weights_id = new_id()
-    uri: str | None = None
-    try:
+    with stored_with_row(session, storage) as put:
         with tempfile.TemporaryDirectory(prefix="normbench-weights-") as tmp:
             raw = Path(tmp) / "upload.safetensors"
-            digest = _copy_capped(source, raw, settings.max_weights_bytes)
+            over = "the weights file is over the limit of {limit} (NORMBENCH_MAX_WEIGHTS_BYTES)"
+            digest = copy_capped(source, raw, settings.max_weights_bytes, over)
             try:
                 summary = check_weights_file(raw, m)
             except WeightsFileError as e:
                 raise InvalidWeights(str(e)) from None
             size = raw.stat().st_size
             quotas.check_dataset_bytes(session, settings, owner, size, "these weights")  # locked until commit
-            uri = storage.put_file(f"weights/{weights_id}.safetensors", raw)
+            uri = put(f"weights/{weights_id}.safetensors", raw)
         row = Weights(
             id=weights_id,
             owner=owner,
@@ -106,12 +81,6 @@ def create_weights(
             head_classes=summary.head_classes,
         )
         session.add(row)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        if uri is not None:
-            storage.delete(uri)
-        raise
     return row
 
 

@@ -1,0 +1,65 @@
+"""What every upload (datasets, weights) does the same way: stream the request body to a temporary file under a
+size cap, and store the blob with its row so that a failure leaves neither behind."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy.orm import Session
+
+from app.core.units import human_bytes
+from app.errors import PayloadTooLarge
+from app.storage import Storage
+
+CHUNK = 1 << 20
+
+
+def copy_capped(source: BinaryIO, target: Path, max_bytes: int, over_limit: str) -> str:
+    """Copy an upload to `target` a chunk at a time, refused with a 413 as soon as it is over `max_bytes`
+    (`over_limit` is the message, `{limit}` in it the limit in words); returns the sha256 of what was copied."""
+    written = 0
+    digest = hashlib.sha256()
+    with target.open("wb") as out:
+        while chunk := source.read(CHUNK):
+            written += len(chunk)
+            if written > max_bytes:
+                raise PayloadTooLarge(over_limit.format(limit=human_bytes(max_bytes)))
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class BlobPut:
+    """Puts an upload's file in storage, remembering where, so that a failed upload can take it out again."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.uri: str | None = None
+
+    def __call__(self, key: str, path: Path) -> str:
+        self.uri = self.storage.put_file(key, path)
+        return self.uri
+
+
+@contextmanager
+def stored_with_row(session: Session, storage: Storage) -> Iterator[BlobPut]:
+    """Store a blob (with the BlobPut it yields) and add its row inside the block; the row is committed at its end.
+    On any failure, including the commit, the session rolls back and the stored blob is deleted."""
+    put = BlobPut(storage)
+    try:
+        yield put
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if put.uri is not None:
+            storage.delete(put.uri)
+        raise
