@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -37,9 +38,11 @@ class DomainError(Exception):
         if "kind" not in cls.__dict__:
             cls.kind = re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        if headers is not None:
+            self.headers = headers
 
 
 class NotFound(DomainError, status=HTTPStatus.NOT_FOUND):
@@ -88,48 +91,72 @@ def _format_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+class InvalidRequest(DomainError, status=HTTPStatus.UNPROCESSABLE_ENTITY):
+    """The request cannot be stored or looked up as sent."""
+
+
+# Database failures the services do not name themselves, each answered as the error beside it.
+DATABASE_ERRORS: tuple[tuple[tuple[type[Exception], ...], DomainError], ...] = (
+    # The database refused a value taken from the request (a NUL character, a string over a column's
+    # length): the caller's input is at fault, and nothing was written (the session rolls back).
+    (
+        (DataError,),
+        InvalidRequest(
+            "a value in the request cannot be stored or looked up (it contains a NUL character or is too long); "
+            "remove control characters and shorten it"
+        ),
+    ),
+    # The safety net for a race the services do not name themselves (they lock, or turn it into a 409 with
+    # their own words): a concurrent request deleted what this one refers to, or still uses what it deletes.
+    (
+        (IntegrityError,),
+        Conflict(
+            "the request conflicts with a change made at the same time (something it refers to was deleted, or "
+            "something it deletes is in use); nothing was changed: reload and try again"
+        ),
+    ),
+    (
+        (OperationalError,),
+        Unavailable(
+            "the database is unreachable; retry in a few seconds (GET /readyz shows when it is back)",
+            headers={"Retry-After": "5", DATABASE_DOWN_HEADER: "1"},
+        ),
+    ),
+    # Every pooled connection (or every database thread) stayed busy for the whole wait: the server is
+    # overloaded, not broken, so the answer is "try again shortly", never a 500.
+    (
+        (PoolTimeout, DatabaseBusy),
+        Unavailable(
+            "the server is busy (all database connections are in use); retry after the Retry-After seconds",
+            headers={"Retry-After": BUSY_RETRY_AFTER},
+        ),
+    ),
+)
+
+
+def _answer(error: DomainError) -> JSONResponse:
+    return JSONResponse(_body(error.kind, error.detail), status_code=error.status_code, headers=error.headers)
+
+
+def _answer_with(error: DomainError) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    async def handler(_: Request, __: Exception) -> JSONResponse:
+        return _answer(error)
+
+    return handler
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse(_body(exc.kind, exc.detail), status_code=exc.status_code, headers=exc.headers)
+        return _answer(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(_body("invalid_request", _format_validation(exc)), status_code=422)
 
-    @app.exception_handler(DataError)
-    async def _bad_value(_: Request, exc: DataError) -> JSONResponse:
-        # The database refused a value taken from the request (a NUL character, a string over a column's
-        # length): the caller's input is at fault, and nothing was written (the session rolls back).
-        detail = (
-            "a value in the request cannot be stored or looked up (it contains a NUL character or is too long); "
-            "remove control characters and shorten it"
-        )
-        return JSONResponse(_body("invalid_request", detail), status_code=422)
-
-    @app.exception_handler(IntegrityError)
-    async def _integrity(_: Request, exc: IntegrityError) -> JSONResponse:
-        # The safety net for a race the services do not name themselves (they lock, or turn it into a 409 with
-        # their own words): a concurrent request deleted what this one refers to, or still uses what it deletes.
-        detail = (
-            "the request conflicts with a change made at the same time (something it refers to was deleted, or "
-            "something it deletes is in use); nothing was changed: reload and try again"
-        )
-        return JSONResponse(_body("conflict", detail), status_code=409)
-
-    @app.exception_handler(OperationalError)
-    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
-        detail = "the database is unreachable; retry in a few seconds (GET /readyz shows when it is back)"
-        headers = {"Retry-After": "5", DATABASE_DOWN_HEADER: "1"}
-        return JSONResponse(_body("unavailable", detail), status_code=503, headers=headers)
-
-    @app.exception_handler(PoolTimeout)
-    @app.exception_handler(DatabaseBusy)
-    async def _busy(_: Request, exc: Exception) -> JSONResponse:
-        # Every pooled connection (or every database thread) stayed busy for the whole wait: the server is
-        # overloaded, not broken, so the answer is "try again shortly", never a 500.
-        detail = "the server is busy (all database connections are in use); retry after the Retry-After seconds"
-        return JSONResponse(_body("unavailable", detail), status_code=503, headers={"Retry-After": BUSY_RETRY_AFTER})
+    for types, error in DATABASE_ERRORS:
+        for exc_type in types:
+            app.add_exception_handler(exc_type, _answer_with(error))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
