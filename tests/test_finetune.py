@@ -288,9 +288,11 @@ def test_api_validates_torchvision_jobs_and_fine_tuning(client: Any, tmp_path: P
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # a probe and a ResNet-18 job on the CPU: a minute or two on shared cores
 def test_a_fine_tuning_job_through_the_worker(client: Any, worker: Any, tmp_path: Path) -> None:
-    """Weights and a dataset with a test split uploaded, a resnet18 fine-tuning job trained by a real worker:
-    the runs record what their init transferred, and the results carry test-split metrics per run and cell."""
+    """Weights and a dataset with a test split uploaded, a probe measured, then a resnet18 fine-tuning job with
+    `batch_sizes: "auto"` trained by a real worker: the batch sizes are the probe's, the runs record what their
+    init transferred, and the results carry test-split metrics per run and cell."""
     from tests.factories import npz_bytes, pattern_images, wait_for_job
     from tests.factories import upload as upload_dataset
 
@@ -304,14 +306,22 @@ def test_a_fine_tuning_job_through_the_worker(client: Any, worker: Any, tmp_path
         "dataset_id": dataset,
         "model": {"arch": "resnet18"},
         "variants": [{"norm": "bn_frozen"}, {"norm": "gn"}],
-        "batch_sizes": [2],
+        "batch_sizes": "auto",  # from the probe below
         "budget": {"epochs": 1},
         "init": {"weights_id": resp.json()["id"], "backbone_lr_mult": 0.5},
         "input": {"resize": 36, "crop": 32, "random_crop": True},
         "validation_fraction": 0.25,
     }
+    from tests.test_probes import wait_for_probe
+
+    keys = ("dataset_id", "model", "variants", "input", "validation_fraction")
+    probe = client.post("/v1/probes", json={**{k: spec[k] for k in keys}, "max_batch_size": 4, "steps": 1})
+    assert probe.status_code == 202, probe.text
+    probe = wait_for_probe(client, probe.json()["id"])
+    assert probe["status"] == "succeeded" and probe["result"]["auto_batch_sizes"] == [2, 4], probe
     resp = client.post("/v1/jobs", json=spec)
     assert resp.status_code == 202, resp.text
+    assert resp.json()["spec"]["batch_sizes"] == [2, 4] and resp.json()["spec"]["probe_id"] == probe["id"]
     job_id = resp.json()["id"]
     job = wait_for_job(client, job_id, timeout=300)
     assert job["status"] == "succeeded", job
@@ -324,6 +334,7 @@ def test_a_fine_tuning_job_through_the_worker(client: Any, worker: Any, tmp_path
         bn = ["bn affine", "bn statistics"] if run["variant"] == "bn_frozen" else []
         assert env["init"]["transferred"] == [*bn, "conv weights", gray]
     assert all(cell["test_acc"]["n"] == 1 for cell in results["cells"])
+    assert results["batch_sizes"] == [2, 4] and len(results["cells"]) == 4
     report = client.get(f"/v1/jobs/{job_id}/report").text
     assert 'id="transfer"' in report and "pretrained running statistics and affine kept fixed" in report
     assert "BatchNorm statistics cannot transfer" in report and "bn statistics: the variant" in report
