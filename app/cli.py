@@ -280,7 +280,8 @@ def results_table(results: dict[str, Any]) -> str:
     col = max([len("batch 99999"), *(len(t) for t in texts.values())]) + 2
     header = f"{'variant':<{first}}" + "".join(f"{'batch ' + str(b):>{col}}" for b in results["batch_sizes"])
     lines = [
-        f"final validation accuracy (%), mean ± half-width of the 95% t-interval over {seeds} seed(s)",
+        f"final validation {'mean IoU' if results.get('metric') == 'val_miou' else 'accuracy'} (%), mean ± half-width "
+        f"of the 95% t-interval over {seeds} seed(s)",
         header,
         "-" * len(header),
     ]
@@ -771,7 +772,7 @@ def _add_job_actions(sub: Subparsers[argparse.ArgumentParser], common: argparse.
     )
 
 
-KIND_CHOICES = ["auto", "image", "tabular", "signal", "text"]
+KIND_CHOICES = ["auto", "image", "tabular", "signal", "text", "segmentation"]
 KIND_HELP = (
     "what an upload holds: signal for a .npz of 1-D signals x of shape (N, L) or (N, C, L), text for a .csv of texts "
     "with a label column (a .jsonl is always text) (default auto)"

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.cli import results_table
 from app.core import catalogue, memory
 from app.core.budget import resolve_budget
 from app.core.dataset_format import IGNORE_LABEL, load_canonical, save_canonical
@@ -28,6 +29,7 @@ from models import build_model
 from models.norms import is_norm_layer
 from tests.factories import job_spec, npz_bytes, upload, wait_for_job
 from tests.support import WorkerProcess
+from tests.test_cli import run, url  # noqa: F401  (`url` is a fixture)
 from tests.test_hostile_input import harness  # noqa: F401  (the fixture)
 from tests.test_packing import Recorder
 from workers.data import DeviceData, channel_stats
@@ -327,3 +329,19 @@ def test_a_segmentation_job_runs_end_to_end(client: TestClient, worker: WorkerPr
     assert Image.open(io.BytesIO(base64.b64decode(truth))).size == (16, 16)
     for name in CLASS_NAMES:
         assert name in html
+
+
+def test_the_cli_uploads_a_mask_zip_and_labels_results_by_mean_iou(
+    url: str,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "shapes.zip"
+    path.write_bytes(seg_zip({**good_entries(n=6), "classes.txt": "\n".join(CLASS_NAMES).encode()}))
+    code, _, err = run(capsys, "--url", url, "datasets", "upload", str(path))
+    assert code == 0, err
+    assert "segmentation 3×16×16, 4 classes, 6 samples" in err
+    code, _, err = run(capsys, "--url", url, "datasets", "upload", str(path), "--kind", "segmentation")
+    assert code == 0, err
+    table = results_table({"metric": "val_miou", "cells": [], "variants": [], "batch_sizes": []})
+    assert table.startswith("final validation mean IoU (%)")
