@@ -640,5 +640,5 @@ def test_nul_characters_and_overlong_values_are_422_not_500(harness: Any, monkey
         h.refuse_job(job_spec("digits", name="job\x00"), "NUL")
         h.refuse_upload("ok.npz", tiny_npz(), 422, "NUL", name="bad\x00name")  # refused before it is read
         # Were a name to pass that check, the database's refusal comes after the blob is stored: it must go too.
-        monkeypatch.setattr(datasets_service, "_display_name", lambda name, filename: name or filename)
+        monkeypatch.setattr(datasets_service, "upload_name", lambda what, name, filename, error: name or filename)
         h.refuse_upload("ok.npz", tiny_npz(), 422, "NUL", name="bad\x00name")

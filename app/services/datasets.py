@@ -14,9 +14,8 @@ from app.config import Settings
 from app.core.dataset_format import save_canonical
 from app.errors import Conflict, InvalidDataset, NotFound
 from app.ingest import IngestError, IngestLimits, ingest_file
-from app.ingest.checks import display_name
 from app.services import quotas
-from app.services.uploads import copy_capped, sha256_of, stored_with_row
+from app.services.uploads import copy_capped, sha256_of, stored_with_row, upload_name
 from app.storage import Storage
 from app.tables import Dataset, Job, new_id
 
@@ -60,7 +59,7 @@ def create_dataset(
             f"file {filename[:200]!r} has an unsupported type; upload a .npz (arrays x, y), a .zip of "
             "class folders of PNG/JPEG images, a .csv with a label column, or texts as .jsonl (or .csv with kind=text)"
         )
-    display_name = _display_name(name, filename)
+    display_name = upload_name("dataset", name, filename, InvalidDataset)
     quotas.refuse_when_full(session, settings, owner, "datasets")
     session.rollback()  # end the read transaction; the quota check below takes the lock in a fresh one
     dataset_id = new_id()
@@ -105,13 +104,6 @@ def create_dataset(
         )
         session.add(row)
     return row
-
-
-def _display_name(name: str | None, filename: str) -> str:
-    try:
-        return display_name("dataset", name, filename)
-    except IngestError as e:
-        raise InvalidDataset(str(e)) from None
 
 
 def visible_to(owner: str):  # type: ignore[no-untyped-def]

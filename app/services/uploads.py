@@ -12,7 +12,8 @@ from typing import BinaryIO
 from sqlalchemy.orm import Session
 
 from app.core.units import human_bytes
-from app.errors import PayloadTooLarge
+from app.errors import DomainError, PayloadTooLarge
+from app.ingest.checks import IngestError, display_name
 from app.storage import Storage
 
 CHUNK = 1 << 20
@@ -31,6 +32,14 @@ def copy_capped(source: BinaryIO, target: Path, max_bytes: int, over_limit: str)
             digest.update(chunk)
             out.write(chunk)
     return digest.hexdigest()
+
+
+def upload_name(what: str, name: str | None, filename: str, error: type[DomainError]) -> str:
+    """The name an upload is stored under (`name`, else the file name), refused as `error` when unusable."""
+    try:
+        return display_name(what, name, filename)
+    except IngestError as e:
+        raise error(str(e)) from None
 
 
 def sha256_of(path: Path) -> str:

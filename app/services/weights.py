@@ -14,10 +14,9 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.core.arch_manifests import manifest
 from app.errors import Conflict, DomainError, InvalidSpec, NotFound
-from app.ingest.checks import IngestError, display_name
 from app.ingest.safetensors_check import WeightsFileError, check_weights_file
 from app.services import quotas
-from app.services.uploads import copy_capped, stored_with_row
+from app.services.uploads import copy_capped, stored_with_row, upload_name
 from app.storage import Storage
 from app.tables import Job, Weights, new_id
 
@@ -49,7 +48,7 @@ def create_weights(
     """Check and store one upload. Nothing is left behind on any failure: the temporary folder goes with the
     `with` block, and the stored blob is deleted if the row cannot be committed."""
     m = manifest(check_arch(arch))
-    display_name = _display_name(name, filename)
+    display_name = upload_name("weights", name, filename, InvalidWeights)
     quotas.refuse_when_full(session, settings, owner, "datasets and weights")
     session.rollback()  # end the read transaction; the quota check below takes the lock in a fresh one
     weights_id = new_id()
@@ -82,13 +81,6 @@ def create_weights(
         )
         session.add(row)
     return row
-
-
-def _display_name(name: str | None, filename: str) -> str:
-    try:
-        return display_name("weights", name, filename)
-    except IngestError as e:
-        raise InvalidWeights(str(e)) from None
 
 
 def list_weights(session: Session, owner: str, *, limit: int, offset: int) -> tuple[list[Weights], int]:
