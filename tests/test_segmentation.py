@@ -8,6 +8,7 @@ import base64
 import io
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
 from PIL import Image
+from playwright.sync_api import Browser
 
 from app.cli import results_table
+from app.config import Settings
 from app.core import catalogue, memory
 from app.core.budget import resolve_budget
 from app.core.dataset_format import IGNORE_LABEL, load_canonical, save_canonical
@@ -27,11 +30,13 @@ from app.schemas.jobs import OptimizerSpec
 from bench.make_shapes_seg import CLASS_NAMES, shapes
 from models import build_model
 from models.norms import is_norm_layer
+from tests import support
 from tests.factories import job_spec, npz_bytes, upload, wait_for_job
 from tests.support import WorkerProcess
 from tests.test_cli import run, url  # noqa: F401  (`url` is a fixture)
 from tests.test_hostile_input import harness  # noqa: F401  (the fixture)
 from tests.test_packing import Recorder
+from tests.test_ui_browser import browser  # noqa: F401  (the fixture)
 from workers.data import DeviceData, channel_stats
 from workers.engine import Outcome, PackTrainer, RunConfig
 from workers.packing import Member, PackGroup
@@ -345,3 +350,44 @@ def test_the_cli_uploads_a_mask_zip_and_labels_results_by_mean_iou(
     assert code == 0, err
     table = results_table({"metric": "val_miou", "cells": [], "variants": [], "batch_sizes": []})
     assert table.startswith("final validation mean IoU (%)")
+
+
+@pytest.fixture
+def live_server(settings: Settings) -> Iterator[str]:
+    with support.live_server(settings) as base:
+        yield base
+
+
+@pytest.mark.e2e
+@pytest.mark.system
+def test_the_segmentation_report_shows_its_masks_in_headless_chromium(
+    client: TestClient,
+    worker: WorkerProcess,
+    live_server: str,
+    browser: Browser,  # noqa: F811
+) -> None:
+    x, y = shapes(24, 16, seed=6)
+    ds = upload(client, "shapes.npz", npz_bytes(x=x, y=y, class_names=np.asarray(CLASS_NAMES)))
+    assert ds.status_code == 201, ds.text
+    spec = job_spec(
+        ds.json()["id"],
+        model={"arch": "unet", "width": 4, "levels": 1},
+        variants=[{"norm": "bn"}, {"norm": "switchable"}],
+        batch_sizes=[2],
+        budget={"epochs": 1},
+    )
+    job_id = client.post("/v1/jobs", json=spec).json()["id"]
+    assert wait_for_job(client, job_id)["status"] == "succeeded"
+    page = browser.new_page()
+    try:
+        page.goto(f"{live_server}/v1/jobs/{job_id}/report")
+        masks = page.eval_on_selector_all(
+            "#segmentation img.mask", "els => els.map(e => [e.alt, e.complete, e.naturalWidth, e.naturalHeight])"
+        )
+        heading = page.inner_text("#segmentation h2")
+    finally:
+        page.close()
+    # decoded by the browser (the report's CSP allows data: images): image, truth, one prediction per variant
+    assert {m[0] for m in masks} == {"validation image", "true mask", "bn at batch 2", "switchable at batch 2"}
+    assert all(m[1] and m[2] == 16 and m[3] == 16 for m in masks), masks
+    assert "Predicted masks" in heading
