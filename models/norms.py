@@ -223,7 +223,22 @@ class InstanceNorm(nn.GroupNorm):
         super().__init__(num_channels, num_channels, eps=eps, affine=affine)
 
 
-class FilterResponseNorm(nn.Module):
+class ChannelAffineNorm(nn.Module):
+    """Base of a norm with a per-channel affine (`weight` ones, `bias` zeros) and an `eps` (frn, evonorm_s0,
+    ln_channel); its forward applies `affine` to the normalized input."""
+
+    def __init__(self, num_channels: int, eps: float) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def affine(self, y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return y * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+class FilterResponseNorm(ChannelAffineNorm):
     """`frn`: Filter Response Normalization with its TLU (Singh & Krishnan 2020).
 
     ν² = mean of x² over the spatial positions of each sample and channel;
@@ -234,25 +249,21 @@ class FilterResponseNorm(nn.Module):
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.num_channels = num_channels
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        super().__init__(num_channels, eps)
         self.tau = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _require_spatial(self, x)
         shape = _channel_shape(x)
         nu2 = x.square().mean(dim=tuple(range(2, x.dim())), keepdim=True)
-        y = x * torch.rsqrt(nu2 + abs(self.eps)) * self.weight.reshape(shape) + self.bias.reshape(shape)
+        y = self.affine(x * torch.rsqrt(nu2 + abs(self.eps)), shape)
         return torch.maximum(y, self.tau.reshape(shape))
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}"
 
 
-class EvoNormS0(nn.Module):
+class EvoNormS0(ChannelAffineNorm):
     """`evonorm_s0`: EvoNorm-S0 (Liu et al. 2020), batch-independent.
 
     y = x·sigmoid(v·x) / group_std(x) · γ + β, where group_std is the standard deviation
@@ -262,12 +273,9 @@ class EvoNormS0(nn.Module):
     """
 
     def __init__(self, num_channels: int, groups: int | None = None, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.num_channels = num_channels
-        self.num_groups = catalogue.resolve_groups(num_channels, groups, norm="evonorm_s0")
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        num_groups = catalogue.resolve_groups(num_channels, groups, norm="evonorm_s0")
+        super().__init__(num_channels, eps)
+        self.num_groups = num_groups
         self.v = nn.Parameter(torch.ones(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,14 +284,13 @@ class EvoNormS0(nn.Module):
         grouped = x.reshape(x.shape[0], self.num_groups, -1)
         std = torch.sqrt(grouped.var(dim=2, correction=0, keepdim=True) + self.eps)
         std = std.expand_as(grouped).reshape(x.shape)
-        y = x * torch.sigmoid(self.v.reshape(shape) * x) / std
-        return y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return self.affine(x * torch.sigmoid(self.v.reshape(shape) * x) / std, shape)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, groups={self.num_groups}, eps={self.eps}"
 
 
-class ChannelLayerNorm(nn.Module):
+class ChannelLayerNorm(ChannelAffineNorm):
     """`ln_channel`: LayerNorm over the channels at each position of each sample, with a per-channel affine.
 
     On (N, C, H, W) it is torchvision's LayerNorm2d (ConvNeXt's stem, downsampling and head norm, and the
@@ -292,11 +299,7 @@ class ChannelLayerNorm(nn.Module):
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.num_channels = num_channels
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        super().__init__(num_channels, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2:
