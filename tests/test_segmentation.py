@@ -299,8 +299,8 @@ def test_segmentation_submit_checks(client: TestClient) -> None:
 
 @pytest.mark.e2e
 def test_a_segmentation_job_runs_end_to_end(client: TestClient, worker: WorkerProcess) -> None:
-    x, y = shapes(40, 16, seed=5)
-    data = npz_bytes(x=x, y=y, class_names=np.asarray(CLASS_NAMES))
+    x, y = shapes(48, 16, seed=5)
+    data = npz_bytes(x=x[:40], y=y[:40], x_test=x[40:], y_test=y[40:], class_names=np.asarray(CLASS_NAMES))
     ds = upload(client, "shapes.npz", data)
     assert ds.status_code == 201, ds.text
     spec = job_spec(
@@ -321,6 +321,7 @@ def test_a_segmentation_job_runs_end_to_end(client: TestClient, worker: WorkerPr
     metrics = client.get(f"/v1/runs/{run['run_id']}/metrics").json()["metrics"]
     assert {"val_miou", "val_acc", "val_loss", "val_iou/0"} <= set(metrics)
     assert run["val_acc"] == pytest.approx(metrics["val_miou"][-1]["value"])  # the primary metric: mean IoU
+    assert run["test_acc"] == pytest.approx(metrics["test_miou"][-1]["value"])  # and on the test split
     text = " ".join(results["verdicts"] + results["how_to_read"])
     assert "mean IoU points" in text and "accuracy" not in text
     report = client.get(f"/v1/jobs/{job_id}/report")

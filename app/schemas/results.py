@@ -272,8 +272,8 @@ class Results(BaseModel):
     status: str = Field(description="Job status.")
     metric: str = Field(
         "val_acc",
-        description="The primary metric every `val_acc`/`best_val_acc` field, interval, comparison and verdict here "
-        "is about: `val_acc` (validation accuracy) or, for segmentation datasets, `val_miou` (mean intersection "
+        description="The primary metric every `val_acc`/`best_val_acc`/`test_acc` field (test: `test_miou`), "
+        "interval, comparison and verdict here is about: `val_acc` (validation accuracy) or, for segmentation datasets, `val_miou` (mean intersection "
         "over union over the classes present in truth or prediction; pixel accuracy stays in the runs' "
         "`val_acc` curve). Both 0..1; differences in points (×100).",
     )
