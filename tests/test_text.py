@@ -5,17 +5,21 @@ vmap, the tokens a run has seen, hostile text files, and one text job end to end
 from __future__ import annotations
 
 import json
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from playwright.sync_api import Browser, expect
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from app.config import Settings
 from app.core import catalogue, memory
 from app.core.catalogue import CatalogueError
 from app.core.dataset_format import TEXT_PAD, save_canonical
@@ -25,10 +29,11 @@ from models import build_model
 from models.norms import create_norm_layer
 from models.transformer import MaskedBatchNorm
 from tests.factories import job_spec, upload, wait_for_job
-from tests.support import WorkerProcess
+from tests.support import WorkerProcess, live_server
 from tests.test_cli import run, url  # noqa: F401  (`url` is a fixture)
 from tests.test_hostile_input import harness  # noqa: F401  (the fixture)
 from tests.test_packing import Recorder
+from tests.test_ui_browser import axe_source, browser, tab, title  # noqa: F401  (the fixtures)
 from workers.data import load_device_data
 from workers.engine import PackTrainer, RunConfig
 
@@ -365,3 +370,46 @@ def test_the_cli_uploads_texts(url: str, capsys: pytest.CaptureFixture[str], tmp
         capsys, "--url", url, "datasets", "upload", str(csv_path), "--kind", "text", "--text-column", "body"
     )
     assert code == 0, err
+
+
+@pytest.mark.e2e
+@pytest.mark.system
+def test_a_text_jobs_report_page_in_headless_chromium(
+    settings: Settings,
+    worker: WorkerProcess,
+    browser: Browser,  # noqa: F811
+    axe_source: str,  # noqa: F811
+) -> None:
+    """The UI's job page for a text job: the report renders in its frame with every variant, accessibly, and the
+    new-comparison form's `auto` resolves to the transformer for the text dataset."""
+    with live_server(settings) as base, httpx.Client(base_url=base, timeout=60) as http:
+        ds = http.post("/v1/datasets", files={"file": ("reviews.csv", csv_bytes(texts(30)))}, data={"kind": "text"})
+        assert ds.status_code == 201, ds.text
+        spec = job_spec(
+            ds.json()["id"],
+            name="text tiny",
+            model={"arch": "transformer", "width": 16, "layers": 1, "heads": 4},
+            variants=[{"norm": n} for n in ("ln", "rmsnorm", "bn")],
+            batch_sizes=[4],
+            budget={"epochs": 1},
+        )
+        job = http.post("/v1/jobs", json=spec)
+        assert job.status_code == 202, job.text
+        job_id = job.json()["id"]
+        deadline = time.monotonic() + 240
+        while http.get(f"/v1/jobs/{job_id}").json()["status"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, "the text job did not finish"
+            time.sleep(1)
+        with tab(browser, base, axe_source) as s:
+            s.goto(f"#/jobs/{job_id}")
+            expect(title(s.page, "text tiny")).to_be_visible()
+            report = s.page.frame_locator("#report-frame")
+            expect(report.locator("#verdicts")).to_be_visible()
+            expect(report.locator("[data-status]").first).to_have_attribute("data-status", "succeeded")
+            for variant in ("ln", "rmsnorm", "bn"):
+                expect(report.get_by_role("cell", name=variant, exact=True).first).to_be_visible()
+            s.check_accessibility("text job page")
+            s.shot("text-job-report")
+            s.goto(f"#/new?dataset={ds.json()['id']}")
+            expect(s.page.get_by_text("auto → transformer for this dataset.", exact=False)).to_be_visible()
+            s.check_clean()
