@@ -254,12 +254,35 @@ def test_a_pack_of_one_segmentation_step_is_a_plain_eager_step(vmapped: bool, no
     loss.backward()
     opt.step()
     g.train_step(False, False)
-    assert float(g.ring[0, 0]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(g.ring[0, 0]) == pytest.approx(loss.item(), rel=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(g.params[name][0], p, rtol=1e-4, atol=1e-6, msg=name)
     for name, b in model.named_buffers():
         if b.dtype.is_floating_point:
             torch.testing.assert_close(g.buffers[name][0], b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_masks_take_their_images_flips_and_crops() -> None:
+    """Augmented segmentation batches: image channel 0 holds 10 × the class, so after the step's flips and padded
+    crops it must still be 10 × the mask wherever the mask is not padding (padding: image 0, mask ignored)."""
+    data, budget = seg_data()
+    data.x_train[:, 0] = data.y_train.clamp(max=20) * 10  # the ignored corner (255) becomes 200
+    data.mean, data.std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    aug = {"hflip": True, "crop_padding": 3}
+    cfg = RunConfig("unet", "bn", {}, 4, 0, budget, {"width": 4, "levels": 1}, OptimizerSpec().model_dump(), aug, 5)
+    g = PackGroup([Member(0, cfg, Schedule.of(cfg), None, None)], data, torch.device("cpu"))  # type: ignore[arg-type]
+    flipped = padded = 0
+    for _ in range(g.sched.per_epoch):
+        x, y = g.batch_inputs()
+        image, mask = x[0, :, 0].round().long(), y[0].long()
+        pad = mask == IGNORE_LABEL
+        real = ~pad | (image == 200)  # the corner pixel ignored in the upload keeps its image value
+        assert torch.equal(image[~pad], mask[~pad] * 10)
+        assert (image[pad & ~real] == 0).all()
+        padded += int((pad & ~real).sum())
+        flipped += int(g.flip.gather(1, (g.step % g.sched.per_epoch).unsqueeze(1) * 4 + g.arange_b).sum())
+        g.step += 1
+    assert padded > 0 and flipped > 0
 
 
 def test_the_engine_reports_iou_metrics_and_a_preview_per_run() -> None:
@@ -289,7 +312,6 @@ def test_segmentation_submit_checks(client: TestClient) -> None:
     assert ds.json()["kind"] == "segmentation" and ds.json()["shape"] == [3, 16, 16]
     spec = job_spec(ds.json()["id"], model={"arch": "auto", "width": 4, "levels": 2}, batch_sizes=[2])
     for bad, needle in (
-        ({"augment": {"hflip": True}}, "augment applies to images only"),
         ({"input": {"resize": 8}}, "input resize/crop and init apply to classification images"),
         ({"model": {"arch": "cnn"}}, "needs image data; dataset"),
     ):

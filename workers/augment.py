@@ -30,8 +30,9 @@ class Augmentation:
 
 
 def augments(augment: dict[str, Any], kind: str) -> bool:
-    """Whether a run with this augmentation spec augments data of this kind (images only)."""
-    return kind == "image" and bool(augment.get("hflip") or augment.get("crop_padding"))
+    """Whether a run with this augmentation spec augments data of this kind (images, and segmentation's images
+    with their masks)."""
+    return kind in ("image", "segmentation") and bool(augment.get("hflip") or augment.get("crop_padding"))
 
 
 def epoch_augmentation(
@@ -49,15 +50,16 @@ def epoch_augmentation(
     return Augmentation(flip, dy, dx, padding)
 
 
-def apply_augmentation(x: torch.Tensor, aug: Augmentation) -> torch.Tensor:
+def apply_augmentation(x: torch.Tensor, aug: Augmentation, fill: int = 0) -> torch.Tensor:
     """Flips and padded crops of a uint8 (N, C, H, W) batch with per-sample draws already on its device;
-    only device ops with static shapes, so it runs inside a CUDA graph."""
+    only device ops with static shapes, so it runs inside a CUDA graph. `fill`: the padding's value (masks pad
+    with their ignored label)."""
     n, c, h, w = x.shape
     if aug.flip is not None:
         x = torch.where(aug.flip.view(n, 1, 1, 1), x.flip(3), x)
     if aug.padding and aug.dy is not None and aug.dx is not None:
         p = aug.padding
-        padded = F.pad(x, (p, p, p, p))
+        padded = F.pad(x, (p, p, p, p), value=fill)
         rows = (aug.dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
         cols = (aug.dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
         idx_n = torch.arange(n, device=x.device).view(n, 1, 1, 1)

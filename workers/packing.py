@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from app.core.dataset_format import IGNORE_LABEL
 from app.core.progress import Point
 from models.hybrid_norms import switchable_mixtures
 from workers.augment import Augmentation, Feed, apply_augmentation, augments, epoch_augmentation, epoch_crops
@@ -328,16 +329,23 @@ class PackGroup:
                 padding,
             )
             xb = apply_augmentation(xb.flatten(0, 1), aug).view(xb.shape)
-        x = data.prepare(xb)
-        if self.feed is not None:
-            random = self.feed.random_crop
-            fed = self.feed.train(
-                x.flatten(0, 1),
-                self.cy.gather(1, cols).flatten() if random else None,
-                self.cx.gather(1, cols).flatten() if random else None,
-            )
-            x = fed.view(*x.shape[:2], *fed.shape[1:])
-        return x, data.y_train[idx]
+            if self.segmentation:  # the masks take their images' flips and crops; padding is ignored
+                yb = data.y_train[idx]
+                masks = apply_augmentation(yb.flatten(0, 1).unsqueeze(1), aug, fill=IGNORE_LABEL)
+                return self._fed_train(data.prepare(xb), cols), masks.view(yb.shape)
+        return self._fed_train(data.prepare(xb), cols), data.y_train[idx]
+
+    def _fed_train(self, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """A normalized training batch (K, B, ...) resized and (randomly) cropped as the job's `input` says."""
+        if self.feed is None:
+            return x
+        random = self.feed.random_crop
+        fed = self.feed.train(
+            x.flatten(0, 1),
+            self.cy.gather(1, cols).flatten() if random else None,
+            self.cx.gather(1, cols).flatten() if random else None,
+        )
+        return fed.view(*x.shape[:2], *fed.shape[1:])
 
     def fed(self, x: torch.Tensor) -> torch.Tensor:
         """A raw evaluation (or statistics) batch as the network sees it: normalized, resized, centre-cropped."""
@@ -475,7 +483,8 @@ class PackGroup:
                     fwd, self.params, self.buffers, self.fed, xs, ys, k, data.num_classes
                 )
                 if split == "val" and all(m.epoch + 1 == self.sched.epochs for m in self.members):
-                    for m, p in zip(self.members, previews(fwd, self.params, self.buffers, self.fed, xs, ys), strict=True):
+                    shown = previews(fwd, self.params, self.buffers, self.fed, xs, ys)
+                    for m, p in zip(self.members, shown, strict=True):
                         m.preview = p
             finally:
                 self.base.train()

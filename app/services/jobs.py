@@ -86,7 +86,7 @@ def _validate(
 ) -> tuple[str, dict[str, int]]:
     arch = resolve_arch(spec, dataset)
     validate_network(arch, dataset, spec.model, spec.variants, spec.input)
-    if dataset.kind != "image" and (spec.augment.hflip or spec.augment.crop_padding):
+    if dataset.kind not in ("image", "segmentation") and (spec.augment.hflip or spec.augment.crop_padding):
         raise InvalidSpec(f"augment applies to images only; dataset is {dataset.kind}: remove hflip/crop_padding")
     if dataset.kind == "segmentation" and (spec.input.resize or spec.input.crop or spec.init):
         raise InvalidSpec(
