@@ -358,6 +358,7 @@ def test_a_text_job_runs_end_to_end(client: TestClient, worker: WorkerProcess) -
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
     for variant in NORMS:
         assert variant in report.text
+    assert "transformer (width 16, layers 1, heads 4)" in report.text  # only the settings that apply to it
 
 
 def test_the_cli_uploads_texts(url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:  # noqa: F811

@@ -402,7 +402,15 @@ def describe_model(model: object) -> str:
     if not isinstance(model, dict):
         return str(model or "default")
     arch = model.get("arch", "auto")
-    relevant = {"mlp": ("hidden",), "cnn": ("width",), "resnet": ("depth", "width")}.get(arch, tuple(model))
+    relevant = {
+        "mlp": ("hidden",),
+        "cnn": ("width",),
+        "resnet": ("depth", "width"),
+        "cnn1d": ("width",),
+        "resnet1d": ("depth", "width"),
+        "unet": ("width", "levels"),
+        "transformer": ("width", "layers", "heads"),
+    }.get(arch, tuple(model))
     details = ", ".join(f"{k} {model[k]}" for k in relevant if k in model and k != "arch")
     return f"{arch} ({details})" if details else str(arch)
 
