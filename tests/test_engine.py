@@ -13,33 +13,15 @@ import torch
 from app.core.budget import resolve_budget, total_steps
 from app.schemas.jobs import OptimizerSpec
 from tests.oracle import batches
+from tests.test_packing import Recorder
 from workers.augment import apply_augmentation, epoch_augmentation
 from workers.checkpoint import FORMAT, Checkpoint, read_checkpoint, write_checkpoint
 from workers.data import DeviceData, epoch_order
-from workers.engine import Point, Progress, RunConfig, train
+from workers.engine import RunConfig, train
 from workers.run_config import build_run_model
 from workers.schedule import Schedule, lr_at, scaled_lr
 
 OPT = OptimizerSpec().model_dump()  # the spec's defaults: lr 0.1 at batch 32, linear scaling, cosine
-
-
-class Recorder:
-    """Keeps what the engine reports; answers `reason` to stop_reason after `stop_after` steps."""
-
-    def __init__(self, stop_after: int | None = None, reason: str = "cancelled") -> None:
-        self.points: list[Point] = []
-        self.checkpoints: list[Checkpoint] = []
-        self.calls = 0
-        self.stop_after, self.reason = stop_after, reason
-
-    def report(self, points: list[Point], progress: Progress, checkpoint: Checkpoint | None = None) -> None:
-        self.points += points
-        if checkpoint is not None:
-            self.checkpoints.append(checkpoint)
-
-    def stop_reason(self) -> str | None:
-        self.calls += 1
-        return self.reason if self.stop_after is not None and self.calls > self.stop_after else None
 
 
 def config(budget: dict[str, int], **kw: object) -> RunConfig:

@@ -18,23 +18,13 @@ from app.core.budget import resolve_budget  # noqa: E402
 from app.schemas.jobs import JobSpec, OptimizerSpec  # noqa: E402
 from models import build_model  # noqa: E402
 from models.norms import is_norm_layer  # noqa: E402
+from tests.test_packing import Recorder  # noqa: E402
 from workers.augment import Feed, epoch_crops  # noqa: E402
 from workers.data import DeviceData  # noqa: E402
-from workers.engine import Outcome, PackTrainer, Point, Progress, RunConfig  # noqa: E402
+from workers.engine import Outcome, PackTrainer, RunConfig  # noqa: E402
 
 CPU = torch.device("cpu")
 TV_ARCHS = [a for a, info in catalogue.ARCHS.items() if info.torchvision]
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.points: list[Point] = []
-
-    def report(self, points: list[Point], progress: Progress, checkpoint: Any = None) -> None:
-        self.points += points
-
-    def stop_reason(self) -> str | None:
-        return None
 
 
 def tiny_data(shape: tuple[int, int, int] = (3, 32, 32), n: int = 8, classes: int = 3, test: int = 0) -> DeviceData:
