@@ -19,6 +19,9 @@ PYTEST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 # reaches them fails instead of passing.
 FAST_ENV = NORMBENCH_TEST_PG=postgres@127.0.0.1:9 NORMBENCH_TEST_REDIS=redis://127.0.0.1:9/15
 FAST_MARKS = not services and not system and not e2e and not slow
+# Processes the pure tier runs in (pytest-xdist): two keep both cores of a small machine busy; each pays the
+# imports (torch, torchvision, FastAPI: about 10 s of CPU), so more than the cores is slower. 0 runs in one.
+FAST_WORKERS ?= 2
 
 .PHONY: run test test-fast lint deps audit services clean
 
@@ -52,7 +55,7 @@ test: $(BIN)/.installed deps services lint
 	$(PYTEST) || [ $$? -eq 5 ]
 
 test-fast: $(BIN)/.installed
-	$(FAST_ENV) $(PYTEST) -q -m "$(FAST_MARKS)" || [ $$? -eq 5 ]
+	$(FAST_ENV) $(PYTEST) -q -n $(FAST_WORKERS) -m "$(FAST_MARKS)" || [ $$? -eq 5 ]
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
