@@ -27,6 +27,7 @@ from app.core.budget import resolve_budget
 from app.core.dataset_format import IGNORE_LABEL, load_canonical, save_canonical
 from app.ingest import IngestError, ingest_file
 from app.schemas.jobs import OptimizerSpec
+from app.services.seg_report import IGNORED, PALETTE, coloured_mask, relabel_page
 from bench.make_shapes_seg import CLASS_NAMES, shapes
 from models import build_model
 from models.norms import is_norm_layer
@@ -414,3 +415,25 @@ def test_the_segmentation_report_shows_its_masks_in_headless_chromium(
     assert {m[0] for m in masks} == {"validation image", "true mask", "bn at batch 2", "switchable at batch 2"}
     assert all(m[1] and m[2] == 16 and m[3] == 16 for m in masks), masks
     assert "Predicted masks" in heading
+
+
+def test_report_masks_are_coloured_and_bad_previews_show_nothing() -> None:
+    mask = np.array([[0, 1], [3, IGNORE_LABEL]], dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    uri = coloured_mask(base64.b64encode(buf.getvalue()).decode())
+    assert uri is not None and uri.startswith("data:image/png;base64,")
+    rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+    assert [tuple(rgb[0, 0]), tuple(rgb[0, 1]), tuple(rgb[1, 0]), tuple(rgb[1, 1])] == [
+        PALETTE[0],
+        PALETTE[1],
+        PALETTE[3],
+        IGNORED,
+    ]
+    for bad in (None, 7, "not base64!", base64.b64encode(b"GIF89a").decode(), "A" * 300_000):
+        assert coloured_mask(bad) is None
+    page = '<section id="accuracy"><h2>Final validation accuracy (%)</h2><a href="?metric=val_acc">accuracy</a>'
+    assert relabel_page(page, "val_miou") == (
+        '<section id="accuracy"><h2>Final validation mean IoU (%)</h2><a href="?metric=val_acc">mean IoU</a>'
+    )
+    assert relabel_page(page, "val_acc") == page

@@ -60,8 +60,8 @@ def coloured_mask(b64: object) -> str | None:
         if im.mode != "L":
             return None
         out = Image.frombytes("P", im.size, im.tobytes())
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError):
-        return None
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None  # not what a worker wrote: the cell shows a dash
     out.putpalette(_palette())
     buf = io.BytesIO()
     out.save(buf, format="PNG")
