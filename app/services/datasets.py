@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from sqlalchemy import or_, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -15,7 +14,7 @@ from app.core.dataset_format import save_canonical
 from app.errors import Conflict, InvalidDataset, NotFound
 from app.ingest import IngestError, IngestLimits, ingest_file
 from app.services import quotas
-from app.services.uploads import copy_capped, sha256_of, stored_with_row, upload_name
+from app.services.uploads import copy_capped, delete_unless_used, sha256_of, stored_with_row, upload_name
 from app.storage import Storage
 from app.tables import Dataset, Job, new_id
 
@@ -138,18 +137,5 @@ def delete_dataset(session: Session, storage: Storage, owner: str, dataset_id: s
     row = _find(session, owner, dataset_id, "update")
     if row.builtin:
         raise Conflict(f"dataset '{dataset_id}' is built in and cannot be deleted")
-    users = list(session.scalars(select(Job.id).where(Job.dataset_id == dataset_id).order_by(Job.created_at)))
-    if users:
-        shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
-        raise Conflict(
-            f"dataset '{dataset_id}' is used by {len(users)} job(s) ({shown}); delete its jobs first "
-            "(DELETE /v1/jobs/{id}, or `normbench jobs rm JOB`), then the dataset"
-        )
-    uri = row.storage_uri
-    session.delete(row)
-    try:
-        session.commit()
-    except IntegrityError:  # a job that refers to it committed in between (SQLite, or an unlocked path)
-        session.rollback()
-        raise Conflict(f"dataset '{dataset_id}' was just used by a new job; delete its jobs first") from None
-    storage.delete(uri)
+    users = select(Job.id).where(Job.dataset_id == dataset_id).order_by(Job.created_at)
+    delete_unless_used(session, storage, row, users, "dataset", plural=False)

@@ -9,12 +9,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from sqlalchemy import Select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.units import human_bytes
-from app.errors import DomainError, PayloadTooLarge
+from app.errors import Conflict, DomainError, PayloadTooLarge
 from app.ingest.checks import IngestError, display_name
 from app.storage import Storage
+from app.tables import Dataset, Weights
 
 CHUNK = 1 << 20
 
@@ -45,6 +48,31 @@ def upload_name(what: str, name: str | None, filename: str, error: type[DomainEr
 def sha256_of(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def delete_unless_used(
+    session: Session, storage: Storage, row: Dataset | Weights, users: Select[str], noun: str, *, plural: bool
+) -> None:
+    """Delete an upload (its row, then its blob) that no job uses; the caller has locked the row, so a job submitted
+    meanwhile either committed before `users` is read (409, naming the first five) or waits and then finds no row.
+    `noun` ("dataset", "weights") and `plural` word the messages."""
+    be, was, whose = ("are", "were", "those") if plural else ("is", "was", "its")
+    subject = f"{noun} '{row.id}'"
+    ids = list(session.scalars(users))
+    if ids:
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        raise Conflict(
+            f"{subject} {be} used by {len(ids)} job(s) ({shown}); delete {whose} jobs first "
+            f"(DELETE /v1/jobs/{{id}}, or `normbench jobs rm JOB`), then the {noun}"
+        )
+    uri = row.storage_uri
+    session.delete(row)
+    try:
+        session.commit()
+    except IntegrityError:  # a job that refers to it committed in between (SQLite, or an unlocked path)
+        session.rollback()
+        raise Conflict(f"{subject} {was} just used by a new job; delete its jobs first") from None
+    storage.delete(uri)
 
 
 class BlobPut:

@@ -8,15 +8,14 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.core.arch_manifests import manifest
-from app.errors import Conflict, DomainError, InvalidSpec, NotFound
+from app.errors import DomainError, InvalidSpec, NotFound
 from app.ingest.safetensors_check import WeightsFileError, check_weights_file
 from app.services import quotas
-from app.services.uploads import copy_capped, stored_with_row, upload_name
+from app.services.uploads import copy_capped, delete_unless_used, stored_with_row, upload_name
 from app.storage import Storage
 from app.tables import Job, Weights, new_id
 
@@ -128,18 +127,5 @@ def weights_for_job(session: Session, owner: str, weights_id: str, arch: str) ->
 def delete_weights(session: Session, storage: Storage, owner: str, weights_id: str) -> None:
     """Delete weights no job uses (the row is locked first, as for datasets)."""
     row = _find(session, owner, weights_id, "update")
-    users = list(session.scalars(select(Job.id).where(Job.weights_id == weights_id).order_by(Job.created_at)))
-    if users:
-        shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
-        raise Conflict(
-            f"weights '{weights_id}' are used by {len(users)} job(s) ({shown}); delete those jobs first "
-            "(DELETE /v1/jobs/{id}, or `normbench jobs rm JOB`), then the weights"
-        )
-    uri = row.storage_uri
-    session.delete(row)
-    try:
-        session.commit()
-    except IntegrityError:  # a job that refers to them committed in between
-        session.rollback()
-        raise Conflict(f"weights '{weights_id}' were just used by a new job; delete its jobs first") from None
-    storage.delete(uri)
+    users = select(Job.id).where(Job.weights_id == weights_id).order_by(Job.created_at)
+    delete_unless_used(session, storage, row, users, "weights", plural=True)
