@@ -479,26 +479,38 @@ def cmd_report(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+def print_listing(
+    items: list[dict[str, Any]], as_json: bool, header: list[str], row: Callable[[dict[str, Any]], list[str]]
+) -> None:
+    """A listing (`ls`) as JSON with --json, else as a table of one row per item."""
+    if as_json:
+        print(json.dumps(items, indent=2))
+    else:
+        print_table([row(item) for item in items], header)
+
+
+def created(item: dict[str, Any]) -> str:
+    """An item's creation time as `YYYY-MM-DD HH:MM:SS` (UTC)."""
+    return str(item["created_at"])[:19].replace("T", " ")
+
+
+def _dataset_row(d: dict[str, Any]) -> list[str]:
+    shape = "×".join(map(str, d["shape"]))
+    when = "built-in" if d["builtin"] else created(d)
+    counts = [str(d["num_classes"]), str(d["num_samples"]), human_bytes(d["size_bytes"])]
+    return [d["id"], d["name"], d["kind"], shape, *counts, when]
+
+
+def _weights_row(w: dict[str, Any]) -> list[str]:
+    norms = "BN statistics" if w["has_bn_stats"] else "GN weights" if w["has_gn_weights"] else "-"
+    head = "-" if w["head_classes"] is None else str(w["head_classes"])
+    return [w["id"], w["name"], w["arch"], norms, head, "/".join(w["dtypes"]), human_bytes(w["size_bytes"]), created(w)]
+
+
 def cmd_datasets(api: Api, args: argparse.Namespace) -> int:
     if args.action == "ls":
-        items = api.json("GET", "/v1/datasets")["items"]
-        if args.json:
-            print(json.dumps(items, indent=2))
-            return 0
-        rows = [
-            [
-                d["id"],
-                d["name"],
-                d["kind"],
-                "×".join(map(str, d["shape"])),
-                str(d["num_classes"]),
-                str(d["num_samples"]),
-                human_bytes(d["size_bytes"]),
-                "built-in" if d["builtin"] else d["created_at"][:19].replace("T", " "),
-            ]
-            for d in items
-        ]
-        print_table(rows, ["id", "name", "kind", "shape", "classes", "samples", "size", "created"])
+        header = ["id", "name", "kind", "shape", "classes", "samples", "size", "created"]
+        print_listing(api.json("GET", "/v1/datasets")["items"], args.json, header, _dataset_row)
     elif args.action == "upload":
         d = api.upload(Path(args.file), args.name, args.label_column, args.kind, text_form(args))
         print(d["id"])
@@ -520,23 +532,8 @@ def cmd_weights(api: Api, args: argparse.Namespace) -> int:
             page = api.json("GET", "/v1/weights", params={"limit": 200, "offset": offset})
             items += page["items"]
             offset = page["next_offset"]
-        if args.json:
-            print(json.dumps(items, indent=2))
-            return 0
-        rows = [
-            [
-                w["id"],
-                w["name"],
-                w["arch"],
-                "BN statistics" if w["has_bn_stats"] else "GN weights" if w["has_gn_weights"] else "-",
-                "-" if w["head_classes"] is None else str(w["head_classes"]),
-                "/".join(w["dtypes"]),
-                human_bytes(w["size_bytes"]),
-                w["created_at"][:19].replace("T", " "),
-            ]
-            for w in items
-        ]
-        print_table(rows, ["id", "name", "arch", "norms", "head", "dtypes", "size", "created"])
+        header = ["id", "name", "arch", "norms", "head", "dtypes", "size", "created"]
+        print_listing(items, args.json, header, _weights_row)
     elif args.action == "upload":
         w = api.upload_weights(Path(args.file), args.arch, args.name)
         print(w["id"])
@@ -577,24 +574,16 @@ def cmd_jobs(api: Api, args: argparse.Namespace) -> int:
         remove_job(api, args.job)
         err(f"deleted job {args.job} with its runs, metrics and checkpoints")
         return 0
-    items = api.json("GET", "/v1/jobs")["items"]
-    if args.json:
-        print(json.dumps(items, indent=2))
-        return 0
-    rows = [
-        [
-            j["id"],
-            j["status"],
-            f"{j['progress']['fraction'] * 100:.0f}%",
-            f"{j['progress']['runs_finished']}/{j['progress']['runs_total']}",
-            j["dataset_id"],
-            j["created_at"][:19].replace("T", " "),
-            j.get("name") or "",
-        ]
-        for j in items
-    ]
-    print_table(rows, ["id", "status", "done", "runs", "dataset", "created", "name"])
+    header = ["id", "status", "done", "runs", "dataset", "created", "name"]
+    print_listing(api.json("GET", "/v1/jobs")["items"], args.json, header, _job_row)
     return 0
+
+
+def _job_row(j: dict[str, Any]) -> list[str]:
+    progress = j["progress"]
+    done = f"{progress['fraction'] * 100:.0f}%"
+    runs = f"{progress['runs_finished']}/{progress['runs_total']}"
+    return [j["id"], j["status"], done, runs, j["dataset_id"], created(j), j.get("name") or ""]
 
 
 def cmd_cancel(api: Api, args: argparse.Namespace) -> int:
