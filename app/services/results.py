@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -276,6 +277,22 @@ def _mean_over(accs: dict[int, float], seeds: tuple[int, ...]) -> float | None:
     return statistics.fmean(accs[s] for s in seeds) if seeds else None
 
 
+def _decision_fields(d: st.Decision) -> dict[str, Any]:
+    """What ComparisonOut and SensitivityOut both say of a decision: adjusted p-values, verdict, its interval,
+    and for an inconclusive one the power numbers."""
+    return {
+        "p_holm": d.p_adjusted,
+        "p_equivalence_holm": d.p_equivalence_adjusted,
+        "verdict": d.verdict,
+        "ci_level": d.ci_level,
+        "ci_low_points": d.ci_low,
+        "ci_high_points": d.ci_high,
+        "min_detectable_points": d.min_detectable,
+        "seeds_needed": d.seeds_needed,
+        "significant": d.verdict == "different",
+    }
+
+
 def _comparison_out(
     c: st.Comparison, acc: dict[tuple[str, int], dict[int, float]], diverged: dict[tuple[str, int], int]
 ) -> ComparisonOut:
@@ -294,18 +311,10 @@ def _comparison_out(
         ci95_high_points=t.ci_high,
         t=t.t,
         p_value=t.p,
-        p_holm=d.p_adjusted,
+        **_decision_fields(d),
         equivalence_margin_points=d.margin,
         p_equivalence=d.p_equivalence,
-        p_equivalence_holm=d.p_equivalence_adjusted,
-        verdict=d.verdict,
-        ci_level=d.ci_level,
-        ci_low_points=d.ci_low,
-        ci_high_points=d.ci_high,
         alpha_adjusted=d.alpha_adjusted,
-        min_detectable_points=d.min_detectable,
-        seeds_needed=d.seeds_needed,
-        significant=d.verdict == "different",
         outcome=d.claim,
         variant_diverged=diverged[(c.variant, c.batch_size)],
         baseline_diverged=diverged[(c.baseline, c.batch_size)],
@@ -324,14 +333,6 @@ def _sensitivity_out(s: st.Sensitivity) -> SensitivityOut:
         ci95_low_points=t.ci_low,
         ci95_high_points=t.ci_high,
         p_value=t.p,
-        p_holm=d.p_adjusted,
-        p_equivalence_holm=d.p_equivalence_adjusted,
-        verdict=d.verdict,
-        ci_level=d.ci_level,
-        ci_low_points=d.ci_low,
-        ci_high_points=d.ci_high,
-        min_detectable_points=d.min_detectable,
-        seeds_needed=d.seeds_needed,
-        significant=d.verdict == "different",
+        **_decision_fields(d),
         note=t.note,
     )
