@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
-from fastapi import Query
+from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from app.services.export import CSV_MEDIA_TYPE, content_disposition, stream_metrics_csv
+from app.services.export import CSV_MEDIA_TYPE, CSV_RESPONSE, content_disposition, stream_metrics_csv
 
 # The comparison baseline of /results and /report.
 BaselineQuery = Annotated[
@@ -18,6 +19,14 @@ BaselineQuery = Annotated[
         "or the first variant when the job has no `bn`. An unknown label is a 422 listing the valid ones.",
     ),
 ]
+
+
+Handler = TypeVar("Handler", bound=Callable[..., StreamingResponse])
+
+
+def csv_export_route(router: APIRouter, path: str, summary: str) -> Callable[[Handler], Handler]:
+    """A GET route answered by metrics_csv_response (documented as CSV in OpenAPI)."""
+    return router.get(path, response_class=StreamingResponse, responses=CSV_RESPONSE, summary=summary)
 
 
 def metrics_csv_response(

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import BearerDep, OwnerDep, SessionDep, SettingsDep, StorageDep, resolve_owner
 from app.api.rate_limit import client_key
-from app.api.routes.common import BaselineQuery, metrics_csv_response
+from app.api.routes.common import BaselineQuery, csv_export_route, metrics_csv_response
 from app.config import Settings
 from app.db import read_with_retry, run_in_db_thread
 from app.schemas.common import ERROR_RESPONSES
@@ -21,7 +21,6 @@ from app.schemas.results import CurveAggregate, Curves, Results
 from app.schemas.runs import RunOut
 from app.services import jobs as service
 from app.services.curves import build_curve_aggregate, build_curves
-from app.services.export import CSV_RESPONSE
 from app.services.job_deletion import delete_job as delete_job_and_runs
 from app.services.results import build_results, job_runs
 from app.services.results_cache import cache as results_cache
@@ -257,12 +256,7 @@ def get_curve_aggregate(
     return build_curve_aggregate(session, job, metric, None if full else max_points)
 
 
-@router.get(
-    "/{job_id}/export.csv",
-    response_class=StreamingResponse,
-    responses=CSV_RESPONSE,
-    summary="Every metric point of the job as streamed long-format CSV",
-)
+@csv_export_route(router, "/{job_id}/export.csv", "Every metric point of the job as streamed long-format CSV")
 def export_job_csv(job_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep) -> StreamingResponse:
     job = service.get_job(session, owner, job_id)
     return metrics_csv_response(settings.resolved_database_url, f"normbench-job-{job.id}.csv", job_id=job.id)

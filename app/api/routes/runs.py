@@ -6,11 +6,10 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import OwnerDep, SessionDep, SettingsDep
-from app.api.routes.common import metrics_csv_response
+from app.api.routes.common import csv_export_route, metrics_csv_response
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.runs import RunMetrics, RunOut
 from app.services import runs as service
-from app.services.export import CSV_RESPONSE
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 ERRORS = ERROR_RESPONSES
@@ -26,12 +25,7 @@ def get_run_metrics(run_id: str, session: SessionDep, owner: OwnerDep) -> RunMet
     return service.run_metrics(session, service.get_run(session, owner, run_id))
 
 
-@router.get(
-    "/{run_id}/export.csv",
-    response_class=StreamingResponse,
-    responses=CSV_RESPONSE,
-    summary="Every metric point of a run as streamed long-format CSV",
-)
+@csv_export_route(router, "/{run_id}/export.csv", "Every metric point of a run as streamed long-format CSV")
 def export_run_csv(run_id: str, session: SessionDep, settings: SettingsDep, owner: OwnerDep) -> StreamingResponse:
     run = service.get_run(session, owner, run_id)
     return metrics_csv_response(settings.resolved_database_url, f"normbench-run-{run.id}.csv", run_id=run.id)
