@@ -110,7 +110,9 @@ class Settings(BaseSettings):
     )
     max_csv_rows: int = Field(5_000_000, description="Most data rows in an uploaded CSV.")
     max_zip_compression_ratio: float = Field(
-        200.0, description="Largest uncompressed/compressed ratio of a zip entry over 1 MiB (zip-bomb guard)."
+        200.0,
+        description="Largest uncompressed/compressed ratio of a .zip entry or an .npz sample array over 1 MiB "
+        "(compression-bomb guard; .npz labels and masks are exempt, bounded by max_decompressed_bytes instead).",
     )
     max_dataset_bytes_per_owner: int = Field(
         20 * 2**30, description="Quota: stored dataset bytes per owner (canonical .npz sizes)."

@@ -435,3 +435,35 @@ def test_images_over_the_side_limit_are_refused_and_at_it_kept(tmp_path: Path) -
     assert "the images is 8×1100 pixels, over the limit of 1024" in error_of(path, "data.npz")
     limits = IngestLimits(max_image_side=8)
     assert "over the limit of 8 pixels" in error_of(write_zip(tmp_path, edge, "e2.zip"), "e2.zip", limits=limits)
+
+
+def test_npz_compressed_sorted_labels_and_sparse_masks_are_accepted(tmp_path: Path) -> None:
+    """Labels and masks compress 400-700× in real data (sorted labels, mostly-background masks): the ratio guard
+    that refuses compression bombs among samples must not refuse them (their size is bounded by the total cap)."""
+    x = RNG.standard_normal((40_000, 4)).astype(np.float32)
+    y = np.sort(np.arange(40_000) % 3).astype(np.int64)  # 320 KB of int64 in a few hundred bytes
+    path = tmp_path / "sorted.npz"
+    np.savez_compressed(path, x=x, y=y)
+    with zipfile.ZipFile(path) as zf:
+        member = zf.getinfo("y.npy")
+        assert member.file_size > 2**18 and member.file_size / member.compress_size > 200
+    assert ingest_file(path, "sorted.npz").num_classes == 3
+
+    images = RNG.integers(0, 256, (48, 160, 160, 3), dtype=np.uint8)
+    masks = np.zeros((48, 160, 160), np.uint8)  # 1.2 MB of mostly background
+    for i in range(48):
+        masks[i, 20 + i : 40 + i, 30:50] = 1 + i % 2
+    path = tmp_path / "masks.npz"
+    np.savez_compressed(path, x=images, y=masks)
+    with zipfile.ZipFile(path) as zf:
+        member = zf.getinfo("y.npy")
+        assert member.file_size > 2**20 and member.file_size / member.compress_size > 200
+    ds = ingest_file(path, "masks.npz")
+    assert ds.kind == "segmentation"
+    np.testing.assert_array_equal(ds.y, masks)
+
+
+def test_npz_label_member_over_the_decoded_cap_is_still_refused(tmp_path: Path) -> None:
+    path = tmp_path / "labels_bomb.npz"
+    np.savez_compressed(path, x=RNG.standard_normal((6, 4)), y=np.zeros(2**22, np.int64))  # 32 MiB of zeros
+    assert "more than the limit" in error_of(path, "labels_bomb.npz", limits=IngestLimits(max_uncompressed_bytes=2**24))
