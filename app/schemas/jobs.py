@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -70,6 +70,11 @@ T = TypeVar("T")
 Sweep = Annotated[list[T], Field(min_length=1, max_length=16)]
 
 
+def _param_field(name: str) -> Any:
+    """An optional norm parameter with the catalogue's bounds and description."""
+    return Field(None, ge=PARAMS[name].low, le=PARAMS[name].high, description=param_description(name))
+
+
 class VariantSpec(Strict):
     """One normalization variant. Set only the parameters the chosen `norm` takes (each
     parameter names its norms); a parameter left out takes its default."""
@@ -81,27 +86,11 @@ class VariantSpec(Strict):
     group_size: GroupSize | Sweep[GroupSize] | None = Field(
         None, description=param_description("group_size") + " A list sweeps it: each value becomes its own variant."
     )
-    precise_samples: int | None = Field(
-        None,
-        ge=PARAMS["precise_samples"].low,
-        le=PARAMS["precise_samples"].high,
-        description=param_description("precise_samples"),
-    )
-    r_max: float | None = Field(
-        None, ge=PARAMS["r_max"].low, le=PARAMS["r_max"].high, description=param_description("r_max")
-    )
-    d_max: float | None = Field(
-        None, ge=PARAMS["d_max"].low, le=PARAMS["d_max"].high, description=param_description("d_max")
-    )
-    warmup_steps: int | None = Field(
-        None,
-        ge=PARAMS["warmup_steps"].low,
-        le=PARAMS["warmup_steps"].high,
-        description=param_description("warmup_steps"),
-    )
-    ramp_steps: int | None = Field(
-        None, ge=PARAMS["ramp_steps"].low, le=PARAMS["ramp_steps"].high, description=param_description("ramp_steps")
-    )
+    precise_samples: int | None = _param_field("precise_samples")
+    r_max: float | None = _param_field("r_max")
+    d_max: float | None = _param_field("d_max")
+    warmup_steps: int | None = _param_field("warmup_steps")
+    ramp_steps: int | None = _param_field("ramp_steps")
 
     def params(self) -> dict[str, ParamValue | None]:
         """Every catalogue norm parameter, None where unset (call on an expanded variant)."""
