@@ -718,6 +718,23 @@ def _job_command(
     return parser
 
 
+def _resource_command(
+    sub: Subparsers[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    name: str,
+    help: str,
+    ls_help: str,
+    func: Callable[[Api, argparse.Namespace], int],
+) -> Subparsers[argparse.ArgumentParser]:
+    """A command with ACTIONs, `ls [--json]` the first of them; add the others to the subparsers it returns."""
+    parser = sub.add_parser(name, parents=[common], help=help)
+    parser.set_defaults(func=func)
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = actions.add_parser("ls", parents=[common], help=ls_help)
+    ls.add_argument("--json", action="store_true", help="as JSON")
+    return actions
+
+
 def _add_job_reports(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """status, results and report: what a submitted job did."""
     status = _job_command(sub, common, "status", "status and progress of a job", cmd_status)
@@ -739,15 +756,11 @@ def _add_job_reports(sub: Subparsers[argparse.ArgumentParser], common: argparse.
 
 def _add_job_actions(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """jobs ls and rm, cancel, retry and extend."""
-    jobs = sub.add_parser("jobs", parents=[common], help="list your jobs")
-    jsub = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
-    jls = jsub.add_parser("ls", parents=[common], help="your jobs, newest first")
-    jls.add_argument("--json", action="store_true", help="as JSON")
+    jsub = _resource_command(sub, common, "jobs", "list your jobs", "your jobs, newest first", cmd_jobs)
     jrm = jsub.add_parser(
         "rm", parents=[common], help="delete a job with its runs, metrics and checkpoints (cancels it first)"
     )
     jrm.add_argument("job", metavar="JOB")
-    jobs.set_defaults(func=cmd_jobs)
 
     _job_command(sub, common, "cancel", "cancel a job's unfinished runs", cmd_cancel)
     _job_command(sub, common, "retry", "queue a finished job's failed and cancelled runs again", cmd_retry)
@@ -780,10 +793,8 @@ def text_form(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_datasets(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    datasets = sub.add_parser("datasets", parents=[common], help="list, upload or delete datasets")
-    dsub = datasets.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ls = dsub.add_parser("ls", parents=[common], help="datasets you can use")
-    ls.add_argument("--json", action="store_true", help="as JSON")
+    help = "list, upload or delete datasets"
+    dsub = _resource_command(sub, common, "datasets", help, "datasets you can use", cmd_datasets)
     up = dsub.add_parser("upload", parents=[common], help="upload a .npz, .zip of class folders, or .csv")
     up.add_argument("file", metavar="FILE")
     up.add_argument("--name", help="display name (default: the file name)")
@@ -792,14 +803,11 @@ def _add_datasets(sub: Subparsers[argparse.ArgumentParser], common: argparse.Arg
     add_text_options(up)
     rm = dsub.add_parser("rm", parents=[common], help="delete a dataset no job uses")
     rm.add_argument("id", metavar="ID")
-    datasets.set_defaults(func=cmd_datasets)
 
 
 def _add_weights(sub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    weights = sub.add_parser("weights", parents=[common], help="list, upload or delete pretrained weights")
-    wsub = weights.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ls = wsub.add_parser("ls", parents=[common], help="your weights, newest first")
-    ls.add_argument("--json", action="store_true", help="as JSON")
+    help = "list, upload or delete pretrained weights"
+    wsub = _resource_command(sub, common, "weights", help, "your weights, newest first", cmd_weights)
     up = wsub.add_parser(
         "upload",
         parents=[common],
@@ -812,7 +820,6 @@ def _add_weights(sub: Subparsers[argparse.ArgumentParser], common: argparse.Argu
     up.add_argument("--name", help="display name (default: the file name)")
     rm = wsub.add_parser("rm", parents=[common], help="delete weights no job uses")
     rm.add_argument("id", metavar="ID")
-    weights.set_defaults(func=cmd_weights)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
