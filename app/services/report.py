@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from html import escape
@@ -175,6 +176,16 @@ def pval(p: float | None) -> str:
 
 def signed(x: float | None) -> str:
     return "—" if x is None else f"{x:+.1f}"
+
+
+def span(low: float | None, high: float | None, fmt: Callable[[float | None], str]) -> str:
+    """An interval as `low to high` in `fmt`, or — without both ends."""
+    return "—" if low is None or high is None else f"{fmt(low)} to {fmt(high)}"
+
+
+def _end_table(out: list[str], note: str) -> str:
+    """A report table's rows in `out`, closed, with its small-print note under it."""
+    return "".join([*out, f'</tbody></table><p class="small">{note}</p></section>'])
 
 
 STATUS_COLOURS: dict[str, str] = {
@@ -602,11 +613,7 @@ def _comparisons_table(results: Results) -> str:
     )
     for c in results.comparisons:
         text, cls = OUTCOME_TEXT.get(c.outcome, (c.outcome, "neutral"))
-        ci = (
-            "—"
-            if c.ci95_low_points is None or c.ci95_high_points is None
-            else f"{c.ci95_low_points:+.1f} to {c.ci95_high_points:+.1f}"
-        )
+        ci = span(c.ci95_low_points, c.ci95_high_points, signed)
         note = f' title="{e(c.note)}"' if c.note else ""
         out.append(
             f'<tr data-outcome="{e(c.outcome)}"><td class="l">{c.batch_size}</td><td class="l">{e(c.variant)}</td>'
@@ -614,12 +621,11 @@ def _comparisons_table(results: Results) -> str:
             f"<td><b>{signed(c.diff_points)}</b></td><td>{ci}</td><td>{pval(c.p_value)}</td>"
             f'<td>{pval(c.p_holm)}</td><td class="l"><span class="{cls}"{note}>{e(text)}</span></td></tr>'
         )
-    out.append(
-        '</tbody></table><p class="small">difference = variant − baseline in accuracy points (positive: the variant '
-        "is better), mean over seeds that finished in both cells. Holm p: corrected over every comparison of this "
-        "job.</p></section>"
+    return _end_table(
+        out,
+        "difference = variant − baseline in accuracy points (positive: the variant is better), mean over seeds that "
+        "finished in both cells. Holm p: corrected over every comparison of this job.",
     )
-    return "".join(out)
 
 
 def _sensitivity_table(results: Results) -> str:
@@ -633,11 +639,7 @@ def _sensitivity_table(results: Results) -> str:
         "</thead><tbody>",
     ]
     for s in results.sensitivity:
-        ci = (
-            "—"
-            if s.ci95_low_points is None or s.ci95_high_points is None
-            else f"{s.ci95_low_points:+.1f} to {s.ci95_high_points:+.1f}"
-        )
+        ci = span(s.ci95_low_points, s.ci95_high_points, signed)
         sig = '<span class="bad">yes</span>' if s.significant else '<span class="neutral">no</span>'
         out.append(
             f'<tr><td class="l">{e(s.variant)}</td><td>{s.best_batch_size}</td><td>{s.batch_size}</td>'
@@ -657,7 +659,7 @@ def _statistics_table(results: Results, colour_of: dict[str, str]) -> str:
     ]
     for c in results.cells:
         s = c.val_acc
-        ci = "—" if s.ci95_low is None or s.ci95_high is None else f"{pct(s.ci95_low)} to {pct(s.ci95_high)}"
+        ci = span(s.ci95_low, s.ci95_high, pct)
         div = f'<span class="div">{c.diverged}</span>' if c.diverged else "0"
         out.append(
             f'<tr data-variant="{e(c.variant)}" data-batch-size="{c.batch_size}">'
@@ -666,12 +668,12 @@ def _statistics_table(results: Results, colour_of: dict[str, str]) -> str:
             f"<td>{ci}</td><td>{pct(s.std, 2)}</td><td>{pct(c.best_val_acc.mean)}</td>"
             f"<td>{num(c.val_loss.mean)}</td><td>{num(c.train_loss.mean)}</td></tr>"
         )
-    out.append(
-        '</tbody></table><p class="small">Final values after the full budget, over succeeded seeds. Diverged seeds '
-        "(NaN/inf loss) count against their variant but have no accuracy, so they are left out of means and "
-        "intervals. Best-epoch accuracy is picked on the validation split (optimistic).</p></section>"
+    return _end_table(
+        out,
+        "Final values after the full budget, over succeeded seeds. Diverged seeds (NaN/inf loss) count against "
+        "their variant but have no accuracy, so they are left out of means and intervals. Best-epoch accuracy is "
+        "picked on the validation split (optimistic).",
     )
-    return "".join(out)
 
 
 def _runs_table(results: Results) -> str:
