@@ -176,6 +176,17 @@ def live_server(settings: Settings) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """`check()`'s first truthy value, polled every 50 ms; an AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def worker_env(**overrides: str) -> dict[str, str]:
     """This process's environment without its NORMBENCH_ settings, one torch thread, plus `overrides`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NORMBENCH_")}

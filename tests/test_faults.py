@@ -23,7 +23,7 @@ from app.main import create_app
 from app.queue import publish_train_run
 from app.tables import MetricPoint, Run
 from tests.factories import job_spec, wait_for_job
-from tests.support import WorkerProcess, worker_env
+from tests.support import WorkerProcess, wait_until, worker_env
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
@@ -80,14 +80,12 @@ def slow_spec(**overrides: Any) -> dict[str, Any]:
     return spec
 
 
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def job_past_epoch_1(client: TestClient, workers: Workers, name: str) -> tuple[WorkerProcess, str]:
+    """A worker called `name` and a slow_spec job it has trained for an epoch (so it holds a checkpoint)."""
+    worker = workers.start(name)
+    job_id = client.post("/v1/jobs", json=slow_spec()).json()["id"]
+    wait_until(lambda: only_run(client, job_id)["epochs_done"] >= 1, 120, "epoch 1")
+    return worker, job_id
 
 
 def job_json(client: TestClient, job_id: str) -> dict[str, Any]:
@@ -119,9 +117,7 @@ def assert_complete_curves(client: TestClient, settings: Settings, run: dict[str
 def test_kill_9_mid_epoch_resumes_from_checkpoint_on_a_new_worker(
     client: TestClient, settings: Settings, workers: Workers
 ) -> None:
-    first = workers.start("a")
-    job_id = client.post("/v1/jobs", json=slow_spec()).json()["id"]
-    wait_until(lambda: only_run(client, job_id)["epochs_done"] >= 1, 120, "epoch 1")
+    first, job_id = job_past_epoch_1(client, workers, "a")
     first.proc.kill()  # SIGKILL during epoch 2
     first.proc.wait()
     workers.start("b")
@@ -137,9 +133,7 @@ def test_kill_9_mid_epoch_resumes_from_checkpoint_on_a_new_worker(
 def test_frozen_worker_writes_nothing_after_another_took_over(
     client: TestClient, settings: Settings, workers: Workers
 ) -> None:
-    frozen = workers.start("frozen")
-    job_id = client.post("/v1/jobs", json=slow_spec()).json()["id"]
-    wait_until(lambda: only_run(client, job_id)["epochs_done"] >= 1, 120, "epoch 1")
+    frozen, job_id = job_past_epoch_1(client, workers, "frozen")
     os.kill(frozen.proc.pid, signal.SIGSTOP)
     taker = workers.start("taker")
     wait_until(lambda: only_run(client, job_id)["attempt"] == 2, 90, "the second worker's claim")
@@ -199,9 +193,7 @@ def test_a_run_that_kills_its_worker_fails_after_max_attempts_and_the_queue_drai
 
 
 def test_sigterm_checkpoints_and_hands_the_run_back(client: TestClient, workers: Workers) -> None:
-    leaving = workers.start("leaving")
-    job_id = client.post("/v1/jobs", json=slow_spec()).json()["id"]
-    wait_until(lambda: only_run(client, job_id)["epochs_done"] >= 1, 120, "epoch 1")
+    leaving, job_id = job_past_epoch_1(client, workers, "leaving")
     time.sleep(0.3)
     leaving.proc.send_signal(signal.SIGTERM)
     assert leaving.proc.wait(timeout=30) == 0

@@ -24,8 +24,9 @@ from pydantic import SecretStr
 from app.config import Settings
 from app.main import create_app
 from app.storage import CHUNK_BYTES, DatasetCache, LocalStorage, S3Storage, local_copy, settings_storage
-from tests.factories import image_npz, job_spec, upload, wait_for_job
-from tests.support import WorkerProcess, worker_env
+from tests.factories import image_npz, upload, wait_for_job
+from tests.support import WorkerProcess, wait_until, worker_env
+from tests.test_faults import slow_spec
 
 KEY, SECRET, REGION = "testing", "testing-secret", "eu-west-1"
 
@@ -279,15 +280,6 @@ def test_the_api_stores_datasets_in_the_bucket(s3_settings: Settings, tmp_path: 
     assert not (s3_settings.home / "storage").exists()  # nothing went to local file storage
 
 
-def _wait_until(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @pytest.mark.e2e
 def test_a_run_killed_on_one_worker_resumes_on_another_from_the_bucket(s3_settings: Settings, tmp_path: Path) -> None:
     """Two workers with their own NORMBENCH_HOME and cache and no shared directory: the checkpoint the first
@@ -324,21 +316,14 @@ def test_a_run_killed_on_one_worker_resumes_on_another_from_the_bucket(s3_settin
     try:
         with TestClient(create_app(s3_settings)) as client:
             started.append(start("a"))
-            spec = job_spec(
-                "digits",
-                model={"arch": "mlp"},
-                variants=[{"norm": "bn"}],
-                batch_sizes=[2],
-                budget={"epochs": epochs},
-                log_every_steps=20,
-            )
+            spec = slow_spec(budget={"epochs": epochs}, log_every_steps=20)
             job_id = client.post("/v1/jobs", json=spec).json()["id"]
             run_id = client.get(f"/v1/jobs/{job_id}/runs").json()[0]["id"]
 
             def run() -> dict[str, Any]:
                 return client.get(f"/v1/runs/{run_id}").json()  # type: ignore[no-any-return]
 
-            _wait_until(lambda: run()["epochs_done"] >= 1, 90, "epoch 1 on worker a")
+            wait_until(lambda: run()["epochs_done"] >= 1, 90, "epoch 1 on worker a")
             assert any(k.startswith(f"normbench/checkpoints/{run_id}/") for k in objects(store))
             started[0].proc.kill()  # SIGKILL during epoch 2
             started[0].proc.wait()
