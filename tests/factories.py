@@ -88,6 +88,16 @@ def wait_for_job(client: TestClient, job_id: str, timeout: float = 180) -> dict[
     raise AssertionError(f"job {job_id} did not finish in {timeout}s: {job}")
 
 
+def run_job(client: TestClient, spec: dict[str, Any], timeout: float = 180) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Submit `spec` (202), wait until every run has finished; the job and its /results."""
+    resp = client.post("/v1/jobs", json=spec)
+    assert resp.status_code == 202, resp.text
+    job = wait_for_job(client, resp.json()["id"], timeout)
+    results = client.get(f"/v1/jobs/{job['id']}/results")
+    assert results.status_code == 200, results.text
+    return job, results.json()
+
+
 @dataclass
 class FakeRun:
     """What training would have written for one run: its status, other columns of its row, its metric points."""

@@ -18,7 +18,7 @@ from app.core.dataset_format import CanonicalDataset, load_canonical, save_canon
 from app.ingest import IngestError, IngestLimits, ingest_file
 from models import build_model
 from models.norms import is_norm_layer
-from tests.factories import job_spec, npz_bytes, upload, wait_for_job
+from tests.factories import job_spec, npz_bytes, run_job, upload
 from tests.support import WorkerProcess
 from tests.test_cli import run, url  # noqa: F401  (`url` is a fixture)
 from tests.test_hostile_input import harness  # noqa: F401  (the fixture)
@@ -229,11 +229,7 @@ def test_a_signal_job_runs_end_to_end(client: TestClient, worker: WorkerProcess)
         variants=[{"norm": "bn"}, {"norm": "gn", "groups": 4}, {"norm": "switchable"}],
         batch_sizes=[2, 8],
     )
-    resp = client.post("/v1/jobs", json=spec)
-    assert resp.status_code == 202, resp.text
-    job_id = resp.json()["id"]
-    job = wait_for_job(client, job_id)
-    results = client.get(f"/v1/jobs/{job_id}/results").json()
+    job, results = run_job(client, spec)
     assert job["status"] == "succeeded", results["runs"]
     assert all(r["status"] == "succeeded" for r in results["runs"]) and len(results["runs"]) == 6
     assert {(c["variant"], c["batch_size"]) for c in results["cells"]} == {
@@ -243,7 +239,7 @@ def test_a_signal_job_runs_end_to_end(client: TestClient, worker: WorkerProcess)
     switchable = next(r for r in results["runs"] if r["variant"] == "switchable")
     metrics = client.get(f"/v1/runs/{switchable['run_id']}/metrics").json()["metrics"]
     assert {f"sn_mix/features.1/{p}_{s}" for p in ("mean", "var") for s in ("bn", "in", "ln")} <= set(metrics)
-    report = client.get(f"/v1/jobs/{job_id}/report")
+    report = client.get(f"/v1/jobs/{job['id']}/report")
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
     html = report.text
     for variant in ("bn", "gn(4)", "switchable"):
