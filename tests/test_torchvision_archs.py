@@ -148,7 +148,9 @@ def allowed_norms(arch: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("arch", [a if a == "resnet18" else pytest.param(a, marks=pytest.mark.slow) for a in TV_ARCHS])
+# Slow: six trainings of a torchvision network (ResNet-18: about 10 s of one CPU core, the fast tier's largest).
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", TV_ARCHS)
 def test_a_pack_of_two_trains_like_two_packs_of_one(arch: str) -> None:
     """vmap over torchvision modules (in-place activations, MobileNet's squeeze-excitation, ConvNeXt's layer
     scale and permutes): two seeds packed give what each gives alone, for the architecture's own norm and GN.
