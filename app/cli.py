@@ -200,23 +200,19 @@ class Api:
             raise CliError(f"{path}: upload a .npz, a .zip of class folders, a .csv, or texts as .jsonl")
         form = {k: v for k, v in (("name", name), ("label_column", label_column), ("kind", kind)) if v}
         form |= {k: str(v) for k, v in (text or {}).items() if v is not None}  # text_column, max_length
-        with path.open("rb") as f:
-            return self.json(  # type: ignore[no-any-return]
-                "POST",
-                "/v1/datasets",
-                files={"file": (path.name, f)},
-                data=form,
-                timeout=httpx.Timeout(30.0, read=600.0, write=600.0),
-            )
+        return self._post_file("/v1/datasets", path, form)
 
     def upload_weights(self, path: Path, arch: str, name: str | None) -> dict[str, Any]:
         if not path.is_file():
             raise CliError(f"no such file: {path}")
-        form = {"arch": arch, **({"name": name} if name else {})}
-        with path.open("rb") as f:  # streamed from the file: a ResNet-50 is ~100 MB
+        return self._post_file("/v1/weights", path, {"arch": arch, **({"name": name} if name else {})})
+
+    def _post_file(self, url: str, path: Path, form: dict[str, str]) -> dict[str, Any]:
+        """POST the file as the multipart `file` field with `form`, streamed from disk (weights reach ~100 MB)."""
+        with path.open("rb") as f:
             return self.json(  # type: ignore[no-any-return]
                 "POST",
-                "/v1/weights",
+                url,
                 files={"file": (path.name, f)},
                 data=form,
                 timeout=httpx.Timeout(30.0, read=600.0, write=600.0),
