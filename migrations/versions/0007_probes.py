@@ -1,20 +1,13 @@
-"""probes (measured batch-size probes on a worker)
+"""probes (measured batch-size probes on a worker)"""
 
-Revision ID: 0007
-Revises: 0006
-Create Date: 2026-11-30 15:00:00
-"""
-
-from collections.abc import Sequence
+# Created 2026-11-30.
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0007"
-down_revision: str | None = "0006"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0007"
+down_revision = "0006"
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
 

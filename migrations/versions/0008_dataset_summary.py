@@ -1,20 +1,13 @@
-"""datasets.summary: what an upload's conversion did (text: tokenization, stored length, truncated texts)
+"""datasets.summary: what an upload's conversion did (text: tokenization, stored length, truncated texts)"""
 
-Revision ID: 0008
-Revises: 0007
-Create Date: 2026-11-30 15:00:00
-"""
-
-from collections.abc import Sequence
+# Created 2026-11-30.
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0008"
-down_revision: str | None = "0007"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0008"
+down_revision = "0007"
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
 
