@@ -22,6 +22,9 @@ FAST_MARKS = not services and not system and not e2e and not slow
 # Processes the pure tier runs in (pytest-xdist): two keep both cores of a small machine busy; each pays the
 # imports (torch, torchvision, FastAPI: about 10 s of CPU), so more than the cores is slower. 0 runs in one.
 FAST_WORKERS ?= 2
+# test_fuzz_api (all of it `services`) is the only user of schemathesis and hypothesis: the fast tier neither
+# imports it nor loads their pytest plugins (about 6 s of CPU per process).
+FAST_SKIP = --ignore=tests/test_fuzz_api.py -p no:schemathesis -p no:hypothesispytest
 
 .PHONY: run test test-fast lint deps audit services clean
 
@@ -55,7 +58,7 @@ test: $(BIN)/.installed deps services lint
 	$(PYTEST) || [ $$? -eq 5 ]
 
 test-fast: $(BIN)/.installed
-	$(FAST_ENV) $(PYTEST) -q -n $(FAST_WORKERS) -m "$(FAST_MARKS)" || [ $$? -eq 5 ]
+	$(FAST_ENV) $(PYTEST) -q -n $(FAST_WORKERS) $(FAST_SKIP) -m "$(FAST_MARKS)" || [ $$? -eq 5 ]
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
