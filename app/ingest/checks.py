@@ -239,6 +239,26 @@ def check_zip_layout(path: Path, zf: zipfile.ZipFile, filename: str) -> None:
         )
 
 
+def open_checked_zip(
+    path: Path, filename: str, limits: IngestLimits, fix: str
+) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+    """An uploaded zip, open, and its directory, checked before any member is read: the entry budget, the layout
+    and the compression ratio (`fix` says what to do about a high one). The caller closes it."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise IngestError(f"{filename!r} is not a readable zip archive ({plain_reason(e)}); re-create it") from e
+    try:
+        infos = zf.infolist()
+        check_zip_budget(infos, filename, limits)
+        check_zip_layout(path, zf, filename)
+        check_zip_ratio(infos, filename, limits, fix)
+    except BaseException:
+        zf.close()
+        raise
+    return zf, infos
+
+
 def check_zip_ratio(infos: Sequence[zipfile.ZipInfo], filename: str, limits: IngestLimits, fix: str) -> None:
     """Every entry's expansion, from the directory's sizes, before anything is decompressed."""
     for info in infos:

@@ -29,9 +29,7 @@ from app.ingest.checks import (
     check_expansion,
     check_image_side,
     check_labels,
-    check_zip_budget,
-    check_zip_layout,
-    check_zip_ratio,
+    open_checked_zip,
     plain_reason,
     preview,
 )
@@ -51,15 +49,8 @@ Entry = tuple[str, int, zipfile.ZipInfo]  # (name in the archive, label, directo
 
 def read_image_zip(path: Path, filename: str, limits: IngestLimits) -> CanonicalDataset:
     """Validate the zip of class folders at `path` and convert it to the canonical form."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise IngestError(f"{filename!r} is not a readable zip archive ({plain_reason(e)}); re-create it") from e
+    zf, infos = open_checked_zip(path, filename, limits, _STORE_AS_IS)
     with zf:
-        infos = zf.infolist()
-        check_zip_budget(infos, filename, limits)
-        check_zip_layout(path, zf, filename)
-        check_zip_ratio(infos, filename, limits, _STORE_AS_IS)
         class_names, entries = _class_entries(infos, filename, limits)
         x = _decode_images(zf, entries, limits)
     y = np.array([label for _, label, _ in entries], dtype=np.int64)

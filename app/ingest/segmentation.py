@@ -27,9 +27,7 @@ from app.ingest.checks import (
     check_class_names,
     check_decoded_total,
     check_expansion,
-    check_zip_budget,
-    check_zip_layout,
-    check_zip_ratio,
+    open_checked_zip,
     plain_reason,
     preview,
 )
@@ -59,15 +57,8 @@ def is_segmentation_zip(path: Path) -> bool:
 def read_segmentation_zip(
     path: Path, filename: str, limits: IngestLimits, ignore_index: int | None = None
 ) -> CanonicalDataset:
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise IngestError(f"{filename!r} is not a readable zip archive ({plain_reason(e)}); re-create it") from e
+    zf, infos = open_checked_zip(path, filename, limits, _STORE_AS_IS)
     with zf:
-        infos = zf.infolist()
-        check_zip_budget(infos, filename, limits)
-        check_zip_layout(path, zf, filename)
-        check_zip_ratio(infos, filename, limits, _STORE_AS_IS)
         images, masks, classes = _pairs(infos, filename, limits)
         class_names = _read_classes(zf, classes) if classes is not None else None
         x = _decode_images(zf, [(name, 0, info) for name, info in images], limits)
