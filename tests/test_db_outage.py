@@ -71,3 +71,29 @@ def test_an_outage_longer_than_the_wait_is_a_503_with_retry_after(settings: Sett
         assert 0.5 < waited < 5, waited  # tried again, then gave up within the wait
         assert posted.status_code == 503 and DATABASE_DOWN_HEADER not in posted.headers, posted.text
         assert client.get("/v1/jobs").status_code == 200  # and back
+
+
+def test_a_trained_runs_result_is_recorded_through_a_database_restart(settings: Settings) -> None:
+    """A worker that finishes training while the database restarts records the result once it is back, instead
+    of losing it (and the run being trained again by another attempt: the soak's "trained twice")."""
+    from app.db import session_scope
+    from app.repositories.runs import claim_pack
+    from app.tables import Run
+    from workers.engine import Outcome
+    from workers.outcomes import record_outcome
+
+    with TestClient(create_app(settings)) as client:
+        spec = {"dataset_id": "digits", "variants": [{"norm": "bn"}], "batch_sizes": [8], "seeds": [0]}
+        spec |= {"model": {"arch": "mlp", "hidden": [8]}, "budget": {"epochs": 1}}
+        resp = client.post("/v1/jobs", json=spec)
+        assert resp.status_code == 202, resp.text
+    url = settings.resolved_database_url
+    with session_scope(url) as s:
+        run_id = s.query(Run.id).filter(Run.job_id == resp.json()["id"]).scalar()
+        (claim,) = claim_pack(s, run_id, "test-worker", settings.lease_seconds, settings.max_attempts)
+    outcome = Outcome("succeeded", {"val_acc": 0.5}, steps=10, samples=80, wall_time_s=1.0)
+    with database_down(settings, 1.5):
+        assert record_outcome(settings, claim, outcome, {}) == "succeeded"
+    with session_scope(url) as s:
+        run = s.get(Run, run_id)
+        assert run is not None and run.status == "succeeded" and run.steps_done == 10, run

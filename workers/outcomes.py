@@ -7,6 +7,7 @@ Out of memory (a CUDA OOM, MemoryError, or the CPU allocator refusing past the w
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -57,10 +58,7 @@ def settle(settings: Settings, claim: Claim, env: dict[str, Any], result: Outcom
         log.error("run %s failed", claim.run_id, exc_info=result)
         kind, error = FailureClass.DATA, f"{type(result).__name__}: {result}"
     try:
-        with session_scope(settings.resolved_database_url) as s:
-            finish_run(
-                s, claim.run_id, claim.attempt, RunStatus.FAILED, error=error, environment=env, failure_class=kind
-            )
+        finish_through_outage(settings, claim, RunStatus.FAILED, error=error, environment=env, failure_class=kind)
     except OperationalError as e:
         log.error("run %s attempt %s stopped: %s", claim.run_id, claim.attempt, e)
         return LOST
@@ -72,20 +70,44 @@ def record_outcome(settings: Settings, claim: Claim, outcome: Outcome, env: dict
     log.info("run %s attempt %s trained to %s at step %s", claim.run_id, claim.attempt, outcome.status, outcome.steps)
     if outcome.status == INTERRUPTED:
         return release(settings, claim, outcome.error or INTERRUPTED)
-    with session_scope(settings.resolved_database_url) as s:
-        finish_run(
-            s,
-            claim.run_id,
-            claim.attempt,
-            RunStatus(outcome.status),
-            final_metrics=outcome.final_metrics or None,
-            error=outcome.error,
-            steps=outcome.steps,
-            samples=outcome.samples,
-            wall_time_s=outcome.wall_time_s,
-            environment=env,
-        )
+    finish_through_outage(
+        settings,
+        claim,
+        RunStatus(outcome.status),
+        final_metrics=outcome.final_metrics or None,
+        error=outcome.error,
+        steps=outcome.steps,
+        samples=outcome.samples,
+        wall_time_s=outcome.wall_time_s,
+        environment=env,
+    )
     return outcome.status
+
+
+def finish_through_outage(settings: Settings, claim: Claim, status: RunStatus, **fields: Any) -> bool:
+    """`finish_run`, tried again every half second while the database is unreachable, for up to a lease from
+    the first failure (counted per process, so the runs of a pack do not each wait a lease), so a trained run's
+    result survives a database restart instead of the run being trained again (the soak, issue 15). Safe to
+    repeat: the write only lands while this attempt still holds the run."""
+    global _down_since
+    while True:
+        try:
+            with session_scope(settings.resolved_database_url) as s:
+                written = finish_run(s, claim.run_id, claim.attempt, status, **fields)
+            _down_since = None
+            return written
+        except OperationalError:
+            now = time.monotonic()
+            _down_since = _down_since or now
+            if now - _down_since > settings.lease_seconds:
+                raise
+            log.warning(
+                "run %s attempt %s: the database is unreachable; recording its end again", claim.run_id, claim.attempt
+            )
+            time.sleep(0.5)
+
+
+_down_since: float | None = None  # when this process's result writes began to find the database unreachable
 
 
 def release(settings: Settings, claim: Claim, reason: str) -> str:
