@@ -43,7 +43,7 @@ from app.core.dataset_format import save_canonical  # noqa: E402
 from app.ingest import ingest_file  # noqa: E402
 from app.ingest.safetensors_check import check_weights_file  # noqa: E402
 from app.schemas.jobs import OptimizerSpec  # noqa: E402
-from app.services import results as results_service  # noqa: E402
+from bench.grid_results import grid_results, mean_pm  # noqa: E402
 from workers.data import load_device_data  # noqa: E402
 from workers.engine import Outcome, PackTrainer, RunConfig  # noqa: E402
 
@@ -181,26 +181,6 @@ def finetune(path: Path, weights: Path, n_train: int, epochs: int, lr: float) ->
     return runs
 
 
-def statistics(runs: list[SimpleNamespace]) -> Any:
-    """The service's results and verdicts for these runs (build_results reads rows; here they are given)."""
-    job = SimpleNamespace(id="finetune-cpu", dataset_id="shapes", spec={"batch_sizes": BATCHES, "seeds": SEEDS})
-    session = SimpleNamespace(get=lambda table, key: SimpleNamespace(kind="image"))
-    results_service.job_runs = lambda s, j: runs  # type: ignore[assignment]
-    results_service.best_epoch_values = lambda s, j, m="val_acc": {}  # type: ignore[assignment]
-    return results_service.build_results(session, job, "succeeded")  # type: ignore[arg-type]
-
-
-def text(s: Any) -> str:
-    """`mean ± h` in points, h the 95% t half-width (unclipped)."""
-    from scipy import stats as sps
-
-    if s.mean is None:
-        return "—"
-    if s.std is None or s.n < 2:
-        return f"{100 * s.mean:.1f}"
-    return f"{100 * s.mean:.1f} ± {100 * sps.t.ppf(0.975, s.n - 1) * s.std / s.n**0.5:.1f}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
@@ -217,7 +197,7 @@ def main() -> None:
         pre = pretrain(a.pretrain_n, a.pretrain_epochs, weights)
         print(f"pretrained: set A held-out accuracy {pre['set_a_val_acc']:.3f} ({pre['wall_s']:.0f} s)", flush=True)
         runs = finetune(dataset(Path(tmp), a.n_train), weights, a.n_train, a.epochs, a.lr)
-    res = statistics(runs)
+    res = grid_results(runs, "finetune-cpu", BATCHES, SEEDS, "image")
     print(f"\nwall {time.perf_counter() - t0:.0f} s")
     for metric in ("test_acc", "val_acc"):
         print(f"\n{metric} (%), mean ± 95% half-width over {len(SEEDS)} seeds")
@@ -225,7 +205,7 @@ def main() -> None:
         print("|---|" + "---|" * len(BATCHES))
         for v in res.variants:
             cells = {c.batch_size: getattr(c, metric) for c in res.cells if c.variant == v}
-            print(f"| {v} | " + " | ".join(text(cells[b]) for b in BATCHES) + " |")
+            print(f"| {v} | " + " | ".join(mean_pm(cells[b]) for b in BATCHES) + " |")
     print("\nVerdicts (validation accuracy):")
     for v in res.verdicts:
         print("-", v)

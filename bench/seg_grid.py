@@ -33,7 +33,7 @@ from app.core.budget import resolve_budget  # noqa: E402
 from app.core.dataset_format import save_canonical  # noqa: E402
 from app.ingest import ingest_file  # noqa: E402
 from app.schemas.jobs import OptimizerSpec  # noqa: E402
-from app.services import results as results_service  # noqa: E402
+from bench.grid_results import grid_results, mean_pm  # noqa: E402
 from bench.make_shapes_seg import CLASS_NAMES, shapes  # noqa: E402
 from workers.data import load_device_data  # noqa: E402
 from workers.engine import Outcome, PackTrainer, RunConfig  # noqa: E402
@@ -100,26 +100,6 @@ def train_grid(path: Path, n: int, epochs: int, lr: float) -> list[SimpleNamespa
     return runs
 
 
-def statistics(runs: list[SimpleNamespace]) -> Any:
-    """The service's results and verdicts for these runs (build_results reads rows; here they are given)."""
-    job = SimpleNamespace(id="seg-grid", dataset_id="shapes", spec={"batch_sizes": BATCHES, "seeds": SEEDS})
-    session = SimpleNamespace(get=lambda table, key: SimpleNamespace(kind="segmentation"))
-    results_service.job_runs = lambda s, j: runs  # type: ignore[assignment]
-    results_service.best_epoch_values = lambda s, j, m="val_acc": {}  # type: ignore[assignment]
-    return results_service.build_results(session, job, "succeeded")  # type: ignore[arg-type]
-
-
-def half_width_text(s: Any) -> str:
-    """`mean ± h` in points, h the 95% t half-width t(0.975, n−1)·std/√n (unclipped)."""
-    from scipy import stats as sps
-
-    if s.mean is None:
-        return "—"
-    if s.std is None or s.n < 2:
-        return f"{100 * s.mean:.1f}"
-    return f"{100 * s.mean:.1f} ± {100 * sps.t.ppf(0.975, s.n - 1) * s.std / s.n**0.5:.1f}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=6)
@@ -132,13 +112,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path, n = dataset(Path(tmp))
         runs = train_grid(path, n, a.epochs, a.lr)
-    res = statistics(runs)
+    res = grid_results(runs, "seg-grid", BATCHES, SEEDS, "segmentation")
     print(f"\nmetric: {res.metric}; wall {time.perf_counter() - t0:.0f} s")
     print("| variant | " + " | ".join(f"batch {b}" for b in BATCHES) + " |")
     print("|---|" + "---|" * len(BATCHES))
     for v in res.variants:
         cells = {c.batch_size: c.val_acc for c in res.cells if c.variant == v}
-        text = [half_width_text(cells[b]) for b in BATCHES]
+        text = [mean_pm(cells[b]) for b in BATCHES]
         print(f"| {v} | " + " | ".join(text) + " |")
     print("\nVerdicts:")
     for v in res.verdicts:
