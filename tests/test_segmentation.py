@@ -32,7 +32,7 @@ from bench.make_shapes_seg import CLASS_NAMES, shapes
 from models import build_model
 from models.norms import is_norm_layer
 from tests import support
-from tests.factories import job_spec, npz_bytes, upload, wait_for_job
+from tests.factories import job_spec, npz_bytes, run_job, upload, wait_for_job
 from tests.support import WorkerProcess
 from tests.test_cli import run, url  # noqa: F401  (`url` is a fixture)
 from tests.test_hostile_input import harness  # noqa: F401  (the fixture)
@@ -333,11 +333,8 @@ def test_a_segmentation_job_runs_end_to_end(client: TestClient, worker: WorkerPr
         batch_sizes=[2, 4],
         budget={"epochs": 1},
     )
-    resp = client.post("/v1/jobs", json=spec)
-    assert resp.status_code == 202, resp.text
-    job_id = resp.json()["id"]
-    job = wait_for_job(client, job_id)
-    results = client.get(f"/v1/jobs/{job_id}/results").json()
+    job, results = run_job(client, spec)
+    job_id = job["id"]
     assert job["status"] == "succeeded", results["runs"]
     assert results["metric"] == "val_miou" and len(results["runs"]) == 4
     run = results["runs"][0]

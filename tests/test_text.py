@@ -28,7 +28,7 @@ from app.schemas.jobs import OptimizerSpec
 from models import build_model
 from models.norms import create_norm_layer
 from models.transformer import MaskedBatchNorm
-from tests.factories import job_spec, upload, wait_for_job
+from tests.factories import job_spec, run_job, upload
 from tests.support import WorkerProcess, live_server
 from tests.test_cli import run, url  # noqa: F401  (`url` is a fixture)
 from tests.test_hostile_input import harness  # noqa: F401  (the fixture)
@@ -344,11 +344,8 @@ def test_a_text_job_runs_end_to_end(client: TestClient, worker: WorkerProcess) -
         batch_sizes=[4],
         budget={"epochs": 1},
     )
-    resp = client.post("/v1/jobs", json=spec)
-    assert resp.status_code == 202, resp.text
-    job_id = resp.json()["id"]
-    job = wait_for_job(client, job_id)
-    results = client.get(f"/v1/jobs/{job_id}/results").json()
+    job, results = run_job(client, spec)
+    job_id = job["id"]
     assert job["status"] == "succeeded", results["runs"]
     assert {r["variant"] for r in results["runs"]} == set(NORMS)
     assert all(r["status"] == "succeeded" and r["tokens_seen"] > r["samples_seen"] for r in results["runs"])
