@@ -500,30 +500,37 @@ class CellCount:
     diverged: int
 
 
+class _Decided:
+    """A paired test with its decision; `claim` is the decision's."""
+
+    test: PairedTest
+    decision: Decision
+
+    @property
+    def claim(self) -> Claim:
+        return self.decision.claim
+
+
 @dataclass(frozen=True)
-class Comparison:
+class Comparison(_Decided):
+    """`variant` against `baseline` at one batch size."""
+
     variant: str
     baseline: str
     batch_size: int
     test: PairedTest
     decision: Decision
 
-    @property
-    def claim(self) -> Claim:
-        return self.decision.claim
-
 
 @dataclass(frozen=True)
-class Sensitivity:
+class Sensitivity(_Decided):
+    """`variant` at `batch_size` against the same variant at its best batch size (the drop)."""
+
     variant: str
     best_batch_size: int
     batch_size: int
     test: PairedTest
     decision: Decision
-
-    @property
-    def claim(self) -> Claim:
-        return self.decision.claim
 
 
 def format_p(p: float) -> str:
