@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -140,6 +141,7 @@ def main() -> None:
         result["cores"] = os.cpu_count()
     finally:
         drop_database(DB)
+        shutil.rmtree(home, ignore_errors=True)
     result["ok"] = result["flood_5xx"] == 0 and not result["flood_errors"]
     result["other_owner_p99_under_100ms"] = result["other_owner_flooded"]["p99_ms"] < 100
     print(json.dumps(result, indent=2))
