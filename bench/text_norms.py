@@ -110,7 +110,8 @@ def report(rows: list[dict], seeds: int) -> dict:
         for n, d in zip(others, decisions, strict=True):
             t = paired_test(by[n], by["bn"])
             diff = "—" if t.mean_diff is None else f"{t.mean_diff:+.1f}"
-            verdicts[f"{n}@{b}"] = f"{d.verdict} ({diff} points vs bn, p_adj={d.p_adjusted})"
+            p_adj = "—" if d.p_adjusted is None else f"{d.p_adjusted:.2f}"
+            verdicts[f"{n}@{b}"] = f"{d.verdict} ({diff} points vs bn, Holm p {p_adj})"
             print(f"batch {b:>2}: {n:<8} vs bn: {verdicts[f'{n}@{b}']}")
     return {"cells": table, "verdicts": verdicts}
 
@@ -122,7 +123,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate at batch 32 (scaled linearly)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--norms", default=",".join(NORMS), help="a subset, to run cells in parallel processes")
+    parser.add_argument("--rows", type=Path, help="append each cell's runs to this JSON-lines file as it ends")
+    parser.add_argument("--report-from", type=Path, nargs="*", help="only tabulate runs from these JSON-lines files")
     args = parser.parse_args()
+    if args.report_from:
+        rows = [json.loads(line) for path in args.report_from for line in path.read_text().splitlines() if line]
+        out = report(rows, args.seeds)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(
+                json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **out, "runs": rows}, indent=2)
+            )
+        return
     import torch
 
     torch.set_num_threads(1)
@@ -132,8 +145,12 @@ def main() -> None:
     started = time.monotonic()
     rows = []
     for b in BATCHES:
-        for norm in NORMS:
-            rows += train_cell(path, norm, b, args.seeds, budget, args.lr)
+        for norm in args.norms.split(","):
+            cell = train_cell(path, norm, b, args.seeds, budget, args.lr)
+            rows += cell
+            if args.rows:
+                with args.rows.open("a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in cell)
             print(f"  {norm} batch {b}: {rows[-1]['pack_wall_s']:.0f}s", flush=True)
     wall = time.monotonic() - started
     print(
