@@ -230,3 +230,35 @@ def test_prometheus_metrics_count_runs_by_status(client: TestClient) -> None:
     lines = dict(line.rsplit(" ", 1) for line in resp.text.splitlines() if not line.startswith("#"))
     assert lines['normbench_runs{status="queued"}'] == "4"
     assert lines["normbench_jobs"] == "1" and int(lines["normbench_datasets"]) >= 1
+
+
+def test_job_list_shows_each_jobs_own_progress_in_one_query(client: TestClient, settings: Settings) -> None:
+    """The list is the same JobOut per job as its own GET (progress from one grouped count query, not one per
+    job), newest first, cut at `limit`."""
+    from sqlalchemy import event, update
+    from sqlalchemy.engine import Engine
+
+    ids = [
+        client.post("/v1/jobs", json=job_spec("digits", seeds=seeds)).json()["id"] for seeds in ([0], [0, 1], [0, 1, 2])
+    ]
+    client.post(f"/v1/jobs/{ids[1]}/cancel")
+    with create_engine(settings.resolved_database_url).begin() as conn:  # a run of the first job part-way through
+        run_id = conn.scalar(select(Run.id).where(Run.job_id == ids[0]).limit(1))
+        conn.execute(update(Run).where(Run.id == run_id).values(status="running", steps_done=5, attempt=1))
+    statements: list[str] = []
+    engine = Engine  # every engine: the API's own pools
+    listen = lambda *args: statements.append(args[2])  # noqa: E731 (conn, cursor, statement, ...)
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        listed = client.get("/v1/jobs").json()["items"]
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    mine = [item for item in listed if item["id"] in ids]
+    assert [item["id"] for item in mine] == ids[::-1]
+    for item in mine:
+        own = client.get(f"/v1/jobs/{item['id']}").json()
+        assert item["status"] == own["status"] and item["progress"] == own["progress"], item["id"]
+    assert {item["status"] for item in mine} == {"queued", "cancelled", "running"}
+    assert sum("FROM runs" in s for s in statements) == 1, statements
+    assert [item["id"] for item in client.get("/v1/jobs?limit=2").json()["items"]] == ids[:0:-1]
+    assert client.get("/v1/jobs?limit=0").status_code == 422

@@ -327,6 +327,28 @@ def job_state(session: Session, job: Job) -> JobState:
     return state_from_counts(session.execute(_run_counts(job.id)).all(), job.budget, job.cancel_requested)
 
 
+def job_states(session: Session, jobs: Sequence[Job]) -> dict[str, JobState]:
+    """`job_state` of many jobs in one grouped statement (a list page is one query, not one per job)."""
+    rows: dict[str, list[tuple[Any, ...]]] = {job.id: [] for job in jobs}
+    if rows:
+        query = (
+            select(
+                Run.job_id,
+                Run.status,
+                Run.batch_size,
+                func.count(),
+                func.sum(Run.steps_done),
+                func.min(Run.started_at),
+                func.max(Run.finished_at),
+            )
+            .where(Run.job_id.in_(list(rows)))
+            .group_by(Run.job_id, Run.status, Run.batch_size)
+        )
+        for job_id, *counts in session.execute(query):
+            rows[job_id].append(tuple(counts))
+    return {job.id: state_from_counts(rows[job.id], job.budget, job.cancel_requested) for job in jobs}
+
+
 def _run_counts(job_id: str) -> Select[str, int, int, int, datetime | None, datetime | None]:
     """Per (status, batch size): runs, steps done, first start, last finish (ix_runs_job_id_status)."""
     return (

@@ -73,9 +73,15 @@ def submit_job(
     return job_out(session, job)
 
 
-@router.get("", response_model=JobList, summary="List your jobs")
-def list_jobs(session: SessionDep, owner: OwnerDep) -> JobList:
-    return JobList(items=[job_out(session, j) for j in service.list_jobs(session, owner)])
+@router.get("", response_model=JobList, summary="List your jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    owner: OwnerDep,
+    limit: Annotated[int, Query(ge=1, le=500, description="At most this many jobs, the newest first.")] = 100,
+) -> JobList:
+    jobs = service.list_jobs(session, owner, limit)
+    states = service.job_states(session, jobs)
+    return JobList(items=[job_out_from(j, JobSpec.model_validate(j.spec), states[j.id]) for j in jobs])
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=ERRORS, summary="Status and progress of a job")
