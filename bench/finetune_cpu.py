@@ -43,7 +43,7 @@ from app.core.dataset_format import save_canonical  # noqa: E402
 from app.ingest import ingest_file  # noqa: E402
 from app.ingest.safetensors_check import check_weights_file  # noqa: E402
 from app.schemas.jobs import OptimizerSpec  # noqa: E402
-from bench.grid_results import grid_results, mean_pm  # noqa: E402
+from bench.grid_results import grid_results, mean_pm, run_row  # noqa: E402
 from workers.data import load_device_data  # noqa: E402
 from workers.engine import Outcome, PackTrainer, RunConfig  # noqa: E402
 
@@ -160,22 +160,7 @@ def finetune(path: Path, weights: Path, n_train: int, epochs: int, lr: float) ->
             took = time.perf_counter() - t0
             for s, out in zip(SEEDS, outs, strict=True):
                 assert isinstance(out, Outcome), out
-                runs.append(
-                    SimpleNamespace(
-                        id=f"{label}-{b}-{s}",
-                        variant=label,
-                        variant_index=vi,
-                        batch_size=b,
-                        seed=s,
-                        status=out.status,
-                        final_metrics=out.final_metrics,
-                        environment={},
-                        steps_done=out.steps,
-                        samples_seen=out.samples,
-                        wall_time_s=out.wall_time_s,
-                        error=out.error,
-                    )
-                )
+                runs.append(run_row(label, vi, b, s, out))
             accs = [r.final_metrics.get("test_acc", float("nan")) for r in runs[-3:]]
             print(f"{label:>10} batch {b}: test acc {', '.join(f'{a:.3f}' for a in accs)}  ({took:.0f} s)", flush=True)
     return runs

@@ -9,6 +9,25 @@ from typing import Any
 from app.services import results as results_service
 
 
+def run_row(label: str, variant_index: int, batch_size: int, seed: int, out: Any) -> SimpleNamespace:
+    """A run row as build_results reads it, from an engine Outcome of the run (`label` at `batch_size`, `seed`)."""
+    return SimpleNamespace(
+        id=f"{label}-{batch_size}-{seed}",
+        variant=label,
+        variant_index=variant_index,
+        batch_size=batch_size,
+        seed=seed,
+        status=out.status,
+        final_metrics=out.final_metrics,
+        environment={},
+        steps_done=out.steps,
+        samples_seen=out.samples,
+        wall_time_s=out.wall_time_s,
+        peak_memory_bytes=None,
+        error=out.error,
+    )
+
+
 def grid_results(runs: list[SimpleNamespace], job_id: str, batches: list[int], seeds: list[int], kind: str) -> Any:
     """The service's results and verdicts for these runs (build_results reads rows; here they are given)."""
     job = SimpleNamespace(id=job_id, dataset_id="shapes", spec={"batch_sizes": batches, "seeds": seeds})

@@ -33,7 +33,7 @@ from app.core.budget import resolve_budget  # noqa: E402
 from app.core.dataset_format import save_canonical  # noqa: E402
 from app.ingest import ingest_file  # noqa: E402
 from app.schemas.jobs import OptimizerSpec  # noqa: E402
-from bench.grid_results import grid_results, mean_pm  # noqa: E402
+from bench.grid_results import grid_results, mean_pm, run_row  # noqa: E402
 from bench.make_shapes_seg import CLASS_NAMES, shapes  # noqa: E402
 from workers.data import load_device_data  # noqa: E402
 from workers.engine import Outcome, PackTrainer, RunConfig  # noqa: E402
@@ -77,24 +77,7 @@ def train_grid(path: Path, n: int, epochs: int, lr: float) -> list[SimpleNamespa
             took = time.perf_counter() - t0
             for s, out in zip(SEEDS, outs, strict=True):
                 assert isinstance(out, Outcome), out
-                f = out.final_metrics
-                runs.append(
-                    SimpleNamespace(
-                        id=f"{label}-{b}-{s}",
-                        variant=label,
-                        variant_index=vi,
-                        batch_size=b,
-                        seed=s,
-                        status=out.status,
-                        final_metrics=f,
-                        environment={},
-                        steps_done=out.steps,
-                        samples_seen=out.samples,
-                        wall_time_s=out.wall_time_s,
-                        peak_memory_bytes=None,
-                        error=out.error,
-                    )
-                )
+                runs.append(run_row(label, vi, b, s, out))
             mious = [r.final_metrics.get("val_miou", float("nan")) for r in runs[-3:]]
             print(f"{label:>10} batch {b}: mIoU {', '.join(f'{m:.3f}' for m in mious)}  ({took:.0f} s)", flush=True)
     return runs
