@@ -102,6 +102,7 @@ def load_pretrained(
 
     head = head_module(model, arch)
     init_head(head, arch, head_generator(seed))
+    checked = _check_one_backbone_tensor(own, state, skip=first_conv, head=info.head, norm_modules=norm_modules)
     not_transferred = []
     if upload_norm == "bn" and not bn_family:
         not_transferred.append(
@@ -120,4 +121,23 @@ def load_pretrained(
         "not_transferred": not_transferred,
         "upload_norm": upload_title,
         "head": f"re-initialised for {head.out_features} classes (seeded by the run's seed, the same for every variant)",
+        "checked": checked,
     }
+
+
+def _check_one_backbone_tensor(
+    own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *, skip: str, head: str, norm_modules: set[str]
+) -> dict[str, Any] | None:
+    """Evidence that the network starts from the upload: the first backbone tensor copied as it is (not the
+    adapted first conv, a norm or the head), compared with the upload after loading, before any training."""
+    for key, value in state.items():
+        prefix = key.rpartition(".")[0]
+        if key == skip or key not in own or prefix == head or prefix in norm_modules:
+            continue
+        loaded = own[key]
+        return {
+            "parameter": key,
+            "equals_upload": bool(torch.equal(loaded, value.to(loaded.dtype))),
+            "sum": float(loaded.double().sum()),
+        }
+    return None

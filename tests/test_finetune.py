@@ -299,7 +299,7 @@ def test_a_fine_tuning_job_through_the_worker(client: Any, worker: Any, tmp_path
     x, y = pattern_images(n_per_class=4, classes=2, size=32)
     xt, yt = pattern_images(n_per_class=3, classes=2, size=32, seed=5)
     dataset = upload_dataset(client, "ft.npz", npz_bytes(x=x, y=y, x_test=xt, y_test=yt)).json()["id"]
-    path, _ = upload(tmp_path)
+    path, uploaded = upload(tmp_path)
     resp = client.post("/v1/weights", files={"file": ("w.safetensors", path.read_bytes())}, data={"arch": "resnet18"})
     assert resp.status_code == 201, resp.text
     spec = {
@@ -333,8 +333,22 @@ def test_a_fine_tuning_job_through_the_worker(client: Any, worker: Any, tmp_path
         gray = "first conv summed over RGB for 1-channel input"  # the pattern images are grayscale
         bn = ["bn affine", "bn statistics"] if run["variant"] == "bn_frozen" else []
         assert env["init"]["transferred"] == [*bn, "conv weights", gray]
+        checked = env["init"]["checked"]  # a backbone parameter equals the upload before training
+        assert checked["equals_upload"] is True, checked
+        assert checked["sum"] == pytest.approx(float(uploaded[checked["parameter"]].double().sum()), rel=1e-6)
     assert all(cell["test_acc"]["n"] == 1 for cell in results["cells"])
     assert results["batch_sizes"] == [2, 4] and len(results["cells"]) == 4
     report = client.get(f"/v1/jobs/{job_id}/report").text
     assert 'id="transfer"' in report and "pretrained running statistics and affine kept fixed" in report
     assert "BatchNorm statistics cannot transfer" in report and "bn statistics: the variant" in report
+
+
+def test_the_run_records_that_a_backbone_tensor_equals_the_upload(tmp_path: Path) -> None:
+    """The evidence the e2e test reads: a backbone tensor compared with the upload after loading."""
+    path, state = upload(tmp_path)
+    cfg, data = finetune_config(path, "gn")
+    model, record = build_run_model_and_init(cfg, data, CPU)
+    assert record is not None
+    checked = record["checked"]
+    assert checked["equals_upload"] is True and checked["parameter"] == "layer1.0.conv1.weight"
+    assert torch.equal(model.state_dict()[checked["parameter"]], state[checked["parameter"]])
