@@ -239,6 +239,12 @@ def check_zip_layout(path: Path, zf: zipfile.ZipFile, filename: str) -> None:
         )
 
 
+def first_nonfinite(a: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first NaN or infinite value of `a` (row-major), or None when every value is finite."""
+    bad = ~np.isfinite(a)
+    return tuple(int(i) for i in np.argwhere(bad)[0]) if bad.any() else None
+
+
 def open_checked_zip(
     path: Path, filename: str, limits: IngestLimits, fix: str
 ) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:

@@ -22,6 +22,7 @@ from app.ingest.checks import (
     check_class_count,
     check_decoded_total,
     check_labels,
+    first_nonfinite,
     plain_reason,
     preview,
 )
@@ -186,18 +187,16 @@ def _csv_chunk(rows: list[list[str]], lines: list[int], feat_names: list[str], l
                         f"column {label_column!r} must hold numbers (fill in missing values, encode "
                         "categories as numbers)"
                     ) from None
-    bad = ~np.isfinite(values)
-    if bad.any():
-        r, c = (int(i) for i in np.argwhere(bad)[0])
+    if (at := first_nonfinite(values)) is not None:
+        r, c = at
         raise IngestError(
             f"row {lines[r]}, column {feat_names[c]!r} holds {rows[r][c].strip()!r}; NaN and infinite values "
             "are not allowed, fill in or drop missing values"
         )
     with np.errstate(over="ignore", invalid="ignore"):
         out = values.astype(np.float32)
-    bad = ~np.isfinite(out)
-    if bad.any():
-        r, c = (int(i) for i in np.argwhere(bad)[0])
+    if (at := first_nonfinite(out)) is not None:
+        r, c = at
         raise IngestError(
             f"row {lines[r]}, column {feat_names[c]!r} holds {rows[r][c].strip()!r}, too large for float32; "
             "scale the feature down"

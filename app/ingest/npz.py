@@ -25,6 +25,7 @@ from app.ingest.checks import (
     check_labels,
     check_zip_budget,
     check_zip_layout,
+    first_nonfinite,
     plain_reason,
     preview,
 )
@@ -327,19 +328,16 @@ def _labels_to_int64(y: np.ndarray, key: str, x_key: str, x_shape: Sequence[int]
 def _tabular_to_float32(a: np.ndarray, key: str) -> np.ndarray:
     if a.dtype.kind not in "biuf":
         raise IngestError(f"{key} has dtype {a.dtype}; tabular features must be numbers (int or float)")
-    if a.dtype.kind == "f":
-        bad = ~np.isfinite(a)
-        if bad.any():
-            r, c = (int(i) for i in np.argwhere(bad)[0])
-            raise IngestError(
-                f"{key} contains NaN or infinite values (first at row {r}, column {c}); fill in or drop "
-                "missing values before uploading"
-            )
+    if a.dtype.kind == "f" and (at := first_nonfinite(a)) is not None:
+        r, c = at
+        raise IngestError(
+            f"{key} contains NaN or infinite values (first at row {r}, column {c}); fill in or drop "
+            "missing values before uploading"
+        )
     with np.errstate(over="ignore", invalid="ignore"):
         out = np.ascontiguousarray(a, dtype=np.float32)
-    bad = ~np.isfinite(out)
-    if bad.any():
-        r, c = (int(i) for i in np.argwhere(bad)[0])
+    if (at := first_nonfinite(out)) is not None:
+        r, c = at
         raise IngestError(f"{key} has a value too large for float32 at row {r}, column {c}; scale the features down")
     return out
 
@@ -367,9 +365,7 @@ def _signals_to_float32(arrays: dict[str, np.ndarray], limits: IngestLimits) -> 
             raise IngestError(f"{key} has dtype {a.dtype}; signal values must be numbers (int or float)")
         with np.errstate(over="ignore", invalid="ignore"):
             f = np.ascontiguousarray(a, dtype=np.float32)
-        bad = ~np.isfinite(f)
-        if bad.any():
-            at = tuple(int(i) for i in np.argwhere(bad)[0])
+        if (at := first_nonfinite(f)) is not None:
             what = (
                 "NaN or infinite values"
                 if a.dtype.kind == "f" and not np.isfinite(a[at])
