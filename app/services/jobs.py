@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, Row, Select, Text, bindparam, cast, func, select
+from sqlalchemy import Connection, Row, Text, bindparam, cast, func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -324,11 +324,12 @@ class JobState:
 
 
 def job_state(session: Session, job: Job) -> JobState:
-    return state_from_counts(session.execute(_run_counts(job.id)).all(), job.budget, job.cancel_requested)
+    return job_states(session, [job])[job.id]
 
 
 def job_states(session: Session, jobs: Sequence[Job]) -> dict[str, JobState]:
-    """`job_state` of many jobs in one grouped statement (a list page is one query, not one per job)."""
+    """Each job's state from its run counts per (status, batch size): runs, steps done, first start, last
+    finish; one grouped statement for all of them (ix_runs_job_id_status), so a list page is one query."""
     rows: dict[str, list[tuple[Any, ...]]] = {job.id: [] for job in jobs}
     if rows:
         query = (
@@ -347,22 +348,6 @@ def job_states(session: Session, jobs: Sequence[Job]) -> dict[str, JobState]:
         for job_id, *counts in session.execute(query):
             rows[job_id].append(tuple(counts))
     return {job.id: state_from_counts(rows[job.id], job.budget, job.cancel_requested) for job in jobs}
-
-
-def _run_counts(job_id: str) -> Select[str, int, int, int, datetime | None, datetime | None]:
-    """Per (status, batch size): runs, steps done, first start, last finish (ix_runs_job_id_status)."""
-    return (
-        select(
-            Run.status,
-            Run.batch_size,
-            func.count(),
-            func.sum(Run.steps_done),
-            func.min(Run.started_at),
-            func.max(Run.finished_at),
-        )
-        .where(Run.job_id == job_id)
-        .group_by(Run.status, Run.batch_size)
-    )
 
 
 @dataclass(frozen=True)
