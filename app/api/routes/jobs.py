@@ -73,7 +73,7 @@ def submit_job(
     return job_out(session, job)
 
 
-@router.get("", response_model=JobList, summary="List your jobs, newest first")
+@router.get("", response_model=JobList, responses=ERRORS, summary="List your jobs, newest first")
 def list_jobs(
     session: SessionDep,
     owner: OwnerDep,
