@@ -48,7 +48,8 @@ EXPOSE 8000
 # /readyz: the database and the broker answer, not only the process.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=5 \
     CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status == 200 else 1)"
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+# Keep-alive longer than clients' (app/devserver.py KEEP_ALIVE_SECONDS says why).
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-keep-alive", "75"]
 
 # ---------------------------------------------------------------------------------------
 # worker: the Celery consumer of the `train` queue; trains with torch.

@@ -104,9 +104,15 @@ def worker_command(loglevel: str, *extra: str, quiet: bool = False) -> list[str]
             "worker", "-Q", TRAIN_QUEUE, "--pool", "solo", "--loglevel", loglevel, *extra]  # fmt: skip
 
 
+# Idle keep-alive connections stay open longer than clients keep theirs (httpx 5 s, browsers and proxies
+# up to 60 s): with uvicorn's default 5 s, a loaded server closes a connection just as the client reuses it,
+# and the client sees a dropped request (tests/test_load.py's flood found it). Dockerfile and compose match.
+KEEP_ALIVE_SECONDS = 75
+
+
 def api_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "uvicorn", "app.main:app", "--host", host, "--port", str(port),
-            "--log-level", "warning"]  # fmt: skip
+            "--timeout-keep-alive", str(KEEP_ALIVE_SECONDS), "--log-level", "warning"]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ child processes

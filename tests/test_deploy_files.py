@@ -6,6 +6,7 @@ Pure file parsing plus one `docker-compose config -q`; no images are built and n
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from app.config import TRAIN_QUEUE, Settings
+from app.devserver import KEEP_ALIVE_SECONDS, api_command
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -285,6 +287,16 @@ def test_dockerfile_copies_what_the_services_need() -> None:
         users = [line.split()[1] for line in chain if line.upper().startswith("USER ")]
         assert users and users[-1] not in ("root", "0"), f"{target} runs as root"
     assert stages[next(iter(stages))][0].split()[1].startswith("python:3.11")
+
+
+def test_every_api_launcher_keeps_idle_connections_longer_than_clients(services: dict) -> None:
+    # uvicorn's default 5 s equals httpx's: under load the server closes a connection as a client reuses it.
+    wanted = str(KEEP_ALIVE_SECONDS)
+    assert _option(_api_server_command(services["api"]), "--timeout-keep-alive") == wanted
+    cmd = next(line for line in _dockerfile_stages()["api"] if line.startswith("CMD "))
+    assert _option(json.loads(cmd.removeprefix("CMD ")), "--timeout-keep-alive") == wanted
+    assert _option(api_command("127.0.0.1", 8000), "--timeout-keep-alive") == wanted
+    assert f"--timeout-keep-alive {wanted}" in (ROOT / "README.md").read_text()
 
 
 def test_dockerignore_keeps_local_state_out() -> None:

@@ -27,6 +27,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from app.api.rate_limit import KeyLimits
 from app.config import Settings
 from app.db import DatabaseBusy, _poll_threads, _PollThreads, run_in_db_thread, session_factory
+from app.devserver import api_command
 from app.main import create_app
 from app.services import events as events_service
 from app.services import keys
@@ -248,7 +249,7 @@ FLOOD = textwrap.dedent(
                 if r.status_code == 429:  # a client that retries quickly, far sooner than Retry-After
                     await asyncio.sleep(0.05)
             except Exception as e:
-                errors[type(e).__name__] += 1
+                errors[f"poll {type(e).__name__}: {e}"] += 1
 
     async def stream(client, end):
         while time.monotonic() < end:
@@ -264,7 +265,7 @@ FLOOD = textwrap.dedent(
             except TimeoutError:
                 return
             except Exception as e:
-                errors[type(e).__name__] += 1
+                errors[f"stream {type(e).__name__}: {e}"] += 1
 
     async def main():
         # Many small clients: one connection pool of 1,300 costs the client more CPU per request than the server.
@@ -302,8 +303,8 @@ def api_server(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, int]]:
         "NORMBENCH_REQUIRE_API_KEYS": "true",
     }
     log = (tmp_path / "api.log").open("wb")
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen([*cmd, "--log-level", "warning"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # The command make run starts (keep-alive included: a shorter one drops pollers' requests under load).
+    proc = subprocess.Popen(api_command("127.0.0.1", port), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
