@@ -35,16 +35,23 @@ class DbReporter:
             progress.epoch % self.settings.checkpoint_every_epochs == 0 or SHUTDOWN.is_set()
         ):
             uri = save_checkpoint(self.storage, self.claim, progress.step, checkpoint)
-        with session_scope(self.settings.resolved_database_url) as s:
-            record_progress(
-                s,
-                self.claim.run_id,
-                self.claim.attempt,
-                points,
-                progress,
-                lease_seconds=self.settings.lease_seconds,
-                checkpoint_uri=uri,
-            )
+        try:
+            with session_scope(self.settings.resolved_database_url) as s:
+                record_progress(
+                    s,
+                    self.claim.run_id,
+                    self.claim.attempt,
+                    points,
+                    progress,
+                    lease_seconds=self.settings.lease_seconds,
+                    checkpoint_uri=uri,
+                )
+        except StaleAttempt:
+            # No row points to the file just written (the run was taken over or its job deleted): remove it, or
+            # it would stay in storage for good. Not on other errors: a commit may have landed unacknowledged.
+            if uri is not None:
+                self.storage.delete(uri)
+            raise
         if uri is not None:
             if self.checkpoint_uri and self.checkpoint_uri != uri:
                 self.storage.delete(self.checkpoint_uri)  # keep only the one the database points to
