@@ -302,6 +302,9 @@ class ArchInfo:
     other_per_site: int = 2
 
 
+# Norms that end in their own nonlinearity (`frn`, `evonorm_s0`): each torchvision network refuses them all, for
+# one reason of its own.
+_OWN_NONLINEARITY = tuple(name for name, info in NORMS.items() if info.includes_activation)
 _SHARED_RELU = (
     "it ends in its own nonlinearity, which replaces the activation after each norm; torchvision's blocks apply "
     "one shared activation after a norm and after the residual addition, so it cannot be swapped in without "
@@ -323,6 +326,27 @@ _NO_BN_STATS = (
     "ConvNeXt has no BatchNorm: its pretrained weights carry LayerNorm affines and no running statistics to "
     "freeze or evaluate with"
 )
+
+
+def _refuses(nonlinearity_reason: str, **other_refusals: str) -> dict[str, str]:
+    """A torchvision network's `refuses`: the self-activating norms for its `nonlinearity_reason`, and the rest."""
+    return dict.fromkeys(_OWN_NONLINEARITY, nonlinearity_reason) | other_refusals
+
+
+def _torchvision_resnet(name: str, description: str, backbone_weights: int, head_features: int) -> ArchInfo:
+    """torchvision's ResNets share their head (`fc`), their stem (64 channels, 7×7) and what they refuse."""
+    return ArchInfo(
+        name,
+        description,
+        ("image",),
+        torchvision=True,
+        head="fc",
+        refuses=_refuses(_SHARED_RELU),
+        backbone_weights=backbone_weights,
+        head_features=head_features,
+        stem=(64, 7),
+    )
+
 
 ARCHS: dict[str, ArchInfo] = {
     a.name: a
@@ -354,28 +378,18 @@ ARCHS: dict[str, ArchInfo] = {
             "stage widths `width`, 2×`width`, 4×`width`.",
             ("signal",),
         ),
-        ArchInfo(
+        _torchvision_resnet(
             "resnet18",
             "torchvision's ResNet-18 (ImageNet design: 7×7 stride-2 stem, max pool, four stages of basic blocks, "
             "output stride 32); `depth`/`width`/`hidden` do not apply.",
-            ("image",),
-            torchvision=True,
-            head="fc",
-            refuses={"frn": _SHARED_RELU, "evonorm_s0": _SHARED_RELU},
             backbone_weights=11_166_912,
             head_features=512,
-            stem=(64, 7),
         ),
-        ArchInfo(
+        _torchvision_resnet(
             "resnet50",
             "torchvision's ResNet-50 (bottleneck blocks, 25.6M parameters, output stride 32).",
-            ("image",),
-            torchvision=True,
-            head="fc",
-            refuses={"frn": _SHARED_RELU, "evonorm_s0": _SHARED_RELU},
             backbone_weights=23_454_912,
             head_features=2048,
-            stem=(64, 7),
         ),
         ArchInfo(
             "mobilenet_v3_small",
@@ -384,11 +398,7 @@ ARCHS: dict[str, ArchInfo] = {
             ("image",),
             torchvision=True,
             head="classifier.3",
-            refuses={
-                "frn": _LINEAR_BOTTLENECK,
-                "evonorm_s0": _LINEAR_BOTTLENECK,
-                "gn_ws": _WS_DEPTHWISE.format(n="9 or 25"),
-            },
+            refuses=_refuses(_LINEAR_BOTTLENECK, gn_ws=_WS_DEPTHWISE.format(n="9 or 25")),
             backbone_weights=1_505_744,
             head_features=1024,
             stem=(16, 3),
@@ -402,13 +412,9 @@ ARCHS: dict[str, ArchInfo] = {
             ("image",),
             torchvision=True,
             head="classifier.2",
-            refuses={
-                "frn": _CONVNEXT_MLP,
-                "evonorm_s0": _CONVNEXT_MLP,
-                "gn_ws": _WS_DEPTHWISE.format(n="49"),
-                "bn_frozen": _NO_BN_STATS,
-                "bn_eval": _NO_BN_STATS,
-            },
+            refuses=_refuses(
+                _CONVNEXT_MLP, gn_ws=_WS_DEPTHWISE.format(n="49"), bn_frozen=_NO_BN_STATS, bn_eval=_NO_BN_STATS
+            ),
             min_side=32,
             backbone_weights=27_803_808,
             head_features=768,

@@ -81,38 +81,30 @@ def shape_text(shape: Sequence[int]) -> str:
     return str(tuple(int(d) for d in shape))
 
 
+# Per kind: the dtype and rank of `x`, and its layout as the error names it.
+_CANONICAL_X: dict[Kind, tuple[type[np.generic], int, str]] = {
+    "image": (np.uint8, 4, "N×C×H×W"),
+    "tabular": (np.float32, 2, "N×F"),
+    "text": (np.uint16, 2, f"N×L token ids below {TEXT_VOCAB}"),
+    "signal": (np.float32, 3, "N×C×L"),
+    "segmentation": (np.uint8, 4, "N×C×H×W"),
+}
+
+
 def check_canonical(ds: CanonicalDataset) -> None:
     """Raise `DatasetFormatError` unless every array has the canonical dtype, rank and label range."""
-    if ds.kind == "image":
-        if ds.x.dtype != np.uint8 or ds.x.ndim != 4:
-            raise DatasetFormatError(
-                f"canonical image x must be uint8 N×C×H×W, got {ds.x.dtype} {shape_text(ds.x.shape)}"
-            )
-    elif ds.kind == "tabular":
-        if ds.x.dtype != np.float32 or ds.x.ndim != 2:
-            raise DatasetFormatError(
-                f"canonical tabular x must be float32 N×F, got {ds.x.dtype} {shape_text(ds.x.shape)}"
-            )
-    elif ds.kind == "text":
-        if ds.x.dtype != np.uint16 or ds.x.ndim != 2 or (ds.x.size and int(ds.x.max()) >= TEXT_VOCAB):
-            raise DatasetFormatError(
-                f"canonical text x must be uint16 N×L token ids below {TEXT_VOCAB}, got {ds.x.dtype} "
-                f"{shape_text(ds.x.shape)}"
-            )
-    elif ds.kind == "signal":
-        if ds.x.dtype != np.float32 or ds.x.ndim != 3:
-            raise DatasetFormatError(
-                f"canonical signal x must be float32 N×C×L, got {ds.x.dtype} {shape_text(ds.x.shape)}"
-            )
-    elif ds.kind == "segmentation":
-        if ds.x.dtype != np.uint8 or ds.x.ndim != 4:
-            raise DatasetFormatError(
-                f"canonical segmentation x must be uint8 N×C×H×W, got {ds.x.dtype} {shape_text(ds.x.shape)}"
-            )
-        if len(ds.class_names) > MAX_SEG_CLASSES:
-            raise DatasetFormatError(f"canonical segmentation holds at most {MAX_SEG_CLASSES} classes")
-    else:
+    if ds.kind not in _CANONICAL_X:
         raise DatasetFormatError(f"canonical kind must be one of {', '.join(KINDS)}, got {ds.kind!r}")
+    dtype, ndim, layout = _CANONICAL_X[ds.kind]
+    fits = ds.x.dtype == dtype and ds.x.ndim == ndim
+    if fits and ds.kind == "text":  # token ids index the embedding
+        fits = not ds.x.size or int(ds.x.max()) < TEXT_VOCAB
+    if not fits:
+        raise DatasetFormatError(
+            f"canonical {ds.kind} x must be {np.dtype(dtype).name} {layout}, got {ds.x.dtype} {shape_text(ds.x.shape)}"
+        )
+    if ds.kind == "segmentation" and len(ds.class_names) > MAX_SEG_CLASSES:
+        raise DatasetFormatError(f"canonical segmentation holds at most {MAX_SEG_CLASSES} classes")
     for split, xk, yk in SPLITS:
         _check_split(ds, split, xk, yk)
 
