@@ -16,6 +16,11 @@ def _as_utc(value: datetime) -> datetime:
 # Every datetime the API returns: timezone-aware UTC, written as ISO 8601 with `Z`.
 UtcTimestamp = Annotated[datetime, AfterValidator(_as_utc)]
 
+# Fields several resources share, with one meaning and one description.
+JobId = Annotated[str, Field(description="Job id.")]
+SubmittedAt = Annotated[UtcTimestamp, Field(description="Submission time.")]
+UploadName = Annotated[str, Field(description="Name given at upload (defaults to the file name).")]
+
 
 class ErrorBody(BaseModel):
     error: str = Field(description="Machine-readable kind, e.g. `not_found`, `invalid_spec`.")

@@ -6,14 +6,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas.common import UtcTimestamp
+from app.schemas.common import UploadName, UtcTimestamp
 
 
 class DatasetOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str = Field(description="Dataset id; built-in datasets use their name (e.g. `digits`).")
-    name: str = Field(description="Name given at upload (defaults to the file name).")
+    name: UploadName
     kind: Literal["image", "tabular", "signal", "segmentation", "text"] = Field(
         description="`image` (uint8 C×H×W), `tabular` (F features), `signal` (float32 C×L 1-D signals) or "
         "`segmentation` (uint8 C×H×W images with an H×W mask of class indices each)."

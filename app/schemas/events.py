@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field
 
-from app.schemas.runs import RunKey
+from app.schemas.common import JobId
+from app.schemas.runs import RunKey, StepsTaken, WallTime
+
+EpochsTotal = Annotated[int, Field(description="Epochs in the job's budget.")]
 
 
 class RunStarted(RunKey):
     """A worker claimed a run (sent again with a higher `attempt` when the run is retried)."""
 
     attempt: int = Field(description="Claim number: 1 on the first start, higher when a worker retried the run.")
-    epochs_total: int = Field(description="Epochs in the job's budget.")
+    epochs_total: EpochsTotal
 
 
 class EpochDone(RunKey):
@@ -19,7 +24,7 @@ class EpochDone(RunKey):
     checkpoint are not sent again."""
 
     epoch: int = Field(description="Epochs completed, 1..`epochs_total`.")
-    epochs_total: int = Field(description="Epochs in the job's budget.")
+    epochs_total: EpochsTotal
     val_acc: float | None = Field(description="Validation accuracy after this epoch, 0..1.")
     val_loss: float | None = Field(description="Validation cross-entropy after this epoch (null if not finite).")
     train_loss: float | None = Field(description="Mean training loss over this epoch (null if not finite).")
@@ -34,15 +39,15 @@ class RunFinished(RunKey):
     val_acc: float | None = Field(description="Final validation accuracy, 0..1 (null without a result).")
     val_loss: float | None = Field(description="Final validation cross-entropy (null without a finite result).")
     train_loss: float | None = Field(description="Final-epoch training loss (null without a finite result).")
-    steps: int = Field(description="Optimizer steps taken.")
-    wall_time_s: float | None = Field(description="Training wall time in seconds.")
+    steps: StepsTaken
+    wall_time_s: WallTime
     error: str | None = Field(description="Why a failed, diverged or cancelled run stopped.")
 
 
 class JobFinished(BaseModel):
     """Every run of the job is terminal. The last event of a stream, which then closes."""
 
-    job_id: str = Field(description="Job id.")
+    job_id: JobId
     status: str = Field(description="Final job status: `succeeded`, `failed` or `cancelled` (as GET /v1/jobs/{id}).")
     runs_total: int = Field(description="Runs of the job.")
     runs_finished: int = Field(description="Runs in a terminal state (all of them).")

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.core.catalogue import NORMS, PARAMS, ParamValue, norms_description, param_description, variant_label
-from app.schemas.common import UtcTimestamp
+from app.schemas.common import JobId, SubmittedAt, UtcTimestamp
 
 
 class Strict(BaseModel):
@@ -337,7 +337,7 @@ class JobProgress(BaseModel):
 
 
 class JobOut(BaseModel):
-    id: str = Field(description="Job id.")
+    id: JobId
     name: str | None = Field(description="Label given at submit.")
     dataset_id: str = Field(description="Dataset the job trains on.")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
@@ -347,7 +347,7 @@ class JobOut(BaseModel):
     spec: JobSpec = Field(description="The validated spec as submitted, with defaults filled in.")
     budget: dict[str, int] = Field(description="Resolved fixed budget: epochs, samples_per_epoch, train/val sizes.")
     progress: JobProgress = Field(description="How far the job is.")
-    created_at: UtcTimestamp = Field(description="Submission time.")
+    created_at: SubmittedAt
     started_at: UtcTimestamp | None = Field(description="When the first run started.")
     finished_at: UtcTimestamp | None = Field(description="When the last run ended, once all have.")
     links: dict[str, str] = Field(description="URLs of this job's related resources.")

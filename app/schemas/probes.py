@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from app.schemas.common import UtcTimestamp
+from app.schemas.common import SubmittedAt, UtcTimestamp
 from app.schemas.jobs import InputSpec, ModelSpec, Strict, VariantSpec
 
 # Powers of two from 2 up to `max_batch_size` (and the training split): what a probe measures, and what a job's
@@ -124,7 +124,7 @@ class ProbeOut(BaseModel):
     spec: ProbeRequest = Field(description="The validated request, with defaults filled and `model.arch` resolved.")
     result: ProbeResult | None = Field(description="The measurements, once succeeded.")
     error: str | None = Field(description="Why the probe failed.")
-    created_at: UtcTimestamp = Field(description="Submission time.")
+    created_at: SubmittedAt
     started_at: UtcTimestamp | None = Field(description="When a worker started measuring.")
     finished_at: UtcTimestamp | None = Field(description="When it finished.")
     links: dict[str, str] = Field(description="URLs of this probe.")

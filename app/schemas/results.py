@@ -13,7 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas.runs import MetricPointOut, RunKey
+from app.schemas.common import JobId
+from app.schemas.runs import MetricPointOut, RunKey, StepsTaken, WallTime
 
 VerdictOut = Literal["different", "equivalent", "inconclusive"]
 VERDICT_DESCRIPTION = (
@@ -41,9 +42,9 @@ class RunResult(RunKey):
         "validation split, never used to pick anything.",
     )
     test_loss: float | None = Field(None, description="Cross-entropy on the test split after training.")
-    steps: int = Field(description="Optimizer steps taken.")
+    steps: StepsTaken
     samples_seen: int = Field(description="Training samples consumed.")
-    wall_time_s: float | None = Field(description="Training wall time in seconds.")
+    wall_time_s: WallTime
     images_per_s: float | None = Field(description="Training throughput, samples per second.")
     tokens_seen: int | None = Field(
         None,
@@ -97,9 +98,19 @@ class Stat(BaseModel):
     )
 
 
-class CellSummary(BaseModel):
+def _no_values() -> Stat:
+    """The statistic of a metric with no value in any seed (the default of the metrics not every job has)."""
+    return Stat(mean=None, std=None)
+
+
+class CellKey(BaseModel):
+    """Which cell (variant × batch size, over seeds) an item is about: the fields per-cell items start with."""
+
     variant: str = Field(description="Variant label.")
     batch_size: int = Field(description="Batch size.")
+
+
+class CellSummary(CellKey):
     n: int = Field(description="Seeds with a final result (succeeded runs).")
     n_total: int = Field(description="Seeds requested.")
     diverged: int = Field(
@@ -113,28 +124,26 @@ class CellSummary(BaseModel):
     val_acc: Stat = Field(description="Final validation accuracy over seeds, 0..1.")
     val_loss: Stat = Field(description="Final validation loss over seeds.")
     test_acc: Stat = Field(
-        default_factory=lambda: Stat(mean=None, std=None),
+        default_factory=_no_values,
         description="Test-split accuracy over seeds, 0..1 (no values without a test split).",
     )
-    test_loss: Stat = Field(
-        default_factory=lambda: Stat(mean=None, std=None), description="Test-split loss over seeds."
-    )
+    test_loss: Stat = Field(default_factory=_no_values, description="Test-split loss over seeds.")
     train_loss: Stat = Field(description="Final-epoch training loss over seeds.")
     best_val_acc: Stat = Field(
-        default_factory=lambda: Stat(mean=None, std=None),
+        default_factory=_no_values,
         description="Best-epoch validation accuracy over seeds (each seed's highest per-epoch `val_acc`), 0..1. "
         "Picked on the validation split, so optimistic compared with the final value.",
     )
     best_val_loss: Stat = Field(
-        default_factory=lambda: Stat(mean=None, std=None),
+        default_factory=_no_values,
         description="Best-epoch validation loss over seeds (each seed's lowest per-epoch `val_loss`).",
     )
     images_per_s: Stat = Field(
-        default_factory=lambda: Stat(mean=None, std=None),
+        default_factory=_no_values,
         description="Training throughput over seeds (samples per second of each run; packed runs share a device).",
     )
     peak_memory_bytes: Stat = Field(
-        default_factory=lambda: Stat(mean=None, std=None),
+        default_factory=_no_values,
         description="Peak memory of the runs' packs over seeds (see the runs' `peak_memory_method`).",
     )
 
@@ -268,7 +277,7 @@ class SensitivityOut(BaseModel):
 
 
 class Results(BaseModel):
-    job_id: str = Field(description="Job id.")
+    job_id: JobId
     status: str = Field(description="Job status.")
     metric: str = Field(
         "val_acc",
@@ -325,7 +334,7 @@ class CurveSeries(RunKey):
 
 
 class Curves(BaseModel):
-    job_id: str = Field(description="Job id.")
+    job_id: JobId
     metric: str = Field(description="Metric name: val_acc, val_loss, train_loss, train_loss_step, lr, ...")
     max_points: int | None = Field(
         None, description="Per-series point cap that was applied (min/max per bucket); null for full resolution."
@@ -347,9 +356,7 @@ class AggregatePointOut(BaseModel):
     max: float = Field(description="Highest value over seeds.")
 
 
-class CellCurve(BaseModel):
-    variant: str = Field(description="Variant label.")
-    batch_size: int = Field(description="Batch size.")
+class CellCurve(CellKey):
     seeds: list[int] = Field(description="Seeds whose runs contributed points.")
     statuses: dict[str, int] = Field(description="Contributing runs per status (diverged runs end early).")
     total_points: int = Field(description="Steps in the aggregate before downsampling.")
@@ -357,7 +364,7 @@ class CellCurve(BaseModel):
 
 
 class CurveAggregate(BaseModel):
-    job_id: str = Field(description="Job id.")
+    job_id: JobId
     metric: str = Field(description="Metric name.")
     max_points: int | None = Field(description="Per-cell point cap applied (on the mean); null for full resolution.")
     cells: list[CellCurve] = Field(description="One entry per (variant, batch size) with points.")

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from app.schemas.common import UtcTimestamp
 
+# Fields of a run that several run-level models share, with one meaning and one description.
+RunId = Annotated[str, Field(description="Run id.")]
+TrainingBatchSize = Annotated[int, Field(description="Training batch size.")]
+RunSeed = Annotated[int, Field(description="Seed for initial weights and data order.")]
+StepsTaken = Annotated[int, Field(description="Optimizer steps taken.")]
+WallTime = Annotated[float | None, Field(description="Training wall time in seconds.")]
+
 
 class RunKey(BaseModel):
     """Which run an item is about: the fields every per-run result, curve and event starts with."""
 
-    run_id: str = Field(description="Run id.")
+    run_id: RunId
     variant: str = Field(description="Variant label, e.g. `bn` or `gn(32)`.")
-    batch_size: int = Field(description="Training batch size.")
-    seed: int = Field(description="Seed for initial weights and data order.")
+    batch_size: TrainingBatchSize
+    seed: RunSeed
 
 
 class KeyedRun(Protocol):
@@ -35,13 +42,13 @@ def run_key(run: KeyedRun) -> dict[str, Any]:
 
 
 class RunOut(BaseModel):
-    id: str = Field(description="Run id.")
+    id: RunId
     job_id: str = Field(description="Job the run belongs to.")
     variant: str = Field(description="Variant label, e.g. `bn` or `gn(16)`.")
     norm: str = Field(description="Normalization layer name.")
     norm_params: dict[str, Any] = Field(description="Parameters of the norm (`groups`/`group_size` for `gn`).")
-    batch_size: int = Field(description="Training batch size.")
-    seed: int = Field(description="Seed for initial weights and data order.")
+    batch_size: TrainingBatchSize
+    seed: RunSeed
     status: str = Field(description="queued, running, succeeded, failed, diverged or cancelled.")
     attempt: int = Field(description="How many times a worker claimed this run.")
     worker: str | None = Field(description="Worker that holds or last held the run.")
@@ -51,7 +58,7 @@ class RunOut(BaseModel):
     steps_done: int = Field(description="Optimizer steps taken so far.")
     samples_seen: int = Field(description="Training samples consumed so far.")
     epochs_done: int = Field(description="Epochs completed.")
-    wall_time_s: float | None = Field(description="Training wall time in seconds.")
+    wall_time_s: WallTime
     final_metrics: dict[str, Any] | None = Field(description="Final metrics once the run ended.")
     environment: dict[str, Any] | None = Field(description="torch version, device, CUDA, threads.")
     error: str | None = Field(description="Why the run failed, diverged or was cancelled.")
@@ -64,5 +71,5 @@ class MetricPointOut(BaseModel):
 
 
 class RunMetrics(BaseModel):
-    run_id: str = Field(description="Run id.")
+    run_id: RunId
     metrics: dict[str, list[MetricPointOut]] = Field(description="Every recorded point, per metric name.")

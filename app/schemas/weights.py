@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas.common import UtcTimestamp
+from app.schemas.common import UploadName, UtcTimestamp
 
 
 class WeightsOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str = Field(description="Weights id; a job names it in `init.weights_id`.")
-    name: str = Field(description="Name given at upload (defaults to the file name).")
+    name: UploadName
     arch: str = Field(description="The torchvision architecture the state dict belongs to (e.g. `resnet18`).")
     sha256: str = Field(description="SHA-256 of the stored safetensors file (as uploaded).")
     size_bytes: int = Field(description="Size of the stored file in bytes; counts against the storage quota.")
