@@ -211,6 +211,28 @@ def test_checkpoints_round_trip_through_a_file(digits: tuple[DeviceData, dict[st
         Checkpoint.from_state({**old, "format": 3})
 
 
+def test_a_run_resumed_from_its_final_checkpoint_records_its_finals_without_training(
+    digits: tuple[DeviceData, dict[str, int]], tmp_path: Path
+) -> None:
+    """The worker died after the last epoch but before the result was committed: the next attempt reads the
+    final checkpoint (through a file, as a worker does) and records the same result, training no step."""
+    data, one_epoch = digits
+    cfg = config(one_epoch, batch_size=16)
+    first = Recorder()
+    done = train(cfg, data, torch.device("cpu"), first)
+    final = first.checkpoints[-1]
+    assert done.status == "succeeded" and final.final_metrics == done.final_metrics and final.step == done.steps
+    assert all(c.final_metrics is None for c in first.checkpoints[:-1])
+    write_checkpoint(final, tmp_path / "final.pt")
+    again = Recorder()
+    resumed = train(
+        cfg, data, torch.device("cpu"), again, resume=read_checkpoint(tmp_path / "final.pt", torch.device("cpu"))
+    )
+    assert resumed.status == "succeeded" and resumed.steps == done.steps
+    assert resumed.final_metrics == done.final_metrics
+    assert again.progress == [] and again.points == []  # not one step trained again
+
+
 def test_schedule_of_a_run() -> None:
     budget = resolve_budget(1437, 360, 2, [8])
     sched = Schedule.of(config(budget, optimizer={**OPT, "warmup_epochs": 0.5}))

@@ -100,10 +100,16 @@ def single(cfg: RunConfig, data: DeviceData, resume: Checkpoint | None = None) -
 # machine, with differences of 1e-7 at step 50). A packing mistake (data order, learning rate, statistics)
 # shows at once, so the first EXACT_STEPS steps are compared to round-off, the end results loosely.
 EXACT_STEPS = 60
+# Some runs amplify round-off far sooner: the GN CNN of seed 1 at batch 32 on an AMD EPYC agrees exactly at
+# step 20, then differs by 1e-3 at step 30 and 2e-2 at step 40 (relative grad norm). Those are compared
+# exactly for the first EARLY_CHAOS_STEPS steps (two logged points each).
+EARLY_CHAOS_STEPS = 20
 STEP_LOGGED = ("train_loss_step", "grad_norm")  # logged every few steps; epoch-end metrics are final ones
 
 
-def assert_same_run(a: Outcome, rec_a: Recorder, b: Outcome, rec_b: Recorder, *, chaotic: bool = False) -> None:
+def assert_same_run(
+    a: Outcome, rec_a: Recorder, b: Outcome, rec_b: Recorder, *, chaotic: bool = False, exact_steps: int = EXACT_STEPS
+) -> None:
     """Two trainings of one run agree: status, budget, every logged value of the first EXACT_STEPS steps
     to round-off, and the final metrics to within amplified round-off.
 
@@ -120,7 +126,7 @@ def assert_same_run(a: Outcome, rec_a: Recorder, b: Outcome, rec_b: Recorder, *,
     if chaotic:
         curve_a = {k: v for k, v in curve_a.items() if k[0] <= 20 and k[1] == "train_loss_step"}
     else:
-        curve_a = {k: v for k, v in curve_a.items() if k[0] <= EXACT_STEPS and k[1] in STEP_LOGGED}
+        curve_a = {k: v for k, v in curve_a.items() if k[0] <= exact_steps and k[1] in STEP_LOGGED}
         for name, value in a.final_metrics.items():
             if name.startswith("val_acc"):
                 assert b.final_metrics[name] == pytest.approx(value, abs=0.02), name
@@ -158,7 +164,8 @@ def test_every_norm_packs(digits: tuple[DeviceData, dict[str, int]], norm: str) 
     for cfg, out, rec in zip(cfgs, packed, recs, strict=True):
         ref, ref_rec = single(cfg, data)
         assert isinstance(out, Outcome)
-        assert_same_run(ref, ref_rec, out, rec, chaotic=norm == "in")
+        exact = EARLY_CHAOS_STEPS if norm == "gn" else EXACT_STEPS
+        assert_same_run(ref, ref_rec, out, rec, chaotic=norm == "in", exact_steps=exact)
 
 
 @pytest.mark.slow

@@ -29,6 +29,10 @@ class Checkpoint:
     elapsed: float  # wall seconds of training so far
     torch_rng: torch.Tensor | None = None  # the CPU generator state when written
     noise: list[float] | None = None  # BN-noise sums of the current epoch: mean, var, count
+    # Only in the checkpoint written after the last epoch of a run that succeeded: its final metrics, so an
+    # attempt that resumes from it (the worker died before the result was committed) records them, training
+    # nothing again.
+    final_metrics: dict[str, float] | None = None
 
     def to_state(self) -> dict[str, Any]:
         """The plain dict torch.save writes (weights_only-loadable)."""
@@ -47,6 +51,8 @@ class Checkpoint:
             state["torch_rng"] = self.torch_rng
         if self.noise is not None:
             state["noise"] = list(self.noise)
+        if self.final_metrics is not None:
+            state["final_metrics"] = dict(self.final_metrics)
         return state
 
     @classmethod
@@ -54,7 +60,7 @@ class Checkpoint:
         version = state.get("format")
         if version not in READABLE:
             raise ValueError(f"checkpoint format {version!r} is not readable (expected one of {READABLE})")
-        noise = state.get("noise")
+        noise, finals = state.get("noise"), state.get("final_metrics")
         return cls(
             model=state["model"],
             optimizer=state["optimizer"],
@@ -66,6 +72,7 @@ class Checkpoint:
             elapsed=float(state["elapsed"]),
             torch_rng=state.get("torch_rng"),
             noise=None if noise is None else [float(v) for v in noise],
+            final_metrics=None if finals is None else {str(k): float(v) for k, v in finals.items()},
         )
 
 

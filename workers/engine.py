@@ -173,8 +173,8 @@ class PackTrainer:
         self.started = time.perf_counter()
         for m in self.members:
             m.started = m.window_start = m.last_report = self.started
-            if m.epoch >= m.sched.epochs:
-                self.finish(m, self.outcome(m, RunStatus.SUCCEEDED))
+            if m.epoch >= m.sched.epochs:  # its training ended before its result was committed: record it
+                self.finish(m, self.outcome(m, RunStatus.SUCCEEDED, finals=m.finals))
         while True:
             active = [m for m in self.members if m.result is None]
             if not active:
@@ -335,11 +335,14 @@ class PackTrainer:
                 g.epoch_loss[i] = 0.0
                 if m.epoch < g.sched.epochs:
                     g.load_epoch(i)
-                ckpt = g.checkpoint(i) if m.epoch < g.sched.epochs else None
+                diverged = not math.isfinite(finals["val_loss"])
+                ckpt = g.checkpoint(i) if m.epoch < g.sched.epochs or not diverged else None
+                if ckpt is not None and m.epoch == g.sched.epochs:
+                    ckpt.final_metrics = finals  # a worker lost before the result lands: the next one records it
                 if not self.report(m, ckpt):
                     continue
                 m.points = []
-                if not math.isfinite(finals["val_loss"]):
+                if diverged:
                     self.finish(
                         m,
                         self.outcome(m, RunStatus.DIVERGED, f"validation loss became non-finite after epoch {m.epoch}"),

@@ -67,7 +67,12 @@ def settle(settings: Settings, claim: Claim, env: dict[str, Any], result: Outcom
 
 def record_outcome(settings: Settings, claim: Claim, outcome: Outcome, env: dict[str, Any]) -> str:
     """A run the engine brought to an end: finished with its status, or (interrupted) handed back."""
-    log.info("run %s attempt %s trained to %s at step %s", claim.run_id, claim.attempt, outcome.status, outcome.steps)
+    if outcome.status == RunStatus.SUCCEEDED and env.get("resumed_from_step") == outcome.steps:
+        log.info("run %s attempt %s: training had ended (final checkpoint); recording it", claim.run_id, claim.attempt)
+    else:
+        log.info(
+            "run %s attempt %s trained to %s at step %s", claim.run_id, claim.attempt, outcome.status, outcome.steps
+        )
     if outcome.status == INTERRUPTED:
         return release(settings, claim, outcome.error or INTERRUPTED)
     finish_through_outage(

@@ -89,6 +89,7 @@ class Member:
     result: Outcome | BaseException | None = None
     transfer: dict[str, Any] | None = None  # what its `init` transferred, once its network was built
     preview: dict[str, Any] | None = None  # segmentation: its predicted mask of one validation image, at the end
+    finals: dict[str, float] | None = None  # resumed from a final checkpoint: the metrics it ended with
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -99,6 +100,7 @@ class Member:
         self.epoch, self.batch, self.step = ckpt.epoch, ckpt.batch, ckpt.step
         self.elapsed_before = ckpt.elapsed
         self.window_from = ckpt.step - len(ckpt.window)
+        self.finals = ckpt.final_metrics
 
 
 class Probe:

@@ -32,7 +32,9 @@ class DbReporter:
             os._exit(137)  # fault-injection hook (tests only): die like an OOM-killed process
         uri = None
         if checkpoint is not None and (
-            progress.epoch % self.settings.checkpoint_every_epochs == 0 or SHUTDOWN.is_set()
+            progress.epoch % self.settings.checkpoint_every_epochs == 0
+            or SHUTDOWN.is_set()
+            or checkpoint.final_metrics is not None
         ):
             uri = save_checkpoint(self.storage, self.claim, progress.step, checkpoint)
         try:
