@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 
@@ -11,10 +10,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.dataset_format import CanonicalDataset, save_canonical
+from app.services.datasets import dataset_row
+from app.services.uploads import StoredBlob, sha256_of
 from app.storage import Storage
 from app.tables import Dataset
 
 BUILTIN_DIGITS = "digits"
+DIGITS_NAME = "digits (scikit-learn 8×8 handwritten digits)"
 
 
 def digits_dataset() -> CanonicalDataset:
@@ -40,29 +42,13 @@ def ensure_builtin_datasets(session: Session, storage: Storage) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "digits.npz"
         save_canonical(ds, path)
-        data = path.read_bytes()
         uri = storage.put_file(f"datasets/{BUILTIN_DIGITS}.npz", path)
+        blob = StoredBlob(uri=uri, sha256=sha256_of(path), size=path.stat().st_size)
     if existing is not None:
         existing.storage_uri = uri
         session.commit()
         return
-    session.add(
-        Dataset(
-            id=BUILTIN_DIGITS,
-            owner=None,
-            name="digits (scikit-learn 8×8 handwritten digits)",
-            kind=ds.kind,
-            shape=list(ds.shape),
-            num_classes=ds.num_classes,
-            class_names=ds.class_names,
-            num_samples=ds.num_samples,
-            split_sizes=ds.split_sizes,
-            sha256=hashlib.sha256(data).hexdigest(),
-            size_bytes=len(data),
-            storage_uri=uri,
-            builtin=True,
-        )
-    )
+    session.add(dataset_row(BUILTIN_DIGITS, None, DIGITS_NAME, ds, blob, builtin=True))
     try:
         session.commit()
     except IntegrityError:

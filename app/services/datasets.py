@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.core.dataset_format import save_canonical
+from app.core.dataset_format import CanonicalDataset, save_canonical
 from app.errors import Conflict, InvalidDataset, NotFound
 from app.ingest import IngestError, IngestLimits, ingest_file
-from app.services import quotas
-from app.services.uploads import copy_capped, delete_unless_used, sha256_of, stored_with_row, upload_name
+from app.services.uploads import (
+    IncomingUpload,
+    StoredBlob,
+    UploadRules,
+    delete_unless_used,
+    receive_upload,
+    sha256_of,
+    upload_name,
+)
 from app.storage import Storage
-from app.tables import Dataset, Job, new_id
+from app.tables import Dataset, Job
 
 OVER_UPLOAD_LIMIT = (
     "the uploaded file is over the limit of {limit} (NORMBENCH_MAX_UPLOAD_BYTES); upload a smaller file or a subset "
     "of the data"
+)
+UPLOAD_RULES = UploadRules(
+    counted_as="datasets",
+    stored_as="this dataset",
+    max_bytes=lambda settings: settings.max_upload_bytes,
+    over_limit=OVER_UPLOAD_LIMIT,
 )
 ACCEPTED_SUFFIXES = (".npz", ".zip", ".csv", ".jsonl")
 
@@ -40,69 +52,69 @@ def create_dataset(
     session: Session,
     storage: Storage,
     settings: Settings,
+    upload: IncomingUpload,
     *,
-    owner: str,
-    source: BinaryIO,
-    filename: str,
-    name: str | None,
     label_column: str,
     kind: str | None = None,
     text: dict[str, Any] | None = None,
     ignore_index: int | None = None,
 ) -> Dataset:
-    """Validate and store one upload. Nothing is left behind on any failure: the temporary folder goes
-    with the `with` block, and the stored blob is deleted if the row cannot be committed."""
-    suffix = Path(filename).suffix.lower()
+    """Validate one upload and store it in canonical form (nothing is left behind on any failure)."""
+    suffix = Path(upload.filename).suffix.lower()
     if suffix not in ACCEPTED_SUFFIXES:
         raise InvalidDataset(
-            f"file {filename[:200]!r} has an unsupported type; upload a .npz (arrays x, y), a .zip of "
+            f"file {upload.filename[:200]!r} has an unsupported type; upload a .npz (arrays x, y), a .zip of "
             "class folders of PNG/JPEG images, a .csv with a label column, or texts as .jsonl (or .csv with kind=text)"
         )
-    display_name = upload_name("dataset", name, filename, InvalidDataset)
-    quotas.refuse_when_full(session, settings, owner, "datasets")
-    session.rollback()  # end the read transaction; the quota check below takes the lock in a fresh one
-    dataset_id = new_id()
-    with stored_with_row(session, storage) as put:
-        with tempfile.TemporaryDirectory(prefix="normbench-upload-") as tmp:
-            raw = Path(tmp) / f"upload{suffix}"
-            copy_capped(source, raw, settings.max_upload_bytes, OVER_UPLOAD_LIMIT)
-            try:
-                canonical = ingest_file(
-                    raw,
-                    filename,
-                    label_column=label_column,
-                    limits=ingest_limits(settings),
-                    **(text or {}),
-                    kind=kind,
-                    ignore_index=ignore_index,
-                )
-            except IngestError as e:
-                raise InvalidDataset(str(e)) from None
-            stored = Path(tmp) / "canonical.npz"
-            save_canonical(canonical, stored)
-            raw.unlink()
-            digest = sha256_of(stored)
-            size = stored.stat().st_size
-            quotas.check_dataset_bytes(session, settings, owner, size)  # holds the owner's lock until commit
-            uri = put(f"datasets/{dataset_id}.npz", stored)
-        row = Dataset(
-            id=dataset_id,
-            owner=owner,
-            name=display_name,
-            kind=canonical.kind,
-            shape=list(canonical.shape),
-            num_classes=canonical.num_classes,
-            class_names=canonical.class_names,
-            num_samples=canonical.num_samples,
-            split_sizes=canonical.split_sizes,
-            summary=canonical.summary,
-            sha256=digest,
-            size_bytes=size,
-            storage_uri=uri,
-            builtin=False,
-        )
+    display_name = upload_name("dataset", upload.name, upload.filename, InvalidDataset)
+    with receive_upload(session, storage, settings, upload, UPLOAD_RULES, suffix) as received:
+        try:
+            canonical = ingest_file(
+                received.raw,
+                upload.filename,
+                label_column=label_column,
+                limits=ingest_limits(settings),
+                **(text or {}),
+                kind=kind,
+                ignore_index=ignore_index,
+            )
+        except IngestError as e:
+            raise InvalidDataset(str(e)) from None
+        stored = received.raw.with_name("canonical.npz")
+        save_canonical(canonical, stored)
+        received.raw.unlink()
+        blob = received.store(stored, f"datasets/{received.id}.npz", sha256_of(stored))
+        row = dataset_row(received.id, upload.owner, display_name, canonical, blob)
         session.add(row)
     return row
+
+
+def dataset_row(
+    dataset_id: str,
+    owner: str | None,
+    name: str,
+    canonical: CanonicalDataset,
+    blob: StoredBlob,
+    *,
+    builtin: bool = False,
+) -> Dataset:
+    """The row of a dataset stored in canonical form: what the canonical file says of it, and where it lies."""
+    return Dataset(
+        id=dataset_id,
+        owner=owner,
+        name=name,
+        kind=canonical.kind,
+        shape=list(canonical.shape),
+        num_classes=canonical.num_classes,
+        class_names=canonical.class_names,
+        num_samples=canonical.num_samples,
+        split_sizes=canonical.split_sizes,
+        summary=canonical.summary,
+        sha256=blob.sha256,
+        size_bytes=blob.size,
+        storage_uri=blob.uri,
+        builtin=builtin,
+    )
 
 
 def visible_to(owner: str):  # type: ignore[no-untyped-def]

@@ -1,11 +1,13 @@
-"""What every upload (datasets, weights) does the same way: stream the request body to a temporary file under a
-size cap, and store the blob with its row so that a failure leaves neither behind."""
+"""What every upload (datasets, weights) does the same way: check the owner's quota, stream the request body to a
+temporary file under a size cap, and store the blob with its row so that a failure leaves neither behind."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -13,11 +15,13 @@ from sqlalchemy import Select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.config import Settings
 from app.core.units import human_bytes
 from app.errors import Conflict, DomainError, PayloadTooLarge
 from app.ingest.checks import IngestError, display_name
+from app.services import quotas
 from app.storage import Storage
-from app.tables import Dataset, Weights
+from app.tables import Dataset, Weights, new_id
 
 CHUNK = 1 << 20
 
@@ -100,3 +104,70 @@ def stored_with_row(session: Session, storage: Storage) -> Iterator[BlobPut]:
         if put.uri is not None:
             storage.delete(put.uri)
         raise
+
+
+@dataclass(frozen=True)
+class IncomingUpload:
+    """One upload as the route received it: whose it is, its body, the client's file name and the name asked for."""
+
+    owner: str
+    source: BinaryIO
+    filename: str
+    name: str | None
+
+
+@dataclass(frozen=True)
+class UploadRules:
+    """How one kind of upload counts against the owner's storage quota and how large its file may be."""
+
+    counted_as: str  # what the owner has too much of, in the early quota answer ("datasets")
+    stored_as: str  # what is being stored, in the exact quota answer ("this dataset")
+    max_bytes: Callable[[Settings], int]
+    over_limit: str  # the 413's message; `{limit}` in it is the limit in words
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A file in storage, as its row records it."""
+
+    uri: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ReceivedUpload:
+    """An upload copied to `raw` in a temporary folder, for the block of receive_upload to check and then `store`."""
+
+    id: str
+    raw: Path
+    raw_sha256: str
+    owner: str
+    rules: UploadRules
+    session: Session
+    settings: Settings
+    put: BlobPut
+
+    def store(self, path: Path, key: str, sha256: str) -> StoredBlob:
+        """Put `path` (the upload, or what it was converted to) in storage under `key`, if the owner's quota has room."""
+        size = path.stat().st_size
+        # takes the owner's quota lock, held until the row commits
+        quotas.check_dataset_bytes(self.session, self.settings, self.owner, size, self.rules.stored_as)
+        return StoredBlob(uri=self.put(key, path), sha256=sha256, size=size)
+
+
+@contextmanager
+def receive_upload(
+    session: Session, storage: Storage, settings: Settings, upload: IncomingUpload, rules: UploadRules, suffix: str
+) -> Iterator[ReceivedUpload]:
+    """Receive one upload: refused early when the owner's quota is used up, then copied under the size cap to a
+    temporary file named `upload{suffix}`. The block checks it, stores it and adds its row, which is committed at
+    the end; nothing is left behind on any failure (the temporary folder goes with the block, a stored blob is
+    deleted if the row cannot be committed). The owner's quota lock, taken by `store`, is held until the commit."""
+    quotas.refuse_when_full(session, settings, upload.owner, rules.counted_as)
+    session.rollback()  # end the read transaction; the exact quota check takes the lock in a fresh one
+    upload_id = new_id()
+    with stored_with_row(session, storage) as put, tempfile.TemporaryDirectory(prefix="normbench-upload-") as tmp:
+        raw = Path(tmp) / f"upload{suffix}"
+        digest = copy_capped(upload.source, raw, rules.max_bytes(settings), rules.over_limit)
+        yield ReceivedUpload(upload_id, raw, digest, upload.owner, rules, session, settings, put)

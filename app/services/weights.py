@@ -3,9 +3,7 @@ delete; and the check a job that starts from weights makes at submit."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -14,15 +12,22 @@ from app.config import Settings
 from app.core.arch_manifests import manifest
 from app.errors import DomainError, InvalidSpec, NotFound
 from app.ingest.safetensors_check import WeightsFileError, check_weights_file
-from app.services import quotas
-from app.services.uploads import copy_capped, delete_unless_used, stored_with_row, upload_name
+from app.services.uploads import IncomingUpload, UploadRules, delete_unless_used, receive_upload, upload_name
 from app.storage import Storage
-from app.tables import Job, Weights, new_id
+from app.tables import Job, Weights
 
 
 class InvalidWeights(DomainError):
     status_code = 422
     kind = "invalid_weights"
+
+
+UPLOAD_RULES = UploadRules(
+    counted_as="datasets and weights",
+    stored_as="these weights",
+    max_bytes=lambda settings: settings.max_weights_bytes,
+    over_limit="the weights file is over the limit of {limit} (NORMBENCH_MAX_WEIGHTS_BYTES)",
+)
 
 
 def check_arch(arch: str) -> str:
@@ -34,43 +39,25 @@ def check_arch(arch: str) -> str:
 
 
 def create_weights(
-    session: Session,
-    storage: Storage,
-    settings: Settings,
-    *,
-    owner: str,
-    source: BinaryIO,
-    filename: str,
-    arch: str,
-    name: str | None,
+    session: Session, storage: Storage, settings: Settings, upload: IncomingUpload, arch: str
 ) -> Weights:
-    """Check and store one upload. Nothing is left behind on any failure: the temporary folder goes with the
-    `with` block, and the stored blob is deleted if the row cannot be committed."""
+    """Check one upload against the architecture's manifest and store it (nothing is left behind on any failure)."""
     m = manifest(check_arch(arch))
-    display_name = upload_name("weights", name, filename, InvalidWeights)
-    quotas.refuse_when_full(session, settings, owner, "datasets and weights")
-    session.rollback()  # end the read transaction; the quota check below takes the lock in a fresh one
-    weights_id = new_id()
-    with stored_with_row(session, storage) as put:
-        with tempfile.TemporaryDirectory(prefix="normbench-weights-") as tmp:
-            raw = Path(tmp) / "upload.safetensors"
-            over = "the weights file is over the limit of {limit} (NORMBENCH_MAX_WEIGHTS_BYTES)"
-            digest = copy_capped(source, raw, settings.max_weights_bytes, over)
-            try:
-                summary = check_weights_file(raw, m)
-            except WeightsFileError as e:
-                raise InvalidWeights(str(e)) from None
-            size = raw.stat().st_size
-            quotas.check_dataset_bytes(session, settings, owner, size, "these weights")  # locked until commit
-            uri = put(f"weights/{weights_id}.safetensors", raw)
+    display_name = upload_name("weights", upload.name, upload.filename, InvalidWeights)
+    with receive_upload(session, storage, settings, upload, UPLOAD_RULES, ".safetensors") as received:
+        try:
+            summary = check_weights_file(received.raw, m)
+        except WeightsFileError as e:
+            raise InvalidWeights(str(e)) from None
+        blob = received.store(received.raw, f"weights/{received.id}.safetensors", received.raw_sha256)
         row = Weights(
-            id=weights_id,
-            owner=owner,
+            id=received.id,
+            owner=upload.owner,
             name=display_name,
             arch=arch,
-            sha256=digest,
-            size_bytes=size,
-            storage_uri=uri,
+            sha256=blob.sha256,
+            size_bytes=blob.size,
+            storage_uri=blob.uri,
             tensor_count=summary.tensor_count,
             parameter_count=summary.parameter_count,
             dtypes=summary.dtypes,

@@ -10,6 +10,7 @@ from app.api.deps import OwnerDep, SessionDep, SettingsDep, StorageDep
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.datasets import DatasetList, DatasetOut
 from app.services import datasets as service
+from app.services.uploads import IncomingUpload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 ERRORS = ERROR_RESPONSES
@@ -82,10 +83,7 @@ def upload_dataset(
         session,
         storage,
         settings,
-        owner=owner,
-        source=file.file,
-        filename=file.filename or "upload",
-        name=name,
+        IncomingUpload(owner, file.file, file.filename or "upload", name),
         label_column=label_column,
         text={"text_column": text_column, "max_length": max_length},
         kind=None if kind == "auto" else kind,

@@ -11,6 +11,7 @@ from app.core.arch_manifests import manifest_archs
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.weights import WeightsList, WeightsOut
 from app.services import weights as service
+from app.services.uploads import IncomingUpload
 
 router = APIRouter(prefix="/v1/weights", tags=["weights"])
 ERRORS = ERROR_RESPONSES
@@ -40,16 +41,8 @@ def upload_weights(
     arch: Annotated[str, Form(max_length=64, description=f"Architecture: one of {', '.join(manifest_archs())}.")],
     name: Annotated[str | None, Form(max_length=200, description="Display name; defaults to the file name.")] = None,
 ) -> WeightsOut:
-    row = service.create_weights(
-        session,
-        storage,
-        settings,
-        owner=owner,
-        source=file.file,
-        filename=file.filename or "weights.safetensors",
-        arch=arch,
-        name=name,
-    )
+    upload = IncomingUpload(owner, file.file, file.filename or "weights.safetensors", name)
+    row = service.create_weights(session, storage, settings, upload, arch)
     response.headers["Location"] = f"/v1/weights/{row.id}"
     return WeightsOut.model_validate(row)
 
