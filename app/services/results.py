@@ -277,6 +277,17 @@ def _mean_over(accs: dict[int, float], seeds: tuple[int, ...]) -> float | None:
     return statistics.fmean(accs[s] for s in seeds) if seeds else None
 
 
+def _test_fields(t: st.PairedTest) -> dict[str, Any]:
+    """What ComparisonOut and SensitivityOut both say of a paired test: pairs, the difference's interval, p."""
+    return {
+        "n_pairs": t.n,
+        "ci95_low_points": t.ci_low,
+        "ci95_high_points": t.ci_high,
+        "p_value": t.p,
+        "note": t.note,
+    }
+
+
 def _decision_fields(d: st.Decision) -> dict[str, Any]:
     """What ComparisonOut and SensitivityOut both say of a decision: adjusted p-values, verdict, its interval,
     and for an inconclusive one the power numbers."""
@@ -301,16 +312,13 @@ def _comparison_out(
         variant=c.variant,
         baseline=c.baseline,
         batch_size=c.batch_size,
-        n_pairs=t.n,
         seeds=list(t.seeds),
         variant_val_acc=_mean_over(acc[(c.variant, c.batch_size)], t.seeds),
         baseline_val_acc=_mean_over(acc[(c.baseline, c.batch_size)], t.seeds),
         diff_points=t.mean_diff,
         std_points=t.std_diff,
-        ci95_low_points=t.ci_low,
-        ci95_high_points=t.ci_high,
         t=t.t,
-        p_value=t.p,
+        **_test_fields(t),
         **_decision_fields(d),
         equivalence_margin_points=d.margin,
         p_equivalence=d.p_equivalence,
@@ -318,7 +326,6 @@ def _comparison_out(
         outcome=d.claim,
         variant_diverged=diverged[(c.variant, c.batch_size)],
         baseline_diverged=diverged[(c.baseline, c.batch_size)],
-        note=t.note,
     )
 
 
@@ -328,11 +335,7 @@ def _sensitivity_out(s: st.Sensitivity) -> SensitivityOut:
         variant=s.variant,
         best_batch_size=s.best_batch_size,
         batch_size=s.batch_size,
-        n_pairs=t.n,
         drop_points=t.mean_diff,
-        ci95_low_points=t.ci_low,
-        ci95_high_points=t.ci_high,
-        p_value=t.p,
+        **_test_fields(t),
         **_decision_fields(d),
-        note=t.note,
     )
