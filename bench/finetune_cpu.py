@@ -25,6 +25,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,13 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.core.arch_manifests import manifest  # noqa: E402
 from app.core.budget import resolve_budget  # noqa: E402
-from app.core.dataset_format import save_canonical  # noqa: E402
-from app.ingest import ingest_file  # noqa: E402
 from app.ingest.safetensors_check import check_weights_file  # noqa: E402
 from app.schemas.jobs import OptimizerSpec  # noqa: E402
-from bench.grid_results import grid_results, mean_pm, run_row  # noqa: E402
+from bench.grid_results import canonical_file, grid_results, mean_pm, train_grid  # noqa: E402
 from workers.data import load_device_data  # noqa: E402
-from workers.engine import Outcome, PackTrainer, RunConfig  # noqa: E402
+from workers.engine import RunConfig  # noqa: E402
 
 VARIANTS = [("bn", "bn"), ("bn_frozen", "bn_frozen"), ("bn_eval", "bn_eval"), ("gn(32)", "gn")]
 BATCHES = [2, 4, 16]
@@ -53,43 +52,50 @@ SEEDS = [0, 1, 2]
 SIZE = 32
 
 
-def gratings(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Set A: class k = a sine grating at angle k·18°, random phase, frequency and tint, plus noise."""
+def generated_set(n: int, seed: int, classes: int, draw: Callable[..., np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """`n` RGB images of SIZE×SIZE with labels drawn uniformly from `classes`; `draw(rng, k, yy, xx)` paints one of
+    class k (yy, xx: the pixel grid) with the same random generator, in order."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    y = rng.integers(0, 10, n)
+    y = rng.integers(0, classes, n)
     x = np.empty((n, SIZE, SIZE, 3), np.uint8)
     for i, k in enumerate(y):
-        a = math.pi * k / 10
-        f = rng.uniform(0.25, 0.6)
-        wave = np.sin(f * (xx * math.cos(a) + yy * math.sin(a)) + rng.uniform(0, 2 * math.pi))
-        tint = rng.uniform(0.3, 1.0, 3)
-        img = 127 + 100 * wave[..., None] * tint + rng.normal(0, 20, (SIZE, SIZE, 3))
-        x[i] = img.clip(0, 255)
+        x[i] = draw(rng, k, yy, xx).clip(0, 255)
     return x, y.astype(np.int64)
+
+
+def grating(rng: np.random.Generator, k: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    a = math.pi * k / 10
+    f = rng.uniform(0.25, 0.6)
+    wave = np.sin(f * (xx * math.cos(a) + yy * math.sin(a)) + rng.uniform(0, 2 * math.pi))
+    tint = rng.uniform(0.3, 1.0, 3)
+    return 127 + 100 * wave[..., None] * tint + rng.normal(0, 20, (SIZE, SIZE, 3))
+
+
+def shape(rng: np.random.Generator, k: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    r = rng.uniform(7, 11)
+    cy, cx = rng.uniform(r, SIZE - r, 2)
+    dy, dx = yy - cy, xx - cx
+    if k == 0:
+        mask = dy**2 + dx**2 <= r**2
+    elif k == 1:
+        mask = (abs(dy) <= r * 0.8) & (abs(dx) <= r * 0.8)
+    elif k == 2:
+        mask = (dy <= r * 0.7) & (dy >= -r) & (abs(dx) <= (dy + r) * 0.6)
+    else:
+        mask = ((abs(dy) <= r) & (abs(dx) <= r * 0.3)) | ((abs(dx) <= r) & (abs(dy) <= r * 0.3))
+    fg, bg = rng.uniform(150, 255, 3), rng.uniform(0, 90, 3)
+    return np.where(mask[..., None], fg, bg) + rng.normal(0, 12, (SIZE, SIZE, 3))
+
+
+def gratings(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Set A: class k = a sine grating at angle k·18°, random phase, frequency and tint, plus noise."""
+    return generated_set(n, seed, 10, grating)
 
 
 def shapes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Set B: a bright disc, square, triangle or cross of random size, place and colour on a dark plain background."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    y = rng.integers(0, 4, n)
-    x = np.empty((n, SIZE, SIZE, 3), np.uint8)
-    for i, k in enumerate(y):
-        r = rng.uniform(7, 11)
-        cy, cx = rng.uniform(r, SIZE - r, 2)
-        dy, dx = yy - cy, xx - cx
-        if k == 0:
-            mask = dy**2 + dx**2 <= r**2
-        elif k == 1:
-            mask = (abs(dy) <= r * 0.8) & (abs(dx) <= r * 0.8)
-        elif k == 2:
-            mask = (dy <= r * 0.7) & (dy >= -r) & (abs(dx) <= (dy + r) * 0.6)
-        else:
-            mask = ((abs(dy) <= r) & (abs(dx) <= r * 0.3)) | ((abs(dx) <= r) & (abs(dy) <= r * 0.3))
-        fg, bg = rng.uniform(150, 255, 3), rng.uniform(0, 90, 3)
-        x[i] = (np.where(mask[..., None], fg, bg) + rng.normal(0, 12, (SIZE, SIZE, 3))).clip(0, 255)
-    return x, y.astype(np.int64)
+    return generated_set(n, seed, 4, shape)
 
 
 def pretrain(n: int, epochs: int, out: Path) -> dict[str, Any]:
@@ -129,18 +135,7 @@ def dataset(tmp: Path, n_train: int) -> Path:
     xt, yt = shapes(200, seed=1)
     raw = tmp / "shapes.npz"
     np.savez(raw, x=x, y=y, x_test=xt, y_test=yt)
-    canonical = ingest_file(raw, "shapes.npz")  # the upload parser: canonical uint8 NCHW, test split kept
-    path = tmp / "canonical.npz"
-    save_canonical(canonical, path)
-    return path
-
-
-class Quiet:
-    def report(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def stop_reason(self) -> None:
-        return None
+    return canonical_file(raw)[0]  # the upload parser: canonical uint8 NCHW, test split kept
 
 
 def finetune(path: Path, weights: Path, n_train: int, epochs: int, lr: float) -> list[SimpleNamespace]:
@@ -149,21 +144,12 @@ def finetune(path: Path, weights: Path, n_train: int, epochs: int, lr: float) ->
     data = load_device_data(path, budget, torch.device("cpu"))
     opt = {**OptimizerSpec().model_dump(), "lr": lr, "lr_scaling": "sqrt", "warmup_epochs": 0.5}
     init = {"weights_id": "pretrained-on-gratings", "backbone_lr_mult": 1.0, "path": str(weights)}
-    runs = []
-    for b in BATCHES:
-        for vi, (label, norm) in enumerate(VARIANTS):
-            cfgs = [
-                RunConfig("resnet18", norm, {}, b, s, budget, {}, opt, {"hflip": True}, 50, init=init) for s in SEEDS
-            ]
-            t0 = time.perf_counter()
-            outs = PackTrainer(cfgs, data, torch.device("cpu"), [Quiet() for _ in cfgs]).run()
-            took = time.perf_counter() - t0
-            for s, out in zip(SEEDS, outs, strict=True):
-                assert isinstance(out, Outcome), out
-                runs.append(run_row(label, vi, b, s, out))
-            accs = [r.final_metrics.get("test_acc", float("nan")) for r in runs[-3:]]
-            print(f"{label:>10} batch {b}: test acc {', '.join(f'{a:.3f}' for a in accs)}  ({took:.0f} s)", flush=True)
-    return runs
+
+    def config(variant: int, batch: int, seed: int) -> RunConfig:
+        norm = VARIANTS[variant][1]
+        return RunConfig("resnet18", norm, {}, batch, seed, budget, {}, opt, {"hflip": True}, 50, init=init)
+
+    return train_grid([v[0] for v in VARIANTS], BATCHES, SEEDS, data, config, "test_acc", "test acc")
 
 
 def main() -> None:

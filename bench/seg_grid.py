@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,57 +29,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.core.budget import resolve_budget  # noqa: E402
-from app.core.dataset_format import save_canonical  # noqa: E402
-from app.ingest import ingest_file  # noqa: E402
 from app.schemas.jobs import OptimizerSpec  # noqa: E402
-from bench.grid_results import grid_results, mean_pm, run_row  # noqa: E402
+from bench.grid_results import canonical_file, grid_results, mean_pm, train_grid  # noqa: E402
 from bench.make_shapes_seg import CLASS_NAMES, shapes  # noqa: E402
 from workers.data import load_device_data  # noqa: E402
-from workers.engine import Outcome, PackTrainer, RunConfig  # noqa: E402
+from workers.engine import RunConfig  # noqa: E402
 
 VARIANTS = [("bn", "bn", {}), ("gn(4)", "gn", {"groups": 4}), ("switchable", "switchable", {})]
 BATCHES = [1, 2, 8]
 SEEDS = [0, 1, 2]
 
 
-class Quiet:
-    def report(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def stop_reason(self) -> None:
-        return None
-
-
 def dataset(tmp: Path) -> tuple[Path, int]:
     x, y = shapes(240, 32, seed=0)
     raw = tmp / "shapes.npz"
     np.savez(raw, x=x, y=y, class_names=np.asarray(CLASS_NAMES))
-    canonical = ingest_file(raw, "shapes.npz")
-    path = tmp / "canonical.npz"
-    save_canonical(canonical, path)
+    path, canonical = canonical_file(raw)
     return path, canonical.num_samples
 
 
-def train_grid(path: Path, n: int, epochs: int, lr: float) -> list[SimpleNamespace]:
+def train_unets(path: Path, n: int, epochs: int, lr: float) -> list[SimpleNamespace]:
     val = 48
     budget = resolve_budget(n - val, val, epochs, BATCHES)
     data = load_device_data(path, budget, torch.device("cpu"))
     opt = {**OptimizerSpec().model_dump(), "lr": lr}
-    runs = []
-    for b in BATCHES:
-        for vi, (label, norm, params) in enumerate(VARIANTS):
-            cfgs = [
-                RunConfig("unet", norm, params, b, s, budget, {"width": 8, "levels": 2}, opt, {}, 50) for s in SEEDS
-            ]
-            t0 = time.perf_counter()
-            outs = PackTrainer(cfgs, data, torch.device("cpu"), [Quiet() for _ in cfgs]).run()
-            took = time.perf_counter() - t0
-            for s, out in zip(SEEDS, outs, strict=True):
-                assert isinstance(out, Outcome), out
-                runs.append(run_row(label, vi, b, s, out))
-            mious = [r.final_metrics.get("val_miou", float("nan")) for r in runs[-3:]]
-            print(f"{label:>10} batch {b}: mIoU {', '.join(f'{m:.3f}' for m in mious)}  ({took:.0f} s)", flush=True)
-    return runs
+
+    def config(variant: int, batch: int, seed: int) -> RunConfig:
+        _, norm, params = VARIANTS[variant]
+        return RunConfig("unet", norm, params, batch, seed, budget, {"width": 8, "levels": 2}, opt, {}, 50)
+
+    return train_grid([v[0] for v in VARIANTS], BATCHES, SEEDS, data, config, "val_miou", "mIoU")
 
 
 def main() -> None:
@@ -94,7 +72,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path, n = dataset(Path(tmp))
-        runs = train_grid(path, n, a.epochs, a.lr)
+        runs = train_unets(path, n, a.epochs, a.lr)
     res = grid_results(runs, "seg-grid", BATCHES, SEEDS, "segmentation")
     print(f"\nmetric: {res.metric}; wall {time.perf_counter() - t0:.0f} s")
     print("| variant | " + " | ".join(f"batch {b}" for b in BATCHES) + " |")

@@ -20,10 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.core.budget import holdout_size, resolve_budget  # noqa: E402
-from app.core.dataset_format import save_canonical  # noqa: E402
-from app.ingest import ingest_file  # noqa: E402
 from app.schemas.jobs import OptimizerSpec  # noqa: E402
 from app.services.statistics import decide, paired_test, summarize  # noqa: E402
+from bench.grid_results import canonical_file, train_pack  # noqa: E402
 from bench.make_text_rule import make_rows, write  # noqa: E402
 
 NORMS = ["bn", "ln", "rmsnorm", "gn"]
@@ -35,18 +34,7 @@ MARGIN = 1.0  # accuracy points
 def make_dataset(folder: Path, n: int) -> Path:
     raw = folder / "rule.csv"
     write(raw, make_rows(n, seed=0), jsonl=False)
-    ds = ingest_file(raw, "rule.csv", kind="text", max_length=64)
-    path = folder / "rule.npz"
-    save_canonical(ds, path)
-    return path
-
-
-class Quiet:
-    def report(self, *a: object, **k: object) -> None:
-        pass
-
-    def stop_reason(self) -> None:
-        return None
+    return canonical_file(raw, kind="text", max_length=64)[0]
 
 
 def train_cell(path: Path, norm: str, batch: int, seeds: int, budget: dict, lr: float) -> list[dict]:
@@ -54,18 +42,14 @@ def train_cell(path: Path, norm: str, batch: int, seeds: int, budget: dict, lr: 
     import torch
 
     from workers.data import load_device_data
-    from workers.engine import PackTrainer, RunConfig
+    from workers.engine import RunConfig
 
-    cpu = torch.device("cpu")
-    data = load_device_data(path, budget, cpu)
+    data = load_device_data(path, budget, torch.device("cpu"))
     opt = OptimizerSpec(lr=lr).model_dump()
     cfgs = [RunConfig("transformer", norm, {}, batch, s, budget, MODEL, opt, {}, 100) for s in range(seeds)]
-    started = time.perf_counter()
-    outs = PackTrainer(cfgs, data, cpu, [Quiet() for _ in cfgs]).run()
-    wall = time.perf_counter() - started
+    outs, wall = train_pack(cfgs, data)
     rows = []
     for s, out in enumerate(outs):
-        assert not isinstance(out, BaseException), out
         f = out.final_metrics
         rows.append(
             {
