@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import vmap
 
 from app.core import catalogue, memory
 from app.core.catalogue import CatalogueError
 from models import build_model, create_norm_layer
 from models.hybrid_norms import BatchGroupNorm, SwitchableNorm, switchable_mixtures
 from tests.test_norm_zoo import Params, check_against_formula, per_channel, randomize
+from tests.vmapped_pack import assert_pack_equals_each_model
 from workers.epoch_metrics import mixture_metrics
 
 BATCH_SIZES = (1, 2, 8)
@@ -244,18 +245,8 @@ def test_vmapped_functional_call_equals_each_model(
         _randomize_mix(m, seed)
         models.append(m)
     base = build_model(arch, shape, 4, norm, params, width=4, hidden=[8]).to("meta").train()
-    stacked_params, stacked_buffers = stack_module_state(models)  # type: ignore[arg-type]
-    buffers = {k: v.clone() for k, v in stacked_buffers.items()}
     x = torch.randn(3, 4, *shape)
-
-    def fwd(p: Params, b: Params, xb: torch.Tensor) -> torch.Tensor:
-        return functional_call(base, (p, b), (xb,))
-
-    out = vmap(fwd)(stacked_params, buffers, x)
-    for i, m in enumerate(models):
-        torch.testing.assert_close(out[i], m(x[i]), rtol=1e-5, atol=1e-5)
-        for name, b in m.named_buffers():
-            torch.testing.assert_close(buffers[name][i], b, msg=name)
+    fwd, stacked_params, buffers = assert_pack_equals_each_model(models, base, x, rtol=1e-5, atol=1e-5)
     base.eval()
     out = vmap(fwd, in_dims=(0, 0, None))(stacked_params, buffers, x[0])
     for i, m in enumerate(models):

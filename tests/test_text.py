@@ -17,7 +17,6 @@ import torch
 from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, expect
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
 
 from app.config import Settings
 from app.core import catalogue, memory
@@ -34,6 +33,7 @@ from tests.test_cli import run, url  # noqa: F401  (`url` is a fixture)
 from tests.test_hostile_input import harness  # noqa: F401  (the fixture)
 from tests.test_packing import Recorder
 from tests.test_ui_browser import axe_source, browser, tab, title  # noqa: F401  (the fixtures)
+from tests.vmapped_pack import assert_pack_equals_each_model
 from workers.data import load_device_data
 from workers.engine import PackTrainer, RunConfig
 
@@ -226,17 +226,8 @@ def test_a_vmapped_pack_of_two_equals_separate_runs(norm: str) -> None:
         torch.manual_seed(seed)
         models.append(build_model("transformer", (24,), 2, norm, {}, width=8, heads=2).train())
     base = build_model("transformer", (24,), 2, norm, {}, width=8, heads=2).train().to("meta")
-    params, buffers = stack_module_state(models)  # type: ignore[arg-type]
     x = torch.stack([tokens(4, 24, [3, 24, 10, 7], seed=s) for s in (5, 6)])
-
-    def forward(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
-        return functional_call(base, (p, b), (xi,))
-
-    packed = vmap(forward)(params, buffers, x)
-    for i, model in enumerate(models):
-        torch.testing.assert_close(packed[i], model(x[i]), rtol=1e-4, atol=1e-5)
-        for name, buf in model.named_buffers():
-            torch.testing.assert_close(buffers[name][i], buf, msg=name)
+    assert_pack_equals_each_model(models, base, x, rtol=1e-4, atol=1e-5)
 
 
 def test_the_catalogue_takes_five_norms_and_checks_heads() -> None:
