@@ -404,6 +404,10 @@ def invariants(url: str, logs: list[Path], runs: int) -> dict[str, Any]:
         ):
             completions[run_id.decode()].append(f"{log.name}: attempt {attempt.decode()} at {when.decode()}")
     twice = {run: seen for run, seen in completions.items() if len(seen) > 1}
+    # Attempts that found their run's training already ended (a final checkpoint, result not yet committed).
+    recorded_from_final = sum(
+        len(re.findall(rb"training had ended \(final checkpoint\); recording it", log.read_bytes())) for log in logs
+    )
     not_terminal = sum(n for s, n in statuses.items() if s not in TERMINAL)
     repairs: Counter[str] = Counter()  # what the workers' reconcilers did, summed over every round they logged
     for log in logs:
@@ -419,6 +423,7 @@ def invariants(url: str, logs: list[Path], runs: int) -> dict[str, Any]:
         "retries": retries,
         "trained_to_completion_twice": len(twice),
         "trained_twice_detail": twice,
+        "recorded_from_final_checkpoint": recorded_from_final,
         "metric_points": points,
         "duplicate_metric_points": len(dupes),
         "reconciler": dict(repairs),
@@ -544,6 +549,7 @@ def report(
         ("runs terminal", f"{args.runs - inv['not_terminal']}/{args.runs} {inv['statuses']}"),
         ("terminal without a reason", inv["terminal_without_reason"]),
         ("trained to completion twice", inv["trained_to_completion_twice"]),
+        ("results recorded from a final checkpoint", inv["recorded_from_final_checkpoint"]),
         ("duplicate metric points", f"{inv['duplicate_metric_points']} of {inv['metric_points']}"),
         ("kill -9 / retries", f"{soak.kills} / {inv['retries']}"),
         ("reconciler", inv["reconciler"]),
