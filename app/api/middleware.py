@@ -3,7 +3,6 @@ loopback-only rule of keys-off mode, and its guards against browsers (Host allow
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from urllib.parse import urlsplit
 
@@ -11,7 +10,7 @@ import anyio
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.bind_check import BindVerdict
+from app.api.bind_check import BindVerdict, is_ip
 from app.api.rate_limit import RateLimitMiddleware
 from app.config import Settings, is_loopback
 from app.core.units import human_bytes
@@ -128,7 +127,7 @@ class LoopbackOnlyWithoutKeys:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         server = scope.get("server")
-        if scope["type"] == "http" and not self.settings.require_api_keys and server and _is_ip(str(server[0])):
+        if scope["type"] == "http" and not self.settings.require_api_keys and server and is_ip(str(server[0])):
             if not is_loopback(str(server[0])):
                 await _send_error(
                     send,
@@ -202,7 +201,7 @@ class BrowserGuard:
         if self.settings.allowed_hosts is not None:
             return True
         server = scope.get("server")
-        return not self.settings.require_api_keys and server is not None and _is_ip(str(server[0]))
+        return not self.settings.require_api_keys and server is not None and is_ip(str(server[0]))
 
     def _host_allowed(self, host: str) -> bool:
         name = _host_name(host)
@@ -322,14 +321,6 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(BrowserGuard, settings=settings)
     app.add_middleware(LoopbackOnlyWithoutKeys, settings=settings)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
-        return False
 
 
 def _content_length(scope: Scope) -> int | None:
