@@ -157,7 +157,9 @@ def test_a_pack_of_two_trains_like_two_packs_of_one(arch: str) -> None:
     From scratch on noise the BatchNorm networks' gradients are in the thousands, which amplifies float32
     round-off from step 2 on (seen: 1e-4 in the first gradient, 17% in ResNet-50's third loss), so with the
     network's own norm the first step is compared to round-off; with GroupNorm (no batch coupling) every
-    step is."""
+    step is. Even the first BN gradient's round-off depends on the CPU's kernels: 2.3e-3 for ResNet-50 on an
+    AMD EPYC (1e-4 elsewhere), so BN gradient norms get 1e-2; a pack that mixed its models' batch statistics
+    would move the first loss itself, which keeps 1e-3."""
     own = "ln_channel" if arch == "convnext_tiny" else "bn"
     data = tiny_data((3, 32, 32) if own == "ln_channel" else (3, 64, 64), n=16)
     budget = budget_for(data, batch=4)
@@ -174,7 +176,8 @@ def test_a_pack_of_two_trains_like_two_packs_of_one(arch: str) -> None:
             steps = (1,) if norm == "bn" else (1, 2, 3, 4)
             for step in steps:
                 # Gradient norms amplify round-off most (0.2% by ResNet-50's third GN step).
-                for name, rel in (("train_loss_step", 1e-3), ("grad_norm", 1e-3 if step == 1 else 1e-2)):
+                grad_rel = 1e-3 if step == 1 and norm != "bn" else 1e-2
+                for name, rel in (("train_loss_step", 1e-3), ("grad_norm", grad_rel)):
                     assert got[(step, name)] == pytest.approx(want[(step, name)], rel=rel), (norm, step, name)
 
 
