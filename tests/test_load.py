@@ -5,6 +5,7 @@ results are computed once, running jobs' never cached."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -24,6 +25,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from app.api.lifespan import GC_THRESHOLDS
 from app.api.rate_limit import KeyLimits
 from app.config import Settings
 from app.db import DatabaseBusy, _poll_threads, _PollThreads, run_in_db_thread, session_factory
@@ -97,6 +99,13 @@ def test_waiting_too_long_for_a_database_thread_is_busy() -> None:
 
 
 # ------------------------------------------------------------------------------------------ per-key limits
+
+
+def test_the_api_collects_garbage_in_larger_batches_while_it_serves(settings: Settings) -> None:
+    before = gc.get_threshold()
+    with TestClient(create_app(settings)):
+        assert gc.get_threshold() == GC_THRESHOLDS != before
+    assert gc.get_threshold() == before  # restored at shutdown: other code in the process keeps its own
 
 
 def test_key_limits_refill_and_cap_requests_in_flight() -> None:
