@@ -335,9 +335,9 @@ class PackTrainer:
                 g.epoch_loss[i] = 0.0
                 if m.epoch < g.sched.epochs:
                     g.load_epoch(i)
-                diverged = not math.isfinite(finals["val_loss"])
-                ckpt = g.checkpoint(i) if m.epoch < g.sched.epochs or not diverged else None
-                if ckpt is not None and m.epoch == g.sched.epochs:
+                diverged, last = not math.isfinite(finals["val_loss"]), m.epoch == g.sched.epochs
+                ckpt = None if last and diverged else g.checkpoint(i)
+                if ckpt is not None and last:
                     ckpt.final_metrics = finals  # a worker lost before the result lands: the next one records it
                 if not self.report(m, ckpt):
                     continue
