@@ -4,6 +4,7 @@ loaded, so a stray import anywhere below them fails here and names the step that
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -33,3 +34,15 @@ def test_app_imports_no_torch_workers_or_models() -> None:
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"app.main": [], "app.cli": [], "every module of app": []}
+
+
+def test_every_pydantic_model_of_the_api_lives_in_app_schemas() -> None:
+    """The API's request and response shapes have one home (DESIGN.md): no BaseModel subclass elsewhere in app/."""
+    strays = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+        for path in sorted((ROOT / "app").rglob("*.py"))
+        if "schemas" not in path.parts
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and any(getattr(b, "id", None) == "BaseModel" for b in node.bases)
+    ]
+    assert strays == []

@@ -132,29 +132,9 @@ def _hostile_zips() -> list[tuple[dict[str, bytes], dict[str, str], str]]:
     return out
 
 
-@pytest.mark.parametrize(("entries", "form", "needle"), _hostile_zips())
-def test_hostile_mask_zips_store_nothing(
-    harness: Any,  # noqa: F811
-    entries: dict[str, bytes],
-    form: dict[str, str],
-    needle: str,
-) -> None:
-    with harness() as h:
-        h.refuse_upload("s.zip", seg_zip(entries), 422, needle, **form)
-
-
-def test_mask_pixel_bombs_are_refused(harness: Any) -> None:  # noqa: F811
-    g = good_entries()
-    huge = png(np.zeros((3000, 3000), np.uint8))  # one flat colour: tiny file, millions of pixels
-    with harness() as h:
-        h.refuse_upload("s.zip", seg_zip({**g, "masks/1.png": huge}), 422, "masks/1.png")
-    with harness(max_image_pixels=100) as h:
-        h.refuse_upload("s.zip", seg_zip(g), 422, "pixels")
-
-
-@pytest.mark.parametrize(
-    ("arrays", "form", "needle"),
-    [
+def _hostile_npzs() -> list[tuple[dict[str, Any], dict[str, str], str]]:
+    x, y = shapes(4, 16, seed=3)
+    bad = [
         ({"y": np.zeros((4, 8, 8), np.int64)}, {}, "masks must be (N, H, W) = (4, 16, 16)"),
         ({"y": np.full((4, 16, 16), 1.5)}, {}, "masks must hold integer class indices"),
         ({"y": np.full((4, 16, 16), -1)}, {}, "has class -1 at row 0, column 0"),
@@ -165,18 +145,34 @@ def test_mask_pixel_bombs_are_refused(harness: Any) -> None:  # noqa: F811
             {},
             "y_val has shape (2, 16, 17)",
         ),
-    ],
-)
-def test_hostile_mask_npz_store_nothing(
+    ]
+    return [({"x": x, "y": y, **arrays}, form, needle) for arrays, form, needle in bad]
+
+
+HOSTILE_MASKS = [("s.zip", seg_zip(entries), form, needle) for entries, form, needle in _hostile_zips()] + [
+    ("s.npz", npz_bytes(**arrays), form, needle) for arrays, form, needle in _hostile_npzs()
+]
+
+
+@pytest.mark.parametrize(("name", "body", "form", "needle"), HOSTILE_MASKS, ids=[c[3] for c in HOSTILE_MASKS])
+def test_hostile_masks_store_nothing(
     harness: Any,  # noqa: F811
-    arrays: dict[str, Any],
+    name: str,
+    body: bytes,
     form: dict[str, str],
     needle: str,
 ) -> None:
-    x, y = shapes(4, 16, seed=3)
-    arrays = {"x": x, "y": y, **arrays}
     with harness() as h:
-        h.refuse_upload("s.npz", npz_bytes(**arrays), 422, needle, **form)
+        h.refuse_upload(name, body, 422, needle, **form)
+
+
+def test_mask_pixel_bombs_are_refused(harness: Any) -> None:  # noqa: F811
+    g = good_entries()
+    huge = png(np.zeros((3000, 3000), np.uint8))  # one flat colour: tiny file, millions of pixels
+    with harness() as h:
+        h.refuse_upload("s.zip", seg_zip({**g, "masks/1.png": huge}), 422, "masks/1.png")
+    with harness(max_image_pixels=100) as h:
+        h.refuse_upload("s.zip", seg_zip(g), 422, "pixels")
 
 
 # --- model and engine ------------------------------------------------------------------------------------------

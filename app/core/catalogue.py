@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 DEFAULT_GN_GROUPS = 32
 # Most classes a dataset may define, so a classifier head (and every per-class table) stays bounded.
@@ -25,6 +26,19 @@ class CatalogueError(ValueError):
     """A norm, parameter or architecture choice that cannot be built."""
 
 
+class Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_Entry = TypeVar("_Entry", bound=Named)
+
+
+def by_name(*items: _Entry) -> dict[str, _Entry]:
+    """A catalogue table: its entries keyed by their names, in the order listed."""
+    return {item.name: item for item in items}
+
+
 @dataclass(frozen=True)
 class ParamInfo:
     """A norm parameter: its type, accepted range and default (None: resolved per layer)."""
@@ -37,70 +51,67 @@ class ParamInfo:
     description: str
 
 
-PARAMS: dict[str, ParamInfo] = {
-    p.name: p
-    for p in (
-        ParamInfo(
-            "groups",
-            int,
-            1,
-            1024,
-            None,
-            "Number of channel groups per layer; must divide every normalized layer's channel count. "
-            f"Default: {DEFAULT_GN_GROUPS}, lowered to the largest divisor of a narrower layer's channel count.",
-        ),
-        ParamInfo(
-            "group_size",
-            int,
-            1,
-            1024,
-            None,
-            "Channels per group (instead of `groups`); must divide every normalized layer's channel count.",
-        ),
-        ParamInfo(
-            "precise_samples",
-            int,
-            1,
-            1_000_000,
-            8192,
-            "Training samples over which the evaluation statistics are recomputed after training "
-            "(equal-weight average of per-batch statistics).",
-        ),
-        ParamInfo(
-            "r_max",
-            float,
-            1.0,
-            100.0,
-            3.0,
-            "Final bound on the scale correction r = σ_B/σ, clipped to [1/r_max, r_max]; 1 is plain BatchNorm.",
-        ),
-        ParamInfo(
-            "d_max",
-            float,
-            0.0,
-            100.0,
-            5.0,
-            "Final bound on the shift correction d = (μ_B − μ)/σ, clipped to [−d_max, d_max]; 0 is plain BatchNorm.",
-        ),
-        ParamInfo(
-            "warmup_steps",
-            int,
-            0,
-            100_000_000,
-            0,
-            "Training steps of plain BatchNorm (r_max = 1, d_max = 0) before the bounds start to ramp.",
-        ),
-        ParamInfo(
-            "ramp_steps",
-            int,
-            0,
-            100_000_000,
-            1000,
-            "Training steps after the warm-up over which r_max ramps linearly from 1 and d_max from 0 "
-            "to their final values (0: they jump at the end of the warm-up).",
-        ),
-    )
-}
+PARAMS = by_name(
+    ParamInfo(
+        "groups",
+        int,
+        1,
+        1024,
+        None,
+        "Number of channel groups per layer; must divide every normalized layer's channel count. "
+        f"Default: {DEFAULT_GN_GROUPS}, lowered to the largest divisor of a narrower layer's channel count.",
+    ),
+    ParamInfo(
+        "group_size",
+        int,
+        1,
+        1024,
+        None,
+        "Channels per group (instead of `groups`); must divide every normalized layer's channel count.",
+    ),
+    ParamInfo(
+        "precise_samples",
+        int,
+        1,
+        1_000_000,
+        8192,
+        "Training samples over which the evaluation statistics are recomputed after training "
+        "(equal-weight average of per-batch statistics).",
+    ),
+    ParamInfo(
+        "r_max",
+        float,
+        1.0,
+        100.0,
+        3.0,
+        "Final bound on the scale correction r = σ_B/σ, clipped to [1/r_max, r_max]; 1 is plain BatchNorm.",
+    ),
+    ParamInfo(
+        "d_max",
+        float,
+        0.0,
+        100.0,
+        5.0,
+        "Final bound on the shift correction d = (μ_B − μ)/σ, clipped to [−d_max, d_max]; 0 is plain BatchNorm.",
+    ),
+    ParamInfo(
+        "warmup_steps",
+        int,
+        0,
+        100_000_000,
+        0,
+        "Training steps of plain BatchNorm (r_max = 1, d_max = 0) before the bounds start to ramp.",
+    ),
+    ParamInfo(
+        "ramp_steps",
+        int,
+        0,
+        100_000_000,
+        1000,
+        "Training steps after the warm-up over which r_max ramps linearly from 1 and d_max from 0 "
+        "to their final values (0: they jump at the end of the warm-up).",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -124,145 +135,142 @@ class NormInfo:
 
 
 # Listed (and offered in error messages) classic choices first, then the zoo.
-NORMS: dict[str, NormInfo] = {
-    n.name: n
-    for n in (
-        NormInfo(
-            "bn",
-            "BatchNorm",
-            "Normalizes each channel over the batch (and spatial positions); running averages are used at evaluation.",
-            batch_dependent=True,
-        ),
-        NormInfo(
-            "gn",
-            "GroupNorm",
-            "Normalizes groups of channels within each sample. Set `groups` (number of "
-            f"groups) or `group_size` (channels per group); default {DEFAULT_GN_GROUPS} "
-            "groups, capped by the channel count.",
-            batch_dependent=False,
-            params=("groups", "group_size"),
-        ),
-        NormInfo(
-            "ln",
-            "LayerNorm",
-            "Normalizes all channels (and spatial positions) of each sample together: GroupNorm with one group.",
-            batch_dependent=False,
-        ),
-        NormInfo(
-            "in",
-            "InstanceNorm",
-            "Normalizes each channel of each sample over its spatial positions: GroupNorm "
-            "with one channel per group. Needs spatial positions, so not for the MLP.",
-            batch_dependent=False,
-            needs_spatial=True,
-        ),
-        NormInfo("none", "No normalization", "Identity; the unnormalized baseline.", False),
-        NormInfo(
-            "bn_precise",
-            "BatchNorm with precise statistics",
-            "BatchNorm whose evaluation statistics are recomputed after training as the equal-weight average "
-            "of per-batch means and variances over `precise_samples` training samples (default 8192), instead "
-            "of the running average (Wu & Johnson 2021, PreciseBN).",
-            batch_dependent=True,
-            params=("precise_samples",),
-        ),
-        NormInfo(
-            "brn",
-            "Batch Renormalization",
-            "BatchNorm corrected towards its running statistics during training: the normalized value is "
-            "scaled by r = clip(σ_B/σ, 1/r_max, r_max) and shifted by d = clip((μ_B − μ)/σ, −d_max, d_max), "
-            "with r and d held constant in the backward pass (Ioffe 2017). Plain BatchNorm for `warmup_steps`, "
-            "then r_max ramps from 1 and d_max from 0 to their final values (default 3 and 5) over `ramp_steps`. "
-            "Running averages are used at evaluation.",
-            batch_dependent=True,
-            params=("r_max", "d_max", "warmup_steps", "ramp_steps"),
-        ),
-        NormInfo(
-            "gn_ws",
-            "GroupNorm + Weight Standardization",
-            "GroupNorm (same `groups`/`group_size` as `gn`) with the weights of the convolution before each "
-            "norm standardized per output channel to zero mean and unit variance at every forward "
-            "(Qiao et al. 2019). In the MLP the hidden linear layers' weights are standardized likewise.",
-            batch_dependent=False,
-            params=("groups", "group_size"),
-            standardize_weights=True,
-        ),
-        NormInfo(
-            "frn",
-            "Filter Response Normalization + TLU",
-            "Divides each channel of each sample by the root mean square of its spatial responses, then "
-            "applies a per-channel affine and a learned threshold max(y, τ) that replaces the ReLU after the "
-            "norm (Singh & Krishnan 2020). Needs spatial positions, so not for the MLP.",
-            batch_dependent=False,
-            needs_spatial=True,
-            includes_activation=True,
-        ),
-        NormInfo(
-            "evonorm_s0",
-            "EvoNorm-S0",
-            "x·sigmoid(v·x) divided by the standard deviation of the sample's channel group, then a "
-            "per-channel affine; replaces the ReLU after the norm (Liu et al. 2020). Set `groups` (default "
-            f"{DEFAULT_GN_GROUPS}, capped like `gn`). Needs spatial positions, so not for the MLP.",
-            batch_dependent=False,
-            params=("groups",),
-            needs_spatial=True,
-            includes_activation=True,
-        ),
-        NormInfo(
-            "rmsnorm",
-            "RMSNorm",
-            "Divides all channels (and spatial positions) of each sample by their root mean square, without "
-            "subtracting a mean, then a per-channel scale (Zhang & Sennrich 2019); in the transformer, each token's "
-            "channels, as torch.nn.RMSNorm.",
-            batch_dependent=False,
-        ),
-        NormInfo(
-            "ln_channel",
-            "LayerNorm over channels",
-            "Normalizes each sample's channels at every spatial position separately (the LayerNorm of ConvNeXt "
-            "and transformers; torchvision's LayerNorm2d), with a per-channel affine; eps 1e-6 as in ConvNeXt. "
-            "On flat inputs it is `ln`.",
-            batch_dependent=False,
-        ),
-        NormInfo(
-            "bn_frozen",
-            "Frozen BatchNorm",
-            "BatchNorm fixed at the pretrained weights' running statistics and affine, which never change "
-            "(torchvision.ops.FrozenBatchNorm2d, as detection codebases fine-tune): y = (x − μ)/√(σ² + eps)·γ + β. "
-            "Needs `init` weights with BatchNorm statistics. With a trainable affine it is `bn_eval`.",
-            batch_dependent=False,
-            needs_init=True,
-        ),
-        NormInfo(
-            "bn_eval",
-            "BatchNorm in eval mode",
-            "BatchNorm that always normalizes with the pretrained running statistics (never updating them, also "
-            "in training) and a trainable affine. Needs `init` weights with BatchNorm statistics.",
-            batch_dependent=False,
-            needs_init=True,
-        ),
-        NormInfo(
-            "switchable",
-            "Switchable Normalization",
-            "Normalizes with a learned mix of InstanceNorm, LayerNorm and BatchNorm statistics: the mean is "
-            "Σ w_k μ_k and the variance Σ w'_k σ²_k with w = softmax of 3 learned weights per layer for the means and "
-            "w' another for the variances, then a per-channel affine (Luo et al. 2019). The BN part keeps running "
-            "statistics for evaluation. At batch 1 BN's statistics over one sample equal IN's; on flat inputs "
-            "(the MLP) only LN and BN are mixed. The learned shares per layer are reported after training.",
-            batch_dependent=True,
-        ),
-        NormInfo(
-            "bgn",
-            "Batch Group Normalization",
-            "Normalizes each group of channels with one mean and variance over the whole batch and the group's "
-            "channels and positions (Zhou et al. 2020): BatchNorm statistics over more values at small batches; "
-            "`groups` = channels is BatchNorm, batch 1 is GroupNorm. Set `groups` (default "
-            f"{DEFAULT_GN_GROUPS}, capped like `gn`). Running statistics are used at evaluation.",
-            batch_dependent=True,
-            params=("groups",),
-        ),
-    )
-}
+NORMS = by_name(
+    NormInfo(
+        "bn",
+        "BatchNorm",
+        "Normalizes each channel over the batch (and spatial positions); running averages are used at evaluation.",
+        batch_dependent=True,
+    ),
+    NormInfo(
+        "gn",
+        "GroupNorm",
+        "Normalizes groups of channels within each sample. Set `groups` (number of "
+        f"groups) or `group_size` (channels per group); default {DEFAULT_GN_GROUPS} "
+        "groups, capped by the channel count.",
+        batch_dependent=False,
+        params=("groups", "group_size"),
+    ),
+    NormInfo(
+        "ln",
+        "LayerNorm",
+        "Normalizes all channels (and spatial positions) of each sample together: GroupNorm with one group.",
+        batch_dependent=False,
+    ),
+    NormInfo(
+        "in",
+        "InstanceNorm",
+        "Normalizes each channel of each sample over its spatial positions: GroupNorm "
+        "with one channel per group. Needs spatial positions, so not for the MLP.",
+        batch_dependent=False,
+        needs_spatial=True,
+    ),
+    NormInfo("none", "No normalization", "Identity; the unnormalized baseline.", False),
+    NormInfo(
+        "bn_precise",
+        "BatchNorm with precise statistics",
+        "BatchNorm whose evaluation statistics are recomputed after training as the equal-weight average "
+        "of per-batch means and variances over `precise_samples` training samples (default 8192), instead "
+        "of the running average (Wu & Johnson 2021, PreciseBN).",
+        batch_dependent=True,
+        params=("precise_samples",),
+    ),
+    NormInfo(
+        "brn",
+        "Batch Renormalization",
+        "BatchNorm corrected towards its running statistics during training: the normalized value is "
+        "scaled by r = clip(σ_B/σ, 1/r_max, r_max) and shifted by d = clip((μ_B − μ)/σ, −d_max, d_max), "
+        "with r and d held constant in the backward pass (Ioffe 2017). Plain BatchNorm for `warmup_steps`, "
+        "then r_max ramps from 1 and d_max from 0 to their final values (default 3 and 5) over `ramp_steps`. "
+        "Running averages are used at evaluation.",
+        batch_dependent=True,
+        params=("r_max", "d_max", "warmup_steps", "ramp_steps"),
+    ),
+    NormInfo(
+        "gn_ws",
+        "GroupNorm + Weight Standardization",
+        "GroupNorm (same `groups`/`group_size` as `gn`) with the weights of the convolution before each "
+        "norm standardized per output channel to zero mean and unit variance at every forward "
+        "(Qiao et al. 2019). In the MLP the hidden linear layers' weights are standardized likewise.",
+        batch_dependent=False,
+        params=("groups", "group_size"),
+        standardize_weights=True,
+    ),
+    NormInfo(
+        "frn",
+        "Filter Response Normalization + TLU",
+        "Divides each channel of each sample by the root mean square of its spatial responses, then "
+        "applies a per-channel affine and a learned threshold max(y, τ) that replaces the ReLU after the "
+        "norm (Singh & Krishnan 2020). Needs spatial positions, so not for the MLP.",
+        batch_dependent=False,
+        needs_spatial=True,
+        includes_activation=True,
+    ),
+    NormInfo(
+        "evonorm_s0",
+        "EvoNorm-S0",
+        "x·sigmoid(v·x) divided by the standard deviation of the sample's channel group, then a "
+        "per-channel affine; replaces the ReLU after the norm (Liu et al. 2020). Set `groups` (default "
+        f"{DEFAULT_GN_GROUPS}, capped like `gn`). Needs spatial positions, so not for the MLP.",
+        batch_dependent=False,
+        params=("groups",),
+        needs_spatial=True,
+        includes_activation=True,
+    ),
+    NormInfo(
+        "rmsnorm",
+        "RMSNorm",
+        "Divides all channels (and spatial positions) of each sample by their root mean square, without "
+        "subtracting a mean, then a per-channel scale (Zhang & Sennrich 2019); in the transformer, each token's "
+        "channels, as torch.nn.RMSNorm.",
+        batch_dependent=False,
+    ),
+    NormInfo(
+        "ln_channel",
+        "LayerNorm over channels",
+        "Normalizes each sample's channels at every spatial position separately (the LayerNorm of ConvNeXt "
+        "and transformers; torchvision's LayerNorm2d), with a per-channel affine; eps 1e-6 as in ConvNeXt. "
+        "On flat inputs it is `ln`.",
+        batch_dependent=False,
+    ),
+    NormInfo(
+        "bn_frozen",
+        "Frozen BatchNorm",
+        "BatchNorm fixed at the pretrained weights' running statistics and affine, which never change "
+        "(torchvision.ops.FrozenBatchNorm2d, as detection codebases fine-tune): y = (x − μ)/√(σ² + eps)·γ + β. "
+        "Needs `init` weights with BatchNorm statistics. With a trainable affine it is `bn_eval`.",
+        batch_dependent=False,
+        needs_init=True,
+    ),
+    NormInfo(
+        "bn_eval",
+        "BatchNorm in eval mode",
+        "BatchNorm that always normalizes with the pretrained running statistics (never updating them, also "
+        "in training) and a trainable affine. Needs `init` weights with BatchNorm statistics.",
+        batch_dependent=False,
+        needs_init=True,
+    ),
+    NormInfo(
+        "switchable",
+        "Switchable Normalization",
+        "Normalizes with a learned mix of InstanceNorm, LayerNorm and BatchNorm statistics: the mean is "
+        "Σ w_k μ_k and the variance Σ w'_k σ²_k with w = softmax of 3 learned weights per layer for the means and "
+        "w' another for the variances, then a per-channel affine (Luo et al. 2019). The BN part keeps running "
+        "statistics for evaluation. At batch 1 BN's statistics over one sample equal IN's; on flat inputs "
+        "(the MLP) only LN and BN are mixed. The learned shares per layer are reported after training.",
+        batch_dependent=True,
+    ),
+    NormInfo(
+        "bgn",
+        "Batch Group Normalization",
+        "Normalizes each group of channels with one mean and variance over the whole batch and the group's "
+        "channels and positions (Zhou et al. 2020): BatchNorm statistics over more values at small batches; "
+        "`groups` = channels is BatchNorm, batch 1 is GroupNorm. Set `groups` (default "
+        f"{DEFAULT_GN_GROUPS}, capped like `gn`). Running statistics are used at evaluation.",
+        batch_dependent=True,
+        params=("groups",),
+    ),
+)
 # The norms that hold BatchNorm's running statistics (and so take them from pretrained weights).
 BN_FAMILY = ("bn", "bn_precise", "brn", "bn_frozen", "bn_eval")
 
@@ -348,81 +356,78 @@ def _torchvision_resnet(name: str, description: str, backbone_weights: int, head
     )
 
 
-ARCHS: dict[str, ArchInfo] = {
-    a.name: a
-    for a in (
-        ArchInfo(
-            "mlp",
-            "Fully connected network on flattened inputs; `hidden` lists the layer widths.",
-            ("image", "tabular", "signal"),
+ARCHS = by_name(
+    ArchInfo(
+        "mlp",
+        "Fully connected network on flattened inputs; `hidden` lists the layer widths.",
+        ("image", "tabular", "signal"),
+    ),
+    ArchInfo(
+        "cnn",
+        "Small 3-stage CNN for tiny images; stage widths are `width`, 2×`width`, 4×`width`.",
+        ("image",),
+    ),
+    ArchInfo(
+        "resnet",
+        "CIFAR-style ResNet, `depth` = 6n+2; stage widths `width`, 2×`width`, 4×`width`.",
+        ("image",),
+    ),
+    ArchInfo(
+        "cnn1d",
+        "Small 3-stage 1-D CNN for signals (C×L): width-5 convolutions (stride 2 from stage 2), each followed by "
+        "the norm (over positions as BatchNorm1d, GroupNorm, ...); stage widths `width`, 2×`width`, 4×`width`.",
+        ("signal",),
+    ),
+    ArchInfo(
+        "resnet1d",
+        "1-D ResNet for signals (C×L): the CIFAR ResNet's layout with width-5 1-D convolutions, `depth` = 6n+2; "
+        "stage widths `width`, 2×`width`, 4×`width`.",
+        ("signal",),
+    ),
+    _torchvision_resnet(
+        "resnet18",
+        "torchvision's ResNet-18 (ImageNet design: 7×7 stride-2 stem, max pool, four stages of basic blocks, "
+        "output stride 32); `depth`/`width`/`hidden` do not apply.",
+        backbone_weights=11_166_912,
+        head_features=512,
+    ),
+    _torchvision_resnet(
+        "resnet50",
+        "torchvision's ResNet-50 (bottleneck blocks, 25.6M parameters, output stride 32).",
+        backbone_weights=23_454_912,
+        head_features=2048,
+    ),
+    ArchInfo(
+        "mobilenet_v3_small",
+        "torchvision's MobileNetV3-Small (depthwise-separable inverted residuals with squeeze-excitation; "
+        "BatchNorm eps 1e-3, momentum 0.01 as torchvision sets them; dropout off so runs are deterministic).",
+        ("image",),
+        torchvision=True,
+        head="classifier.3",
+        refuses=_refuses(_LINEAR_BOTTLENECK, gn_ws=_WS_DEPTHWISE.format(n="9 or 25")),
+        backbone_weights=1_505_744,
+        head_features=1024,
+        stem=(16, 3),
+        other_per_site=3,
+    ),
+    ArchInfo(
+        "convnext_tiny",
+        "torchvision's ConvNeXt-Tiny (LayerNorm by design: `ln_channel` is its own norm; every norm site, the "
+        "blocks' included, is swapped; stochastic depth off so runs are deterministic). Images of at least "
+        "32×32 (4×4 stem, output stride 32).",
+        ("image",),
+        torchvision=True,
+        head="classifier.2",
+        refuses=_refuses(
+            _CONVNEXT_MLP, gn_ws=_WS_DEPTHWISE.format(n="49"), bn_frozen=_NO_BN_STATS, bn_eval=_NO_BN_STATS
         ),
-        ArchInfo(
-            "cnn",
-            "Small 3-stage CNN for tiny images; stage widths are `width`, 2×`width`, 4×`width`.",
-            ("image",),
-        ),
-        ArchInfo(
-            "resnet",
-            "CIFAR-style ResNet, `depth` = 6n+2; stage widths `width`, 2×`width`, 4×`width`.",
-            ("image",),
-        ),
-        ArchInfo(
-            "cnn1d",
-            "Small 3-stage 1-D CNN for signals (C×L): width-5 convolutions (stride 2 from stage 2), each followed by "
-            "the norm (over positions as BatchNorm1d, GroupNorm, ...); stage widths `width`, 2×`width`, 4×`width`.",
-            ("signal",),
-        ),
-        ArchInfo(
-            "resnet1d",
-            "1-D ResNet for signals (C×L): the CIFAR ResNet's layout with width-5 1-D convolutions, `depth` = 6n+2; "
-            "stage widths `width`, 2×`width`, 4×`width`.",
-            ("signal",),
-        ),
-        _torchvision_resnet(
-            "resnet18",
-            "torchvision's ResNet-18 (ImageNet design: 7×7 stride-2 stem, max pool, four stages of basic blocks, "
-            "output stride 32); `depth`/`width`/`hidden` do not apply.",
-            backbone_weights=11_166_912,
-            head_features=512,
-        ),
-        _torchvision_resnet(
-            "resnet50",
-            "torchvision's ResNet-50 (bottleneck blocks, 25.6M parameters, output stride 32).",
-            backbone_weights=23_454_912,
-            head_features=2048,
-        ),
-        ArchInfo(
-            "mobilenet_v3_small",
-            "torchvision's MobileNetV3-Small (depthwise-separable inverted residuals with squeeze-excitation; "
-            "BatchNorm eps 1e-3, momentum 0.01 as torchvision sets them; dropout off so runs are deterministic).",
-            ("image",),
-            torchvision=True,
-            head="classifier.3",
-            refuses=_refuses(_LINEAR_BOTTLENECK, gn_ws=_WS_DEPTHWISE.format(n="9 or 25")),
-            backbone_weights=1_505_744,
-            head_features=1024,
-            stem=(16, 3),
-            other_per_site=3,
-        ),
-        ArchInfo(
-            "convnext_tiny",
-            "torchvision's ConvNeXt-Tiny (LayerNorm by design: `ln_channel` is its own norm; every norm site, the "
-            "blocks' included, is swapped; stochastic depth off so runs are deterministic). Images of at least "
-            "32×32 (4×4 stem, output stride 32).",
-            ("image",),
-            torchvision=True,
-            head="classifier.2",
-            refuses=_refuses(
-                _CONVNEXT_MLP, gn_ws=_WS_DEPTHWISE.format(n="49"), bn_frozen=_NO_BN_STATS, bn_eval=_NO_BN_STATS
-            ),
-            min_side=32,
-            backbone_weights=27_803_808,
-            head_features=768,
-            stem=(96, 4),
-            other_per_site=10,
-        ),
-    )
-}
+        min_side=32,
+        backbone_weights=27_803_808,
+        head_features=768,
+        stem=(96, 4),
+        other_per_site=10,
+    ),
+)
 
 
 # The norms the transformer takes (per token over channels, or BatchNorm over the batch's real tokens only).

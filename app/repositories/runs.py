@@ -381,20 +381,17 @@ def resource_failures(session: Session, job_id: str) -> list[tuple[str, str | No
     return [(str(r[0]), r[1]) for r in rows]
 
 
+# What a retried run forgets of its last attempt; its attempt count and checkpoint stay.
+_LAST_ATTEMPT_FORGOTTEN = {"finished_at": None, "error": None, "failure_class": None, "lease_expires_at": None}
+
+
 def retry_runs(session: Session, run_ids: list[str]) -> list[str]:
     """Queue failed or cancelled runs again, unpublished (the caller commits, then publishes); they keep
     their attempt count and checkpoint, so each resumes where it stopped."""
     rows = session.execute(
         update(Run)
         .where(Run.id.in_(run_ids), Run.status.in_(RETRYABLE))
-        .values(
-            status=RunStatus.QUEUED,
-            finished_at=None,
-            error=None,
-            failure_class=None,
-            lease_expires_at=None,
-            published_at=None,
-        )
+        .values(status=RunStatus.QUEUED, published_at=None, **_LAST_ATTEMPT_FORGOTTEN)
         .returning(Run.id)
     )
     return [str(r[0]) for r in rows]

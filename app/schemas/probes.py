@@ -128,3 +128,7 @@ class ProbeOut(BaseModel):
     started_at: UtcTimestamp | None = Field(description="When a worker started measuring.")
     finished_at: UtcTimestamp | None = Field(description="When it finished.")
     links: dict[str, str] = Field(description="URLs of this probe.")
+
+
+class ProbeList(BaseModel):
+    items: list[ProbeOut] = Field(description="The caller's probes, newest first.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from dataclasses import asdict
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
@@ -129,14 +130,5 @@ def build_curve_aggregate(session: Session, job: Job, metric: str, max_points: i
 
 
 def _agg_out(p: st.AggregatePoint) -> AggregatePointOut:
-    return AggregatePointOut(
-        step=p.step,
-        epoch=p.epoch,
-        n=p.n,
-        mean=p.mean,
-        std=p.std,
-        lower=None if p.std is None else p.mean - p.std,
-        upper=None if p.std is None else p.mean + p.std,
-        min=p.min,
-        max=p.max,
-    )
+    lower, upper = (None, None) if p.std is None else (p.mean - p.std, p.mean + p.std)
+    return AggregatePointOut(**asdict(p), lower=lower, upper=upper)

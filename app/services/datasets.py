@@ -38,13 +38,12 @@ ACCEPTED_SUFFIXES = (".npz", ".zip", ".csv", ".jsonl")
 
 
 def ingest_limits(settings: Settings) -> IngestLimits:
+    """The parsers' limits from the settings; four keep their names, two are named for zip files in the settings."""
+    same = ("max_zip_entries", "max_image_pixels", "max_image_side", "max_csv_rows")
     return IngestLimits(
         max_uncompressed_bytes=settings.max_decompressed_bytes,
         max_compression_ratio=settings.max_zip_compression_ratio,
-        max_zip_entries=settings.max_zip_entries,
-        max_image_pixels=settings.max_image_pixels,
-        max_image_side=settings.max_image_side,
-        max_csv_rows=settings.max_csv_rows,
+        **{name: getattr(settings, name) for name in same},
     )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from html import escape
@@ -24,7 +24,7 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from app.core.run_states import RunStatus
-from app.schemas.results import CellCurve, CellSummary, ComparisonOut, Results, Stat
+from app.schemas.results import CellCurve, CellSummary, ComparisonOut, Results, RunResult, SensitivityOut, Stat
 from app.services import jobs as jobs_service
 from app.services.curves import build_curve_aggregate
 from app.services.finetune_report import resources_section, transfer_section
@@ -183,9 +183,23 @@ def span(low: float | None, high: float | None, fmt: Callable[[float | None], st
     return "—" if low is None or high is None else f"{fmt(low)} to {fmt(high)}"
 
 
-def _end_table(out: list[str], note: str) -> str:
-    """A report table's rows in `out`, closed, with its small-print note under it."""
-    return "".join([*out, f'</tbody></table><p class="small">{note}</p></section>'])
+def _table(head: str, rows: Iterable[tuple[str, Sequence[object]]], left: Container[int]) -> str:
+    """A report <table>: `head` is the column labels separated by "|"; a row is (its <tr> attributes, its cells'
+    HTML); the columns numbered in `left` hold text and are left-aligned, the others numbers."""
+
+    def align(i: int) -> str:
+        return ' class="l"' if i in left else ""
+
+    out = ["<table><thead><tr>", *(f"<th{align(i)}>{label}</th>" for i, label in enumerate(head.split("|")))]
+    out.append("</tr></thead><tbody>")
+    for attrs, cells in rows:
+        out += [f"<tr{attrs}>", *(f"<td{align(i)}>{cell}</td>" for i, cell in enumerate(cells)), "</tr>"]
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _small(note: str) -> str:
+    return f'<p class="small">{note}</p>'
 
 
 STATUS_COLOURS: dict[str, str] = {
@@ -599,101 +613,86 @@ def _glance_cell(c: CellSummary, cmp: ComparisonOut | None, best: float | None, 
 
 
 def _comparisons_table(results: Results) -> str:
-    out = [
-        '<section class="card" id="comparisons">',
-        f"<h2>Comparisons against the baseline ({e(results.baseline or '—')}), paired by seed</h2>",
-    ]
+    title = f"<h2>Comparisons against the baseline ({e(results.baseline or '—')}), paired by seed</h2>"
     if not results.comparisons:
-        out.append('<p class="small">No comparisons: the job has a single variant.</p></section>')
-        return "".join(out)
-    out.append(
-        '<table><thead><tr><th class="l">batch</th><th class="l">variant</th><th>pairs</th><th>variant acc %</th>'
-        "<th>baseline acc %</th><th>difference (pts)</th><th>95% CI (pts)</th><th>p</th><th>Holm p</th>"
-        '<th class="l">outcome</th></tr></thead><tbody>'
-    )
-    for c in results.comparisons:
-        text, cls = OUTCOME_TEXT.get(c.outcome, (c.outcome, "neutral"))
-        ci = span(c.ci95_low_points, c.ci95_high_points, signed)
-        note = f' title="{e(c.note)}"' if c.note else ""
-        out.append(
-            f'<tr data-outcome="{e(c.outcome)}"><td class="l">{c.batch_size}</td><td class="l">{e(c.variant)}</td>'
-            f"<td>{c.n_pairs}</td><td>{pct(c.variant_val_acc)}</td><td>{pct(c.baseline_val_acc)}</td>"
-            f"<td><b>{signed(c.diff_points)}</b></td><td>{ci}</td><td>{pval(c.p_value)}</td>"
-            f'<td>{pval(c.p_holm)}</td><td class="l"><span class="{cls}"{note}>{e(text)}</span></td></tr>'
+        body = _small("No comparisons: the job has a single variant.")
+    else:
+        head = "batch|variant|pairs|variant acc %|baseline acc %|difference (pts)|95% CI (pts)|p|Holm p|outcome"
+        rows = [(f' data-outcome="{e(c.outcome)}"', _comparison_cells(c)) for c in results.comparisons]
+        body = _table(head, rows, left={0, 1, 9}) + _small(
+            "difference = variant − baseline in accuracy points (positive: the variant is better), mean over seeds "
+            "that finished in both cells. Holm p: corrected over every comparison of this job."
         )
-    return _end_table(
-        out,
-        "difference = variant − baseline in accuracy points (positive: the variant is better), mean over seeds that "
-        "finished in both cells. Holm p: corrected over every comparison of this job.",
-    )
+    return f'<section class="card" id="comparisons">{title}{body}</section>'
+
+
+def _comparison_cells(c: ComparisonOut) -> list[object]:
+    text, cls = OUTCOME_TEXT.get(c.outcome, (c.outcome, "neutral"))
+    tip = f' title="{e(c.note)}"' if c.note else ""
+    accuracies = [pct(c.variant_val_acc), pct(c.baseline_val_acc)]
+    difference = [f"<b>{signed(c.diff_points)}</b>", span(c.ci95_low_points, c.ci95_high_points, signed)]
+    tests = [pval(c.p_value), pval(c.p_holm), f'<span class="{cls}"{tip}>{e(text)}</span>']
+    return [c.batch_size, e(c.variant), c.n_pairs, *accuracies, *difference, *tests]
 
 
 def _sensitivity_table(results: Results) -> str:
     if not results.sensitivity:
         return ""
-    out = [
+    head = "variant|best batch|to batch|pairs|drop (pts)|95% CI (pts)|p|Holm p|significant"
+    rows = [("", _sensitivity_cells(s)) for s in results.sensitivity]
+    return (
         '<section class="card" id="sensitivity"><h2>Batch-size sensitivity: accuracy lost below each variant\'s '
-        "best batch size</h2>",
-        '<table><thead><tr><th class="l">variant</th><th>best batch</th><th>to batch</th><th>pairs</th>'
-        '<th>drop (pts)</th><th>95% CI (pts)</th><th>p</th><th>Holm p</th><th class="l">significant</th></tr>'
-        "</thead><tbody>",
-    ]
-    for s in results.sensitivity:
-        ci = span(s.ci95_low_points, s.ci95_high_points, signed)
-        sig = '<span class="bad">yes</span>' if s.significant else '<span class="neutral">no</span>'
-        out.append(
-            f'<tr><td class="l">{e(s.variant)}</td><td>{s.best_batch_size}</td><td>{s.batch_size}</td>'
-            f"<td>{s.n_pairs}</td><td><b>{signed(s.drop_points)}</b></td><td>{ci}</td><td>{pval(s.p_value)}</td>"
-            f'<td>{pval(s.p_holm)}</td><td class="l">{sig}</td></tr>'
-        )
-    out.append("</tbody></table></section>")
-    return "".join(out)
-
-
-def _statistics_table(results: Results, colour_of: dict[str, str]) -> str:
-    out = [
-        '<section class="card" id="statistics"><h2>Statistics per cell</h2>',
-        '<table><thead><tr><th class="l">variant</th><th>batch</th><th>n / seeds</th><th>diverged</th>'
-        "<th>pending</th><th>val acc % (mean)</th><th>95% CI</th><th>std</th><th>best-epoch acc %</th>"
-        "<th>val loss</th><th>train loss</th></tr></thead><tbody>",
-    ]
-    for c in results.cells:
-        s = c.val_acc
-        ci = span(s.ci95_low, s.ci95_high, pct)
-        div = f'<span class="div">{c.diverged}</span>' if c.diverged else "0"
-        out.append(
-            f'<tr data-variant="{e(c.variant)}" data-batch-size="{c.batch_size}">'
-            f'<td class="l">{_swatch(colour_of.get(c.variant, "#999"))}{e(c.variant)}</td><td>{c.batch_size}</td>'
-            f"<td>{c.n} / {c.n_total}</td><td>{div}</td><td>{c.pending}</td><td><b>{pct(s.mean)}</b></td>"
-            f"<td>{ci}</td><td>{pct(s.std, 2)}</td><td>{pct(c.best_val_acc.mean)}</td>"
-            f"<td>{num(c.val_loss.mean)}</td><td>{num(c.train_loss.mean)}</td></tr>"
-        )
-    return _end_table(
-        out,
-        "Final values after the full budget, over succeeded seeds. Diverged seeds (NaN/inf loss) count against "
-        "their variant but have no accuracy, so they are left out of means and intervals. Best-epoch accuracy is "
-        "picked on the validation split (optimistic).",
+        f"best batch size</h2>{_table(head, rows, left={0, 8})}</section>"
     )
 
 
-def _runs_table(results: Results) -> str:
-    out = [
-        f'<section class="card" id="runs"><details><summary>All {len(results.runs)} runs</summary>',
-        '<table><thead><tr><th class="l">variant</th><th>batch</th><th>seed</th><th class="l">status</th>'
-        "<th>val acc %</th><th>best acc %</th><th>steps</th><th>samples</th><th>wall s</th><th>img/s</th>"
-        '<th class="l">error</th></tr></thead><tbody>',
+def _sensitivity_cells(s: SensitivityOut) -> list[object]:
+    drop = [f"<b>{signed(s.drop_points)}</b>", span(s.ci95_low_points, s.ci95_high_points, signed)]
+    significant = '<span class="bad">yes</span>' if s.significant else '<span class="neutral">no</span>'
+    tests = [pval(s.p_value), pval(s.p_holm), significant]
+    return [e(s.variant), s.best_batch_size, s.batch_size, s.n_pairs, *drop, *tests]
+
+
+def _statistics_table(results: Results, colour_of: dict[str, str]) -> str:
+    head = "variant|batch|n / seeds|diverged|pending|val acc % (mean)|95% CI|std|best-epoch acc %|val loss|train loss"
+    rows = [
+        (f' data-variant="{e(c.variant)}" data-batch-size="{c.batch_size}"', _statistics_cells(c, colour_of))
+        for c in results.cells
     ]
-    for r in results.runs:
-        colour = STATUS_COLOURS.get(r.status, "#6e7781")
-        err = e(r.error[:200] + ("…" if len(r.error) > 200 else "")) if r.error else ""
-        out.append(
-            f'<tr><td class="l">{e(r.variant)}</td><td>{r.batch_size}</td><td>{r.seed}</td>'
-            f'<td class="l" style="color:{colour};font-weight:bold">{e(r.status)}</td><td>{pct(r.val_acc)}</td>'
-            f"<td>{pct(r.best_val_acc)}</td><td>{r.steps}</td><td>{r.samples_seen}</td><td>{num(r.wall_time_s, '.1f')}</td>"
-            f'<td>{num(r.images_per_s, ".0f")}</td><td class="l small">{err}</td></tr>'
-        )
-    out.append("</tbody></table></details></section>")
-    return "".join(out)
+    note = _small(
+        "Final values after the full budget, over succeeded seeds. Diverged seeds (NaN/inf loss) count against "
+        "their variant but have no accuracy, so they are left out of means and intervals. Best-epoch accuracy is "
+        "picked on the validation split (optimistic)."
+    )
+    return (
+        f'<section class="card" id="statistics"><h2>Statistics per cell</h2>{_table(head, rows, {0})}{note}</section>'
+    )
+
+
+def _statistics_cells(c: CellSummary, colour_of: dict[str, str]) -> list[object]:
+    s = c.val_acc
+    variant = f"{_swatch(colour_of.get(c.variant, '#999'))}{e(c.variant)}"
+    diverged = f'<span class="div">{c.diverged}</span>' if c.diverged else "0"
+    spread = [span(s.ci95_low, s.ci95_high, pct), pct(s.std, 2), pct(c.best_val_acc.mean)]
+    losses = [num(c.val_loss.mean), num(c.train_loss.mean)]
+    counts = [f"{c.n} / {c.n_total}", diverged, c.pending]
+    return [variant, c.batch_size, *counts, f"<b>{pct(s.mean)}</b>", *spread, *losses]
+
+
+def _runs_table(results: Results) -> str:
+    head = "variant|batch|seed|status|val acc %|best acc %|steps|samples|wall s|img/s|error"
+    table = _table(head, [("", _run_cells(r)) for r in results.runs], left={0, 3, 10})
+    summary = f"<summary>All {len(results.runs)} runs</summary>"
+    return f'<section class="card" id="runs"><details>{summary}{table}</details></section>'
+
+
+def _run_cells(r: RunResult) -> list[object]:
+    colour = STATUS_COLOURS.get(r.status, "#6e7781")
+    status = f'<span style="color:{colour};font-weight:bold">{e(r.status)}</span>'
+    error = f'<span class="small">{e(r.error[:200] + ("…" if len(r.error) > 200 else ""))}</span>' if r.error else ""
+    accuracies = [pct(r.val_acc), pct(r.best_val_acc)]
+    work = [r.steps, r.samples_seen, num(r.wall_time_s, ".1f"), num(r.images_per_s, ".0f")]
+    return [e(r.variant), r.batch_size, r.seed, status, *accuracies, *work, error]
 
 
 # How a run was scheduled, not what it ran on: left out when environments are compared. Pack composition

@@ -22,20 +22,8 @@ from app.core.dataset_format import IGNORE_LABEL
 from app.tables import Dataset
 
 # Okabe–Ito, then further distinct colours; classes beyond the list cycle through it.
-PALETTE = [
-    (0, 0, 0),
-    (230, 159, 0),
-    (86, 180, 233),
-    (0, 158, 115),
-    (240, 228, 66),
-    (0, 114, 178),
-    (213, 94, 0),
-    (204, 121, 167),
-    (153, 153, 153),
-    (128, 0, 0),
-    (0, 128, 128),
-    (128, 128, 0),
-]
+_RGB = bytes.fromhex("000000 e69f00 56b4e9 009e73 f0e442 0072b2 d55e00 cc79a7 999999 800000 008080 808000")
+PALETTE = [tuple(_RGB[i : i + 3]) for i in range(0, len(_RGB), 3)]
 IGNORED = (235, 235, 235)
 IOU_PREFIX = "val_iou/"  # workers.segmentation.IOU_PREFIX
 _MAX_PNG_CHARS = 200_000  # a stored preview larger than this is not shown (they are at most 96×96)

@@ -5,19 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, Field
 
 from app.api.deps import OwnerDep, SessionDep, SettingsDep
 from app.schemas.common import ERROR_RESPONSES
-from app.schemas.probes import ProbeOut, ProbeRequest
+from app.schemas.probes import ProbeList, ProbeOut, ProbeRequest
 from app.services import probes as service
 from app.tables import Probe
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
-
-
-class ProbeList(BaseModel):
-    items: list[ProbeOut] = Field(description="The caller's probes, newest first.")
 
 
 def probe_out(probe: Probe) -> ProbeOut:
@@ -53,12 +48,11 @@ def submit_probe(
     return probe_out(probe)
 
 
+ProbeListLimit = Annotated[int, Query(ge=1, le=200, description="How many to list, the newest first.")]
+
+
 @router.get("", response_model=ProbeList, responses=ERROR_RESPONSES, summary="List your probes, newest first")
-def list_probes(
-    session: SessionDep,
-    owner: OwnerDep,
-    limit: Annotated[int, Query(ge=1, le=200, description="How many to list.")] = 50,
-) -> ProbeList:
+def list_probes(session: SessionDep, owner: OwnerDep, limit: ProbeListLimit = 50) -> ProbeList:
     return ProbeList(items=[probe_out(p) for p in service.list_probes(session, owner, limit)])
 
 

@@ -56,15 +56,6 @@ def manifest(arch: str) -> ArchManifest:
     if arch not in manifest_archs():
         raise ValueError(f"no weights can be uploaded for arch {arch!r}; use one of {', '.join(manifest_archs())}")
     raw = json.loads(resources.files(__package__).joinpath(f"{arch}.json").read_text())
-    return ArchManifest(
-        arch=raw["arch"],
-        source=raw["source"],
-        num_classes=int(raw["num_classes"]),
-        norm_layers=tuple(raw["norm_layers"]),
-        head=tuple(raw["head"]),
-        parameters=int(raw["parameters"]),
-        tensors={
-            name: TensorSpec(shape=tuple(t["shape"]), dtype=t["dtype"], role=t["role"])
-            for name, t in raw["tensors"].items()
-        },
-    )
+    # The JSON's keys are the fields (written by scripts/make_arch_manifests.py); its lists become tuples.
+    tensors = {name: TensorSpec(tuple(t["shape"]), t["dtype"], t["role"]) for name, t in raw.pop("tensors").items()}
+    return ArchManifest(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, tensors=tensors)
