@@ -63,7 +63,7 @@ test-fast: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy app models
+	$(BIN)/mypy app models workers
 
 # Known-vulnerability check of every installed distribution (the environment `make` built from
 # pyproject.toml) against the PyPI advisory database; needs network access to pypi.org. The security

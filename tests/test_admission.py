@@ -4,6 +4,7 @@ would fit, failure classes and retry's confirmation for out-of-memory runs, and 
 from __future__ import annotations
 
 import tracemalloc
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from app.tables import Run
 from models.nets import build_model
 from tests.factories import job_spec
 from workers import packing
-from workers.data import channel_stats, load_device_data
+from workers.data import ResidentData, channel_stats, load_device_data
 from workers.outcomes import settle
 
 # (arch, input shape, keyword arguments): odd sizes too, so every stride's rounding is exercised.
@@ -266,3 +267,28 @@ def test_loading_a_dataset_needs_about_twice_its_stored_size(tmp_path: Path) -> 
         tracemalloc.stop()
     # numpy's allocations (tracemalloc) and torch's (its profiler), each at its own peak: an upper bound.
     assert numpy_peak + torch_peak <= LOAD_BOUND * stored, (numpy_peak, torch_peak, stored)
+
+
+def test_a_worker_holds_one_dataset_releasing_the_last_before_it_loads_the_next(tmp_path: Path) -> None:
+    """The estimate counts one resident dataset: a worker must never hold the last job's beside the next one's."""
+    alive_at_load: list[int] = []
+    loaded: list[weakref.ref[Any]] = []
+
+    class Held:  # stands in for the device tensors; only whether it is still referenced matters
+        pass
+
+    def load(path: Path, budget: dict[str, int], device: torch.device) -> Any:
+        alive_at_load.append(sum(ref() is not None for ref in loaded))
+        held = Held()
+        loaded.append(weakref.ref(held))
+        return held
+
+    resident = ResidentData(load)
+    cpu, budget = torch.device("cpu"), {"train_size": 10, "val_size": 2}
+    first = resident.get(tmp_path / "a.npz", "a" * 64, budget, cpu)
+    assert resident.get(tmp_path / "a.npz", "a" * 64, budget, cpu) is first  # runs of a job share it
+    del first
+    resident.get(tmp_path / "b.npz", "b" * 64, budget, cpu)
+    resident.get(tmp_path / "b.npz", "b" * 64, {**budget, "val_size": 3}, cpu)  # another split: another load
+    assert alive_at_load == [0, 0, 0]
+    assert [ref() is not None for ref in loaded] == [False, False, True]

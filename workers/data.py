@@ -6,6 +6,8 @@ No DataLoader: batches are index slices of device tensors, augmented on the devi
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,3 +133,24 @@ def epoch_order(seed: int, epoch: int, train_size: int, samples_per_epoch: int) 
     size with the same seed sees the same data in the same order."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(train_size, generator=g)[:samples_per_epoch]
+
+
+Loader = Callable[[Path, dict[str, int], torch.device], DeviceData]
+
+
+class ResidentData:
+    """The one dataset a worker keeps on its device between tasks, as the memory estimate counts it
+    (app.core.memory: one dataset, twice its arrays while loading). The runs of a job reuse it; another dataset
+    replaces it, and the old one is released before the new one loads, never held beside it."""
+
+    def __init__(self, load: Loader = load_device_data) -> None:
+        self._load = load
+        self._key: tuple[str, str, str] | None = None
+        self._data: DeviceData | None = None
+
+    def get(self, path: Path, sha256: str, budget: dict[str, int], device: torch.device) -> DeviceData:
+        key = (sha256, json.dumps(budget, sort_keys=True), str(device))
+        if self._data is None or key != self._key:
+            self._key, self._data = None, None  # release first: loading peaks at twice the arrays
+            self._data, self._key = self._load(path, budget, device), key
+        return self._data

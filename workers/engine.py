@@ -335,9 +335,9 @@ class PackTrainer:
                 g.epoch_loss[i] = 0.0
                 if m.epoch < g.sched.epochs:
                     g.load_epoch(i)
-                diverged, last = not math.isfinite(finals["val_loss"]), m.epoch == g.sched.epochs
-                ckpt = None if last and diverged else g.checkpoint(i)
-                if ckpt is not None and last:
+                diverged, ended = not math.isfinite(finals["val_loss"]), m.epoch == g.sched.epochs
+                ckpt = None if ended and diverged else g.checkpoint(i)
+                if ckpt is not None and ended:
                     ckpt.final_metrics = finals  # a worker lost before the result lands: the next one records it
                 if not self.report(m, ckpt):
                     continue

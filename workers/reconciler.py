@@ -9,7 +9,8 @@
 - every round publishes at most `republish_max_per_cycle` of those, and one reconciler at a time does (a
   Postgres advisory lock), so several workers' reconcilers never fill one deficit twice;
 - running runs whose lease expired (the worker died or froze) go back to the queue, or fail once they used up
-  `max_attempts`; queued runs of cancelled jobs are cancelled.
+  `max_attempts`; queued runs of cancelled jobs are cancelled;
+- running probes whose worker went away (far past their `max_seconds`) fail, saying so.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session
 from app.config import TRAIN_QUEUE, Settings
 from app.db import session_scope
 from app.queue import celery_config
-from app.repositories import runs
+from app.repositories import probes, runs
 from app.tables import Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def reconcile_once(
     now = now or utcnow()
     cancelled = runs.cancel_queued(session, select(Job.id).where(Job.cancel_requested))
     lost = runs.requeue_expired(session, settings.max_attempts, now)
+    stale_probes = probes.fail_stale(session, now)
     session.commit()
     for run_id in lost.requeued:  # their task was consumed: each needs a new one
         publish(run_id)
@@ -60,6 +62,7 @@ def reconcile_once(
         "failed": len(lost.failed),
         "requeued": len(lost.requeued),
         "published": len(lost.requeued) + republished,
+        "probes_failed": len(stale_probes),
     }
     if any(counts.values()):
         log.warning("reconciler: %s", counts)

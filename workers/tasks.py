@@ -3,13 +3,10 @@ submit), train the claimed runs through the engine as one pack and settle each o
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 from dataclasses import dataclass, replace
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -26,7 +23,7 @@ from app.storage import DatasetCache, Storage, settings_storage
 from app.tables import Dataset, Job, Run, Weights
 from workers.celery_app import celery_app
 from workers.checkpoint import Checkpoint
-from workers.data import DeviceData, load_device_data
+from workers.data import DeviceData, ResidentData
 from workers.engine import Outcome, PackTrainer, RunConfig, environment
 from workers.lease import Heartbeat
 from workers.outcomes import settle
@@ -45,10 +42,8 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@lru_cache(maxsize=2)
-def _cached_data(path: str, sha256: str, budget_json: str, device: str) -> DeviceData:
-    # Runs of one job share their dataset; keep the last couple resident on the device.
-    return load_device_data(Path(path), json.loads(budget_json), torch.device(device))
+# The dataset this worker process holds on its device between tasks (one, as the admission estimate counts).
+_RESIDENT = ResidentData()
 
 
 def run_config(run: Run, spec: JobSpec, budget: dict[str, int]) -> RunConfig:
@@ -176,11 +171,10 @@ def _train_claimed(
                 with session_scope(settings.resolved_database_url) as s:
                     finish_run(s, r.claim.run_id, r.claim.attempt, RunStatus.CANCELLED, error=CANCELLED_BEFORE_START)
             return RunStatus.CANCELLED
-        budget = json.dumps(runs[0].cfg.budget, sort_keys=True)
         # Remote storage: a local copy by content hash, downloaded once per worker machine.
         cache = DatasetCache.for_settings(settings)
         local = cache.path(storage, inputs.dataset_uri, inputs.dataset_sha256)
-        data = _cached_data(str(local), inputs.dataset_sha256, budget, str(device))
+        data = _RESIDENT.get(local, inputs.dataset_sha256, runs[0].cfg.budget, device)
         if inputs.weights_uri is not None and inputs.weights_sha256 is not None:
             # Weights are blobs like datasets: the same local copy by content hash (safetensors, read by the engine).
             weights = cache.path(storage, inputs.weights_uri, inputs.weights_sha256)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Collection
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.tables import Probe, utcnow
+
+# A running probe this long past its max_seconds lost its worker (a measurement may overrun the limit a little).
+STALE_GRACE = timedelta(seconds=600)
+STALE_ERROR = (
+    "the worker measuring it stopped before it finished (no result long after its max_seconds); POST the probe again"
+)
 
 
 def claim_probe(session: Session, probe_id: str, worker: str) -> bool:
@@ -48,16 +55,27 @@ def fail_queued(session: Session, probe_id: str, error: str) -> None:
     session.commit()
 
 
-def fail_stale(session: Session, probe_id: str, started_before: datetime) -> None:
-    """A running probe whose worker went away (killed, lost): failed, saying so, once it is far past its time."""
-    session.execute(
-        update(Probe)
-        .where(Probe.id == probe_id, Probe.status == "running", Probe.started_at < started_before)
-        .values(
-            status="failed",
-            error="the worker measuring it stopped before it finished (no result long after its max_seconds); "
-            "POST the probe again",
-            finished_at=utcnow(),
+def fail_stale(
+    session: Session, now: datetime, *, owner: str | None = None, probe_ids: Collection[str] | None = None
+) -> list[str]:
+    """Running probes whose worker went away (killed, lost), now far past their `max_seconds` (STALE_GRACE):
+    failed, saying so, so none stays running or holds its owner's quota forever. Every owner's, or one owner's,
+    or the probes named; the caller commits. The reconciler runs it for all; reading a probe, for that one."""
+    query = select(Probe.id, Probe.started_at, Probe.spec).where(Probe.status == "running")
+    if owner is not None:
+        query = query.where(Probe.owner == owner)
+    if probe_ids is not None:
+        query = query.where(Probe.id.in_(probe_ids))
+    stale = [
+        probe_id
+        for probe_id, started_at, spec in session.execute(query)
+        if started_at is not None
+        and now - started_at > timedelta(seconds=int(spec.get("max_seconds", 300))) + STALE_GRACE
+    ]
+    if stale:
+        session.execute(
+            update(Probe)
+            .where(Probe.id.in_(stale), Probe.status == "running")
+            .values(status="failed", error=STALE_ERROR, finished_at=now)
         )
-    )
-    session.commit()
+    return stale

@@ -4,7 +4,6 @@ worker task by name (app.queue), read it back owner-isolated."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -23,12 +22,11 @@ from app.tables import Probe, utcnow
 log = logging.getLogger(__name__)
 # Probes one owner may have queued or running at once: each takes a training worker for up to `max_seconds`.
 MAX_ACTIVE_PROBES = 4
-# A running probe this long past its max_seconds lost its worker (a measurement may overrun the limit a little).
-STALE_GRACE_S = 600
 
 
 def create_probe(session: Session, settings: Settings, owner: str, request: ProbeRequest) -> Probe:
     quotas.lock_owner(session, owner, "probes")
+    fail_stale(session, utcnow(), owner=owner)  # a probe whose worker died holds no quota; committed below
     active = session.scalar(select(func.count()).where(Probe.owner == owner, Probe.status.in_(("queued", "running"))))
     if (active or 0) >= MAX_ACTIVE_PROBES:
         raise QuotaExceeded(
@@ -69,15 +67,15 @@ def get_probe(session: Session, owner: str, probe_id: str) -> Probe:
     probe = session.scalars(select(Probe).where(Probe.id == probe_id, Probe.owner == owner)).first()
     if probe is None:
         raise NotFound(f"probe '{probe_id}' not found; GET /v1/probes lists your probes")
-    if probe.status == "running" and probe.started_at is not None:
-        limit = timedelta(seconds=int(probe.spec.get("max_seconds", 300)) + STALE_GRACE_S)
-        if utcnow() - probe.started_at > limit:
-            fail_stale(session, probe.id, utcnow() - limit)
-            session.refresh(probe)
+    if probe.status == "running" and fail_stale(session, utcnow(), probe_ids=[probe.id]):
+        session.commit()
+        session.refresh(probe)
     return probe
 
 
 def list_probes(session: Session, owner: str, limit: int = 50) -> list[Probe]:
+    if fail_stale(session, utcnow(), owner=owner):
+        session.commit()
     return list(
         session.scalars(select(Probe).where(Probe.owner == owner).order_by(Probe.created_at.desc()).limit(limit))
     )

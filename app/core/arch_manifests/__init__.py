@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 Role = Literal["param", "norm", "stat", "head"]
 
@@ -58,4 +58,5 @@ def manifest(arch: str) -> ArchManifest:
     raw = json.loads(resources.files(__package__).joinpath(f"{arch}.json").read_text())
     # The JSON's keys are the fields (written by scripts/make_arch_manifests.py); its lists become tuples.
     tensors = {name: TensorSpec(tuple(t["shape"]), t["dtype"], t["role"]) for name, t in raw.pop("tensors").items()}
-    return ArchManifest(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}, tensors=tensors)
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return ArchManifest(**fields, tensors=tensors)
