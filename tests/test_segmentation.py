@@ -344,6 +344,8 @@ def test_a_segmentation_job_runs_end_to_end(client: TestClient, worker: WorkerPr
     assert report.status_code == 200
     html = report.text
     assert 'id="segmentation"' in html and "validation mean IoU" in html
+    assert "<th>val mIoU % (mean)</th>" in html and "<th>baseline mIoU %</th>" in html and " acc %<" not in html
+    assert "accuracy" not in " ".join(re.findall(r">([^<]+)<", html)), "a text node still says accuracy"
     masks = re.findall(r'<img class="mask" src="data:image/png;base64,([^"]+)" alt="([^"]+)"', html)
     alts = {alt for _, alt in masks}
     assert {"true mask", "validation image", "bn at batch 2", "gn(2) at batch 4"} <= alts

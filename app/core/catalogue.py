@@ -467,6 +467,7 @@ AUTO_ARCH["segmentation"] = "unet"
 # The metric results rank by, intervals and verdicts are about, and plots show first, per dataset kind.
 PRIMARY_METRIC = {"segmentation": "val_miou"}
 METRIC_LABELS = {"val_acc": "accuracy", "val_miou": "mean IoU"}
+METRIC_ABBREVIATIONS = {"val_acc": "acc", "val_miou": "mIoU"}  # in column heads
 
 
 def primary_metric(kind: str | None) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from app.core import catalogue
 from app.core.run_states import RunStatus
 from app.schemas.results import CellCurve, CellSummary, ComparisonOut, Results, RunResult, SensitivityOut, Stat
 from app.services import jobs as jobs_service
@@ -196,6 +197,11 @@ def _table(head: str, rows: Iterable[tuple[str, Sequence[object]]], left: Contai
         out += [f"<tr{attrs}>", *(f"<td{align(i)}>{cell}</td>" for i, cell in enumerate(cells)), "</tr>"]
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def _abbreviation(results: Results) -> str:
+    """The primary metric in a column head: `acc`, or `mIoU` for segmentation."""
+    return catalogue.METRIC_ABBREVIATIONS.get(results.metric, results.metric)
 
 
 def _small(note: str) -> str:
@@ -617,7 +623,8 @@ def _comparisons_table(results: Results) -> str:
     if not results.comparisons:
         body = _small("No comparisons: the job has a single variant.")
     else:
-        head = "batch|variant|pairs|variant acc %|baseline acc %|difference (pts)|95% CI (pts)|p|Holm p|outcome"
+        m = _abbreviation(results)
+        head = f"batch|variant|pairs|variant {m} %|baseline {m} %|difference (pts)|95% CI (pts)|p|Holm p|outcome"
         rows = [(f' data-outcome="{e(c.outcome)}"', _comparison_cells(c)) for c in results.comparisons]
         body = _table(head, rows, left={0, 1, 9}) + _small(
             "difference = variant − baseline in accuracy points (positive: the variant is better), mean over seeds "
@@ -654,7 +661,8 @@ def _sensitivity_cells(s: SensitivityOut) -> list[object]:
 
 
 def _statistics_table(results: Results, colour_of: dict[str, str]) -> str:
-    head = "variant|batch|n / seeds|diverged|pending|val acc % (mean)|95% CI|std|best-epoch acc %|val loss|train loss"
+    m = _abbreviation(results)
+    head = f"variant|batch|n / seeds|diverged|pending|val {m} % (mean)|95% CI|std|best-epoch {m} %|val loss|train loss"
     rows = [
         (f' data-variant="{e(c.variant)}" data-batch-size="{c.batch_size}"', _statistics_cells(c, colour_of))
         for c in results.cells
@@ -680,7 +688,8 @@ def _statistics_cells(c: CellSummary, colour_of: dict[str, str]) -> list[object]
 
 
 def _runs_table(results: Results) -> str:
-    head = "variant|batch|seed|status|val acc %|best acc %|steps|samples|wall s|img/s|error"
+    m = _abbreviation(results)
+    head = f"variant|batch|seed|status|val {m} %|best {m} %|steps|samples|wall s|img/s|error"
     table = _table(head, [("", _run_cells(r)) for r in results.runs], left={0, 3, 10})
     summary = f"<summary>All {len(results.runs)} runs</summary>"
     return f'<section class="card" id="runs"><details>{summary}{table}</details></section>'
