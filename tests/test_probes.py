@@ -192,6 +192,36 @@ def test_probes_whose_worker_vanished_hold_no_quota_and_the_reconciler_fails_the
     assert post.status_code == 202, post.text  # its own POST fails it first, so it holds no quota either
 
 
+def test_the_reconciler_sends_a_lost_probe_task_again_with_the_runs_back_off(
+    client: TestClient, settings: Settings
+) -> None:
+    ds = upload(client, "bars.npz", image_npz()).json()["id"]
+    lost, unsent = (client.post("/v1/probes", json=probe_request(ds)).json()["id"] for _ in range(2))
+    start = utcnow()
+    with session_scope(settings.resolved_database_url) as s:
+        published = dict(s.execute(select(Probe.id, Probe.publish_count).where(Probe.id.in_([lost, unsent]))).all())
+        assert published == {lost: 1, unsent: 1}  # the API records the task it sent
+        s.execute(update(Probe).where(Probe.id == lost).values(published_at=start))  # the broker lost it
+        s.execute(update(Probe).where(Probe.id == unsent).values(published_at=None, publish_count=0))  # API died
+    sent: list[str] = []
+    after = settings.republish_after_seconds
+
+    def round_at(seconds: float) -> dict[str, int]:
+        with session_scope(settings.resolved_database_url) as s:
+            return reconcile_once(
+                s, settings, lambda run_id: None, publish_probe=sent.append, now=start + timedelta(seconds=seconds)
+            )
+
+    assert round_at(1)["probes_published"] == 1 and sent == [unsent]  # never sent: at once
+    assert round_at(after - 1)["probes_published"] == 0  # the lost one waits its back-off
+    assert round_at(after + 1)["probes_published"] == 1 and sent == [unsent, lost]
+    assert round_at(after + 2)["probes_published"] == 1 and sent == [unsent, lost, unsent]  # its back-off too
+    assert round_at(3 * after + 1)["probes_published"] == 0  # a second republish waits twice as long
+    assert round_at(3 * after + 2)["probes_published"] == 1 and sent[-1] == lost
+    with session_scope(settings.resolved_database_url) as s:
+        assert set(s.scalars(select(Probe.status).where(Probe.id.in_([lost, unsent])))) == {"queued"}
+
+
 @pytest.fixture
 def keyed(settings: Settings) -> Iterator[tuple[TestClient, dict[str, str], dict[str, str]]]:
     from pydantic import SecretStr

@@ -49,7 +49,14 @@ def test_one_round_repairs_what_was_lost(client: TestClient, settings: Settings)
     published: list[str] = []
     with session_scope(settings.resolved_database_url) as s:
         counts = reconcile_once(s, settings.model_copy(update={"max_attempts": 3}), published.append)
-    assert counts == {"cancelled": 0, "failed": 1, "requeued": 1, "published": 3, "probes_failed": 0}
+    assert counts == {
+        "cancelled": 0,
+        "failed": 1,
+        "requeued": 1,
+        "published": 3,
+        "probes_failed": 0,
+        "probes_published": 0,
+    }
     assert sorted(published) == sorted([ids[0], ids[1], ids[5]])
     after = states(settings, ids)
     assert after[1][:2] == ("queued", 1)
@@ -64,6 +71,7 @@ def test_one_round_repairs_what_was_lost(client: TestClient, settings: Settings)
             "requeued": 0,
             "published": 0,
             "probes_failed": 0,
+            "probes_published": 0,
         }
 
 

@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from app.config import get_settings
-from app.queue import publish_train_run
+from app.queue import publish_probe, publish_train_run
 from workers.reconciler import ReconcilerThread
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,11 @@ def on_worker_ready(**_: Any) -> None:
     global _reconciler
     settings = get_settings()
     apply_thread_setting()
-    _reconciler = ReconcilerThread(settings, lambda run_id: publish_train_run(settings, run_id))
+    _reconciler = ReconcilerThread(
+        settings,
+        lambda run_id: publish_train_run(settings, run_id),
+        lambda probe_id: publish_probe(settings, probe_id),
+    )
     _reconciler.start()
 
 

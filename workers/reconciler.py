@@ -10,7 +10,8 @@
   Postgres advisory lock), so several workers' reconcilers never fill one deficit twice;
 - running runs whose lease expired (the worker died or froze) go back to the queue, or fail once they used up
   `max_attempts`; queued runs of cancelled jobs are cancelled;
-- running probes whose worker went away (far past their `max_seconds`) fail, saying so.
+- running probes whose worker went away (far past their `max_seconds`) fail, saying so; queued probes never
+  sent, or whose task may be lost, are sent again with the runs' back-off.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from sqlalchemy.orm import Session
 from app.config import TRAIN_QUEUE, Settings
 from app.db import session_scope
 from app.queue import celery_config
-from app.repositories import probes, runs
-from app.tables import Job, utcnow
+from app.repositories import probes, publishing, runs
+from app.tables import Job, Probe, utcnow
 
 log = logging.getLogger(__name__)
 Publish = Callable[[str], None]
@@ -43,10 +44,12 @@ def reconcile_once(
     settings: Settings,
     publish: Publish,
     *,
+    publish_probe: Publish | None = None,
     now: datetime | None = None,
     queue_depth: QueueDepth | None = None,
 ) -> dict[str, int]:
     """One round of repairs, committed before anything is published; returns what it did, by kind.
+    `publish` sends a run's task, `publish_probe` a probe's (None: probes are not republished);
     `queue_depth` says how many tasks the broker's queue holds (None: it cannot say); `now` is for tests."""
     now = now or utcnow()
     cancelled = runs.cancel_queued(session, select(Job.id).where(Job.cancel_requested))
@@ -57,12 +60,14 @@ def reconcile_once(
         publish(run_id)
     with _publish_lock(session) as leader:
         republished = _republish(session, settings, publish, now, queue_depth) if leader else 0
+        probes_published = _republish_probes(session, settings, publish_probe, now) if leader else 0
     counts = {
         "cancelled": len(cancelled) + len(lost.cancelled),
         "failed": len(lost.failed),
         "requeued": len(lost.requeued),
         "published": len(lost.requeued) + republished,
         "probes_failed": len(stale_probes),
+        "probes_published": probes_published,
     }
     if any(counts.values()):
         log.warning("reconciler: %s", counts)
@@ -89,6 +94,21 @@ def _republish(
     session.commit()
     for run_id in never + stale:
         publish(run_id)
+    return len(never) + len(stale)
+
+
+def _republish_probes(session: Session, settings: Settings, publish: Publish | None, now: datetime) -> int:
+    """Send the tasks of queued probes that were never sent or are due again. Back-off alone bounds this (the
+    queue depth counts runs' tasks); an owner has at most a few probes queued, and a duplicate measures nothing."""
+    if publish is None:
+        return 0
+    cap = settings.republish_max_per_cycle
+    never = publishing.take_unpublished(session, Probe, now, cap)
+    after, longest = settings.republish_after_seconds, settings.republish_max_backoff_seconds
+    stale = publishing.take_stale(session, Probe, now, after, longest, cap - len(never))
+    session.commit()
+    for probe_id in never + stale:
+        publish(probe_id)
     return len(never) + len(stale)
 
 
@@ -130,16 +150,18 @@ def broker_depth(settings: Settings) -> int | None:
 class ReconcilerThread(threading.Thread):
     """Runs `reconcile_once` every `reconcile_seconds` inside a worker process."""
 
-    def __init__(self, settings: Settings, publish: Publish) -> None:
+    def __init__(self, settings: Settings, publish: Publish, publish_probe: Publish) -> None:
         super().__init__(name="normbench-reconciler", daemon=True)
-        self.settings, self.publish = settings, publish
+        self.settings, self.publish, self.publish_probe = settings, publish, publish_probe
         self.stopping = threading.Event()
 
     def run(self) -> None:
         while not self.stopping.wait(self.settings.reconcile_seconds):
             try:
                 with session_scope(self.settings.resolved_database_url) as session:
-                    reconcile_once(session, self.settings, self.publish, queue_depth=self.depth)
+                    reconcile_once(
+                        session, self.settings, self.publish, publish_probe=self.publish_probe, queue_depth=self.depth
+                    )
             except Exception:  # the database or broker is down: try again next round
                 log.exception("reconciler round failed")
 

@@ -16,14 +16,13 @@ superseded changes nothing: the attempt is the fencing token.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, exists, func, or_, select, true, update
+from sqlalchemy import ColumnElement, Select, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.util import AliasedClass
@@ -38,6 +37,7 @@ from app.core.run_states import (
     RunStatus,
     worker_lost,
 )
+from app.repositories import publishing
 from app.tables import Job, MetricPoint, Run, utcnow
 
 
@@ -288,14 +288,12 @@ def requeue_expired(session: Session, max_attempts: int, now: datetime) -> Reque
 
 
 def _published(now: datetime) -> dict[str, Any]:
-    """What sending a run's task writes: when, and one more publish (which spaces out its republishing)."""
-    return {"published_at": now, "publish_count": Run.publish_count + 1}
+    return publishing.published(Run, now)
 
 
 def mark_published(session: Session, run_ids: list[str], now: datetime) -> None:
     """Record tasks sent for these runs (the caller commits)."""
-    if run_ids:
-        session.execute(update(Run).where(Run.id.in_(run_ids)).values(**_published(now)))
+    publishing.mark_published(session, Run, run_ids, now)
 
 
 def count_queued_published(session: Session) -> int:
@@ -305,45 +303,16 @@ def count_queued_published(session: Session) -> int:
     )
 
 
-def republish_due(now: datetime, after_seconds: float, max_seconds: float) -> ColumnElement[bool]:
-    """Queued runs whose last task is older than their back-off: `after_seconds` after the first publish,
-    doubling with each republish, at most `max_seconds`. One term per doubling, so it is plain SQL anywhere."""
-    doublings = max(0, math.ceil(math.log2(max(max_seconds / after_seconds, 1.0))))
-    terms = []
-    for n in range(doublings + 1):
-        wait = min(after_seconds * 2**n, max_seconds)
-        if n == doublings:  # the cap: every later publish waits the longest
-            count: ColumnElement[bool] = Run.publish_count >= n + 1 if n else true()
-        elif n == 0:
-            count = Run.publish_count <= 1
-        else:
-            count = Run.publish_count == n + 1
-        terms.append(count & (Run.published_at < now - timedelta(seconds=wait)))
-    return (Run.status == RunStatus.QUEUED) & Run.published_at.is_not(None) & or_(*terms)
-
-
-def _take(session: Session, where: ColumnElement[bool], order: Any, limit: int, now: datetime) -> list[str]:
-    if limit <= 0:
-        return []
-    pick = select(Run.id).where(where).order_by(order, Run.id).limit(limit)
-    if session.get_bind().dialect.name == "postgresql":
-        pick = pick.with_for_update(skip_locked=True)  # two reconcilers never take the same run
-    ids = list(session.scalars(pick))
-    mark_published(session, ids, now)
-    return ids
-
-
 def take_unpublished(session: Session, now: datetime, limit: int) -> list[str]:
-    """Up to `limit` queued runs whose task was never sent (the API died or the broker was down at submit),
-    oldest first: marked published now, for the caller to publish after it commits."""
-    where = (Run.status == RunStatus.QUEUED) & Run.published_at.is_(None)
-    return _take(session, where, Run.created_at, limit, now)
+    """Up to `limit` queued runs whose task was never sent, oldest first: marked published now (the caller
+    commits, then publishes)."""
+    return publishing.take_unpublished(session, Run, now, limit)
 
 
 def take_stale(session: Session, now: datetime, after_seconds: float, max_seconds: float, limit: int) -> list[str]:
-    """Up to `limit` queued runs due a republish (`republish_due`), the longest waiting first: marked
-    published now, for the caller to publish after it commits."""
-    return _take(session, republish_due(now, after_seconds, max_seconds), Run.published_at, limit, now)
+    """Up to `limit` queued runs due a republish, the longest waiting first: marked published now (the caller
+    commits, then publishes)."""
+    return publishing.take_stale(session, Run, now, after_seconds, max_seconds, limit)
 
 
 # --- the user's transitions --------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from app.config import Settings
 from app.core import catalogue
 from app.errors import InvalidSpec, NotFound, QuotaExceeded
 from app.queue import publish_probe
+from app.repositories import publishing
 from app.repositories.probes import fail_queued, fail_stale
 from app.schemas.probes import PROBE_FIRST_BATCH, ProbeRequest
 from app.services import quotas
@@ -59,7 +60,10 @@ def create_probe(session: Session, settings: Settings, owner: str, request: Prob
     except Exception:
         log.exception("could not publish probe %s", probe.id)
         fail_queued(session, probe.id, "the task queue could not be reached to start the probe; POST it again")
-        session.refresh(probe)
+    else:  # from now on the reconciler sends it again if the broker loses it
+        publishing.mark_published(session, Probe, [probe.id], utcnow())
+        session.commit()
+    session.refresh(probe)
     return probe
 
 

@@ -27,3 +27,6 @@ class Probe(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # As a run's (app.repositories.publishing): when its task was last sent, and how many were.
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    publish_count: Mapped[int] = mapped_column(default=0, server_default="0")
