@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     max_active_jobs_per_owner: int = Field(
         10, description="Quota: jobs with queued or running runs per owner at one time."
     )
+    max_active_probes_per_owner: int = Field(
+        4, ge=1, description="Quota: probes queued or running per owner at one time (each takes a training worker)."
+    )
     torch_threads: int = Field(
         0,
         ge=0,

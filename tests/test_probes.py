@@ -16,7 +16,6 @@ from app.config import Settings
 from app.db import session_scope
 from app.main import create_app
 from app.services.probe_fit import ProbeFit
-from app.services.probes import MAX_ACTIVE_PROBES
 from app.tables import Probe, utcnow
 from tests.factories import image_npz, job_spec, upload, wait_for_job
 from tests.support import WorkerProcess
@@ -171,21 +170,22 @@ def test_a_probe_whose_worker_vanished_fails_with_a_reason(client: TestClient, s
 def test_probes_whose_worker_vanished_hold_no_quota_and_the_reconciler_fails_them(
     client: TestClient, settings: Settings
 ) -> None:
+    quota = settings.max_active_probes_per_owner
     ds = upload(client, "bars.npz", image_npz()).json()["id"]
-    new = [client.post("/v1/probes", json=probe_request(ds, max_seconds=60)) for _ in range(MAX_ACTIVE_PROBES + 1)]
-    assert [r.status_code for r in new] == [202] * MAX_ACTIVE_PROBES + [429]
-    ids = [r.json()["id"] for r in new[:MAX_ACTIVE_PROBES]]
+    new = [client.post("/v1/probes", json=probe_request(ds, max_seconds=60)) for _ in range(quota + 1)]
+    assert [r.status_code for r in new] == [202] * quota + [429]
+    ids = [r.json()["id"] for r in new[:quota]]
     long_ago, just_now = utcnow() - timedelta(seconds=60 + 700), utcnow() - timedelta(seconds=5)
     with session_scope(settings.resolved_database_url) as s:  # every worker died; one probe is still measuring
         s.execute(update(Probe).where(Probe.id.in_(ids[1:])).values(status="running", started_at=long_ago))
         s.execute(update(Probe).where(Probe.id == ids[0]).values(status="running", started_at=just_now))
     with session_scope(settings.resolved_database_url) as s:
-        assert reconcile_once(s, settings, lambda run_id: None)["probes_failed"] == MAX_ACTIVE_PROBES - 1
+        assert reconcile_once(s, settings, lambda run_id: None)["probes_failed"] == quota - 1
     listed = {p["id"]: p for p in client.get("/v1/probes").json()["items"]}
-    assert [listed[i]["status"] for i in ids] == ["running"] + ["failed"] * (MAX_ACTIVE_PROBES - 1)
+    assert [listed[i]["status"] for i in ids] == ["running"] + ["failed"] * (quota - 1)
     assert all("worker measuring it stopped" in listed[i]["error"] for i in ids[1:])
     refill = [client.post("/v1/probes", json=probe_request(ds, max_seconds=60)) for _ in ids[1:]]
-    assert [r.status_code for r in refill] == [202] * (MAX_ACTIVE_PROBES - 1)  # the quota was freed
+    assert [r.status_code for r in refill] == [202] * (quota - 1)  # the quota was freed
     with session_scope(settings.resolved_database_url) as s:  # the quota is full; one probe's worker dies
         s.execute(update(Probe).where(Probe.id == ids[0]).values(started_at=long_ago))
     post = client.post("/v1/probes", json=probe_request(ds, max_seconds=60))

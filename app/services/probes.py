@@ -21,17 +21,16 @@ from app.services.jobs import split_sizes, validate_network
 from app.tables import Probe, utcnow
 
 log = logging.getLogger(__name__)
-# Probes one owner may have queued or running at once: each takes a training worker for up to `max_seconds`.
-MAX_ACTIVE_PROBES = 4
 
 
 def create_probe(session: Session, settings: Settings, owner: str, request: ProbeRequest) -> Probe:
     quotas.lock_owner(session, owner, "probes")
     fail_stale(session, utcnow(), owner=owner)  # a probe whose worker died holds no quota; committed below
     active = session.scalar(select(func.count()).where(Probe.owner == owner, Probe.status.in_(("queued", "running"))))
-    if (active or 0) >= MAX_ACTIVE_PROBES:
+    limit = settings.max_active_probes_per_owner
+    if (active or 0) >= limit:
         raise QuotaExceeded(
-            f"you have {active} probes queued or running (the limit is {MAX_ACTIVE_PROBES}); wait for one to "
+            f"you have {active} probes queued or running (the limit is {limit}); wait for one to "
             "finish (GET /v1/probes/{id})"
         )
     try:
